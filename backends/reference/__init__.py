@@ -1,0 +1,40 @@
+"""The reference backend: runs any compiled graph with the dialect ops' plain-PyTorch reference
+implementations, on CPU or CUDA. It is the correctness oracle for every other backend.
+
+Targets: ``ref-fp32`` (no compression: output identical to the input model), ``ref-w8a16``,
+``ref-w4a16``, ``ref-w8a8``, ``ref-w4a4``.
+"""
+
+from __future__ import annotations
+
+from lowc.backends.target import CompileOptions, Phase, Scheme, Target
+
+
+def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
+    from lowc.passes.cleanup import RemoveDead
+    from lowc.passes.quant.activations import QuantizeActivations
+    from lowc.passes.quant.rtn import RTN
+
+    if options.user_passes is not None:
+        method = tuple(options.user_passes)
+    elif target.scheme is None:
+        method = ()
+    else:
+        method = (RTN(),)
+    lower = ()
+    if target.scheme is not None and target.scheme.a_bits < 16:
+        lower = (QuantizeActivations(),)
+    return [Phase("method", method), Phase("lower", lower), Phase("finalize", (RemoveDead(),))]
+
+
+def targets() -> list[Target]:
+    def t(name, scheme, desc):
+        return Target(name, "reference", desc, scheme, reference_pipeline)
+
+    return [
+        t("ref-fp32", None, "no compression; plain PyTorch (output identical to the input model)"),
+        t("ref-w8a16", Scheme(8, -1, True), "int8 weights per output channel (symmetric), float activations"),
+        t("ref-w4a16", Scheme(4, 128, False), "int4 weights, groups of 128 (asymmetric), float activations"),
+        t("ref-w8a8", Scheme(8, -1, True, a_bits=8), "int8 weights per channel + int8 per-token dynamic activations"),
+        t("ref-w4a4", Scheme(4, -1, True, a_bits=4), "int4 weights per channel + int4 per-token dynamic activations"),
+    ]

@@ -1,0 +1,220 @@
+"""The Python API: ``lowc.compile``, ``lowc.load`` and :class:`CompiledModel`."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from lowc.errors import ArtifactError, CalibrationError, LowcError, PassOptionError
+
+#: default calibration size (GPTQ's reference uses 128 x 2048; 512 keeps CPU calibration practical)
+DEFAULT_CALIB_SAMPLES = 128
+DEFAULT_SEQ_LEN = 512
+
+
+def _as_passes(passes: Iterable[Any] | None) -> list | None:
+    from lowc.passes.base import Pass
+    from lowc.passes.options import build_pass, parse_pass
+
+    if passes is None:
+        return None
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
+    out = []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(parse_pass(p))
+        elif isinstance(p, dict) and "name" in p:
+            out.append(build_pass(p["name"], p.get("options", {k: v for k, v in p.items() if k != "name"})))
+        else:
+            raise PassOptionError(f"cannot make a pass from {p!r}: give a spelling like 'rtn{{bits=4}}' or a Pass")
+    return out
+
+
+def tokenizer_of(program):
+    tok = getattr(program, "tokenizer", None)
+    if tok is None and program.info.tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(program.info.tokenizer_dir, local_files_only=True)
+        program.tokenizer = tok
+    return tok
+
+
+class CompiledModel:
+    """A compiled program: call it like the original model, save it, inspect it."""
+
+    def __init__(self, program, target, manifest: dict[str, Any]):
+        self.program = program
+        self.target = target
+        self.manifest = manifest
+
+    # ---- running ---------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self.program.call(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.program.device
+
+    @property
+    def tokenizer(self):
+        return tokenizer_of(self.program)
+
+    @property
+    def kind(self) -> str:
+        return self.program.info.kind
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def layers(self) -> list[dict[str, Any]]:
+        return layer_table(self.program)
+
+    def size(self) -> dict[str, int]:
+        """Bytes of the stored tensors now, and what they were in float before compression."""
+        now = self.program.nbytes()
+        saved = sum(r["float_bytes"] - r["bytes"] for r in self.layers() if r["scheme"])
+        return {"bytes": now, "float_bytes": now + saved}
+
+    def __repr__(self) -> str:
+        s = self.size()
+        return (f"CompiledModel(target={self.target.name!r}, kind={self.kind!r}, "
+                f"{s['bytes'] / 1e6:.2f} MB vs {s['float_bytes'] / 1e6:.2f} MB float)")
+
+    # ---- artifact ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, force: bool = False) -> str:
+        from lowc.artifact import write_artifact
+
+        manifest = {**self.manifest, "layers": self.layers(), "size": self.size()}
+        emit = None
+        if self.target.emit is not None:
+            def emit(d, _p=self.program):
+                self.target.emit(_p, d)
+        return write_artifact(os.fspath(path), self.program, manifest, force=force, emit=emit)
+
+
+def layer_table(program) -> list[dict[str, Any]]:
+    """One row per linear-like layer: name, role, block, scheme (or None), shape, bytes stored, float bytes."""
+    from lowc.ir import meta as nodemeta
+    from lowc.ir.program import LINEAR
+
+    rows = []
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        info = nodemeta.get(node)
+        if node.target == LINEAR and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+            w = program.attr(node.args[1].target)
+            nbytes = w.numel() * w.element_size()
+            rows.append({"layer": info.layer, "role": info.role, "block": info.block, "scheme": None,
+                         "out_features": int(w.shape[0]), "in_features": int(w.shape[1]),
+                         "bytes": nbytes, "float_bytes": nbytes})
+        elif getattr(node.target, "namespace", None) == "lowc" and info.scheme:
+            tensors = [a for a in node.args[1:4] if isinstance(a, torch.fx.Node)]
+            nbytes = sum(program.attr(a.target).numel() * program.attr(a.target).element_size() for a in tensors)
+            scales = program.attr(node.args[2].target)
+            n, k = int(scales.shape[0]), int(node.args[7])
+            rows.append({"layer": info.layer, "role": info.role, "block": info.block, "scheme": dict(info.scheme),
+                         "out_features": n, "in_features": k, "bytes": nbytes,
+                         "float_bytes": n * k * scales.element_size()})
+    return rows
+
+
+def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] | None = None, calib: Any = None,
+            passes: Iterable[Any] | None = None, *, recipe: str | None = None, device: str = "cpu",
+            dtype: str | torch.dtype | None = None, seed: int = 0, calib_samples: int = DEFAULT_CALIB_SAMPLES,
+            seq_len: int = DEFAULT_SEQ_LEN, print_after: Sequence[str] = (), progress: bool = True,
+            verify: bool = True, dynamic_shapes=None) -> CompiledModel:
+    """Trace ``model`` and run ``target``'s pipeline on it.
+
+    ``model``: an nn.Module (with ``example_inputs`` unless it is a transformers model), a Hugging
+    Face directory, a preset name (``tiny-llama``, ``minilm``) or ``package.module:factory``.
+    ``calib``: token-id tensors, strings, or a text file path. ``passes``: spellings or Pass objects
+    replacing the target's default method passes (``recipe``: a YAML/JSON file of them).
+    """
+    from lowc.backends.registry import get_target
+    from lowc.backends.target import CompileOptions
+    from lowc.frontend.trace import trace
+    from lowc.passes.base import PassContext
+    from lowc.passes.calibration import load_calibration
+    from lowc.passes.options import load_recipe
+    from lowc.passes.pipeline import Pipeline
+
+    tgt = get_target(target)
+    user = _as_passes(passes)
+    if recipe is not None:
+        user = (user or []) + load_recipe(os.fspath(recipe))
+    torch.manual_seed(seed)
+    program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes)
+    calib_data = None
+    if calib is not None:
+        vocab = next((s.vocab_size for s in program.info.inputs if s.vocab_size), None)
+        calib_data = load_calibration(calib, tokenizer_of(program), calib_samples, seq_len, seed, vocab_size=vocab)
+    phases = tgt.phases(CompileOptions(user_passes=tuple(user) if user is not None else None,
+                                       has_calib=calib_data is not None, device=device))
+    steps = [(ph.name, p) for ph in phases for p in ph.passes]
+    for _, p in steps:  # fail before any work if a precondition is missing
+        if "calibration" in p.requires and calib_data is None:
+            raise CalibrationError(f"pass '{p.name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)")
+    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib_data, device=device, seed=seed, progress=progress)
+    records = Pipeline(steps, verify=verify, print_after=tuple(print_after)).run(program, ctx)
+    if tgt.prepare is not None:
+        tgt.prepare(program, device)
+    manifest = {
+        "lowc_version": _version(),
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "target": tgt.name,
+        "backend": tgt.backend,
+        "scheme": tgt.scheme.to_json() if tgt.scheme else None,
+        "passes": [r.to_json() for r in records],
+        "source": program.info.source,
+        "model": program.info.to_json(),
+        "calibration": calib_data.describe() if calib_data is not None else None,
+        "seed": seed,
+        "dtype": str(next(iter(program.state_tensors().values())).dtype).replace("torch.", "") if program.state_tensors() else None,
+        "log": ctx.log,
+        "metrics": {},
+    }
+    return CompiledModel(program, tgt, manifest)
+
+
+def _version() -> str:
+    import lowc
+
+    return lowc.__version__
+
+
+def load(path: str | os.PathLike, device: str = "cpu", check_hashes: bool = True) -> CompiledModel:
+    """Load an artifact written by :meth:`CompiledModel.save` (in any process)."""
+    from lowc.artifact import check_files, read_manifest, read_program
+    from lowc.backends.registry import get_target
+    from lowc.ir import verifier
+
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    if check_hashes:
+        check_files(path, manifest)
+    try:
+        tgt = get_target(manifest["target"])
+    except LowcError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except KeyError:
+        raise ArtifactError(f"{path}/manifest.json is corrupt: no target") from None
+    if "model" not in manifest:
+        raise ArtifactError(f"{path}/manifest.json is corrupt: no model section")
+    program = read_program(path, manifest, device=device)
+    try:
+        verifier.verify(program)
+    except LowcError as e:
+        raise ArtifactError(f"{path}: the stored graph does not verify: {e}") from None
+    if tgt.prepare is not None:
+        tgt.prepare(program, device)
+    return CompiledModel(program, tgt, manifest)

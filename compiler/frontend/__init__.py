@@ -1,0 +1,1 @@
+"""Frontend: capture models (modules, HF directories, presets, factories) into lowc Programs."""

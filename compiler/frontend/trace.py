@@ -1,0 +1,191 @@
+"""``lowc.trace``: capture a model into a :class:`lowc.ir.Program`.
+
+Accepts an ``nn.Module`` with example inputs, a Hugging Face ``PreTrainedModel``, a Hugging Face
+model directory, a preset name (``tiny-llama``, ``minilm``) or ``package.module:factory``. Capture
+uses ``torch.export.export(..., strict=False)`` (transformers models are exported with
+``use_cache=False``); batch and sequence dims of HF inputs are dynamic. The exported program is
+unlifted to a GraphModule, canonicalized, and annotated with lowc node metadata.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import traceback
+from typing import Any, Sequence
+
+import torch
+
+from lowc.errors import CaptureError, ModelLoadError
+from lowc.frontend import canonicalize as canon
+from lowc.frontend import hf, presets
+from lowc.ir.program import InputSpec, ModelInfo, Program
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)}, auto)") from None
+
+
+def _user_frame(e: BaseException) -> str:
+    """The deepest traceback frame outside torch: where in the model capture broke."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"
+
+
+def _capture_error(e: Exception, what: str) -> CaptureError:
+    msg = str(e).strip()
+    first = next((l.strip() for l in msg.splitlines() if l.strip()), type(e).__name__)
+    op = re.search(r"(aten\.\w+(\.\w+)?|torch\.ops\.\w+\.\w+)", msg)
+    where = f" in op {op.group(1)}" if op else ""
+    return CaptureError(f"cannot capture {what}{where}: {type(e).__name__}: {first[:300]}{_user_frame(e)}")
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, what: str):
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise _capture_error(e, what) from e
+
+
+def _finish(ep, info: ModelInfo, tokenizer=None) -> Program:
+    gm = canon.canonicalize(ep.module())
+    for h in list(gm._forward_pre_hooks):  # export's input-constraint hooks: our own call() checks inputs
+        del gm._forward_pre_hooks[h]
+    program = Program(gm, info)
+    program.tokenizer = tokenizer
+    program.remove_dead()  # export keeps buffers no node reads (e.g. rotary original_inv_freq)
+    program.annotate()
+    return program
+
+
+def trace_hf_model(model, tokenizer=None, *, kind: str | None = None, source: dict | None = None,
+                   batch: int = 2, seq_len: int = 16, device: str = "cpu") -> Program:
+    """Capture a transformers PreTrainedModel called as ``model(input_ids, attention_mask)``."""
+    cfg = model.config
+    if kind is None:
+        kind = "causal-lm" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else "encoder"
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0) or 1000
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    bdim = torch.export.Dim("batch", min=1, max=4096)
+    sdim = torch.export.Dim("seq", min=1, max=max_pos)
+    ep = _export(model, (), {"input_ids": ids, "attention_mask": mask},
+                 {"input_ids": {0: bdim, 1: sdim}, "attention_mask": {0: bdim, 1: sdim}},
+                 (source or {}).get("name") or type(model).__name__)
+    info = ModelInfo(
+        kind=kind,
+        source=source or {"type": "module", "name": type(model).__name__, "sha256": hf.fingerprint_module(model)},
+        inputs=[
+            InputSpec("input_ids", "int64", [batch, seq_len], {0: "batch", 1: "seq"}, vocab_size=vocab),
+            InputSpec("attention_mask", "int64", [batch, seq_len], {0: "batch", 1: "seq"}, default="ones_like:input_ids"),
+        ],
+        call_by_name=True,
+        hf_config=cfg.to_dict(),
+    )
+    return _finish(ep, info, tokenizer)
+
+
+def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes=None) -> Program:
+    """Capture a plain nn.Module called as ``model(*example_inputs)``."""
+    args = tuple(example_inputs)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise CaptureError("example_inputs must be a tuple of tensors for a plain nn.Module")
+    ep = _export(model.eval(), args, {}, dynamic_shapes, type(model).__name__)
+    dyn: list[dict[int, str]] = [{} for _ in args]
+    if dynamic_shapes is not None:
+        for i, spec in enumerate(dynamic_shapes):
+            for dim, d in (spec or {}).items():
+                dyn[i][int(dim)] = getattr(d, "__name__", str(d))
+    info = ModelInfo(
+        kind="module",
+        source={"type": "module", "name": type(model).__name__, "sha256": hf.fingerprint_module(model)},
+        inputs=[InputSpec(f"input_{i}", str(a.dtype).replace("torch.", ""), list(a.shape), dyn[i]) for i, a in enumerate(args)],
+    )
+    return _finish(ep, info)
+
+
+def load_source(model: Any, dtype: torch.dtype = torch.float32):
+    """(nn.Module, tokenizer, kind, source identity) for a preset / path / factory spelling."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        raise ModelLoadError(f"cannot load a model from {type(model).__name__}")
+    if model in presets.PRESETS:
+        preset = presets.get(model)
+        if model == "tiny-llama":
+            m, tok = preset.build()
+            return m.to(dtype), tok, "causal-lm", {"type": "preset", "name": model, "seed": 0}
+        path = preset.build()
+        m, tok, kind = hf.load_hf_dir(path, dtype)
+        return m, tok, kind, {"type": "preset", "name": model, "path": path, "sha256": hf.fingerprint_dir(path)}
+    if os.path.exists(model) or os.sep in model or model.startswith("."):
+        m, tok, kind = hf.load_hf_dir(model, dtype)
+        return m, tok, kind, {"type": "hf-dir", "name": os.path.basename(os.path.abspath(model)),
+                              "path": os.path.abspath(model), "sha256": hf.fingerprint_dir(model)}
+    if re.fullmatch(r"[\w.]+:\w+", model):
+        mod_name, fn_name = model.split(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ModelLoadError(f"cannot import factory {model!r}: {e}") from None
+        obj = fn()
+        m, tok = (obj if isinstance(obj, tuple) else (obj, None))
+        if not isinstance(m, torch.nn.Module):
+            raise ModelLoadError(f"factory {model!r} returned {type(m).__name__}, not an nn.Module")
+        kind = "causal-lm" if type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) else "encoder"
+        return m.to(dtype).eval(), tok, kind, {"type": "factory", "name": model}
+    raise ModelLoadError(
+        f"unknown model {model!r}: not a preset ({', '.join(presets.PRESETS)}), an existing directory, or package.module:factory"
+    )
+
+
+def _is_hf_model(model: Any) -> bool:
+    return isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "to_dict")
+
+
+def trace(model: Any, example_inputs: Sequence[Any] | None = None, *, dynamic_shapes=None,
+          device: str = "cpu", dtype: str | torch.dtype | None = None, tokenizer=None,
+          seq_len: int = 16, batch: int = 2) -> Program:
+    """Capture ``model`` (module, HF model, directory, preset or factory) into a Program."""
+    torch_dtype = resolve_dtype(dtype, device)
+    if isinstance(model, (str, os.PathLike)):
+        m, tok, kind, source = load_source(model, torch_dtype)
+        if not _is_hf_model(m):
+            if example_inputs is None:
+                raise CaptureError(f"model {model!r} is not a transformers model: pass example_inputs")
+            return trace_module(m.to(device), example_inputs, dynamic_shapes)
+        return trace_hf_model(m, tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"cannot trace a {type(model).__name__}: expected an nn.Module, a path or a preset name")
+    if example_inputs is None and _is_hf_model(model):
+        if dtype is not None:
+            model = model.to(torch_dtype)
+        return trace_hf_model(model, tokenizer, batch=batch, seq_len=seq_len, device=device)
+    if example_inputs is None:
+        raise CaptureError(f"{type(model).__name__} is a plain nn.Module: pass example_inputs")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if _is_hf_model(model) and len(example_inputs) == 1 and not example_inputs[0].is_floating_point():
+        ids = example_inputs[0]
+        return trace_hf_model(model, tokenizer, batch=ids.shape[0], seq_len=ids.shape[1], device=device)
+    return trace_module(model, example_inputs, dynamic_shapes)

@@ -1,0 +1,125 @@
+"""Typed lowc metadata carried on FX nodes (``node.meta["lowc"]``).
+
+torch.export already records ``nn_module_stack`` (which module each node came from). lowc adds a
+:class:`NodeInfo`: the layer (module path), its role in a transformer (q/k/v/o/up/gate/down/...),
+the transformer block index, and, once a method pass has run, the compression scheme.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch.fx
+
+KEY = "lowc"
+
+# module-name suffix -> role; first match wins. Covers Llama/Mistral/Qwen, BERT-style and GPT-2-style names.
+ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)(q_proj|query|wq)$", "q"),
+    (r"(^|\.)(k_proj|key|wk)$", "k"),
+    (r"(^|\.)(v_proj|value|wv)$", "v"),
+    (r"(^|\.)(qkv_proj|c_attn|query_key_value|Wqkv)$", "qkv"),
+    (r"(^|\.)(o_proj|out_proj|attention\.output\.dense|wo|c_proj\b(?=.*attn))$", "o"),
+    (r"(^|\.)(gate_proj|w1)$", "gate"),
+    (r"(^|\.)(up_proj|w3|intermediate\.dense|fc1|c_fc)$", "up"),
+    (r"(^|\.)(down_proj|w2|fc2|mlp\.c_proj)$", "down"),
+    (r"(^|\.)\d+\.output\.dense$", "down"),
+    (r"(^|\.)(lm_head|embed_out)$", "lm_head"),
+    (r"(^|\.)(embed_tokens|word_embeddings|wte|position_embeddings|token_type_embeddings)$", "embed"),
+    (r"(^|\.)(input_layernorm|post_attention_layernorm|layer_?norm\w*|LayerNorm|norm|ln_\w+)$", "norm"),
+)
+
+_BLOCK_RE = re.compile(r"^(?P<stack>.*?)\.(?P<idx>\d+)(\.|$)")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What lowc knows about a node. ``scheme`` is a JSON-able dict once a method pass has set it."""
+
+    layer: str = ""
+    role: str = ""
+    block: int | None = None
+    scheme: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "NodeInfo":
+        return NodeInfo(**{k: d[k] for k in ("layer", "role", "block", "scheme") if k in d})
+
+    def with_scheme(self, scheme: dict[str, Any]) -> "NodeInfo":
+        return replace(self, scheme=dict(scheme))
+
+
+def role_of(layer: str) -> str:
+    for pattern, role in ROLE_PATTERNS:
+        if re.search(pattern, layer):
+            return role
+    return ""
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Innermost module path from ``nn_module_stack`` ('' for nodes outside any submodule)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if path.startswith("_empty"):  # export's placeholder stack for nodes outside any module
+        return ""
+    # torch.export may prefix paths with "L['self']." (strict mode); keep the plain attribute path
+    return re.sub(r"^L\['self'\]\.?", "", path)
+
+
+def block_of(node: torch.fx.Node, block_prefix: str | None) -> int | None:
+    """Index of the transformer block (child of the ModuleList ``block_prefix``) a node came from."""
+    if not block_prefix:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in stack.values():
+        path = re.sub(r"^L\['self'\]\.?", "", path)
+        if path.startswith(block_prefix + "."):
+            rest = path[len(block_prefix) + 1 :]
+            idx = rest.split(".", 1)[0]
+            if idx.isdigit():
+                return int(idx)
+    return None
+
+
+def find_block_prefix(gm: torch.fx.GraphModule) -> str | None:
+    """The ModuleList path holding the transformer blocks: the path ``P`` for which module paths
+    ``P.0, P.1, ...`` occur in the graph with the most distinct indices (ties: the shortest path)."""
+    counts: dict[str, set[int]] = {}
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            path = re.sub(r"^L\['self'\]\.?", "", path)
+            parts = path.split(".")
+            for i, part in enumerate(parts):
+                if part.isdigit() and i > 0:
+                    counts.setdefault(".".join(parts[:i]), set()).add(int(part))
+    if not counts:
+        return None
+    best = max(counts.items(), key=lambda kv: (len(kv[1]), -len(kv[0])))
+    return best[0] if len(best[1]) >= 1 else None
+
+
+def get(node: torch.fx.Node) -> NodeInfo:
+    return node.meta.get(KEY) or NodeInfo()
+
+
+def set_info(node: torch.fx.Node, info: NodeInfo) -> None:
+    node.meta[KEY] = info
+
+
+def annotate(gm: torch.fx.GraphModule) -> str | None:
+    """Attach :class:`NodeInfo` to every call_function node; returns the block ModuleList path."""
+    prefix = find_block_prefix(gm)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        layer = module_path(node)
+        old = get(node)
+        set_info(node, NodeInfo(layer=layer, role=role_of(layer), block=block_of(node, prefix), scheme=old.scheme))
+    return prefix

@@ -1,0 +1,218 @@
+"""``Program``: the IR object every pass rewrites.
+
+A Program is the ATen-level FX graph that ``torch.export`` produced, unlifted into a
+``GraphModule`` (parameters and buffers are attributes read by ``get_attr`` nodes, inputs and outputs
+keep the model's pytree structure), plus :class:`ModelInfo` about where it came from and how it is
+called. Nodes carry ``nn_module_stack`` from export and :class:`lowc.ir.meta.NodeInfo`.
+
+Invariants (checked by :func:`lowc.ir.verifier.verify`): the graph lints, every op is known (ATen,
+prims, the lowc dialect, or a whitelisted higher-order op), every ``get_attr`` resolves, and every
+parameter/buffer is read by some node.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+from lowc.ir import meta as nodemeta
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@dataclass
+class InputSpec:
+    """One flat graph input: its name, dtype, an example shape and which dims are dynamic."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    dynamic: dict[int, str] = field(default_factory=dict)  # dim -> symbol name ("batch", "seq")
+    default: str | None = None  # e.g. "ones_like:input_ids" when the caller may omit it
+    vocab_size: int | None = None  # for token-id inputs: example values are drawn below this
+
+    def example(self, shape: list[int] | None = None, seed: int = 0) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype)
+        shape = list(shape or self.shape)
+        if dtype.is_floating_point:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(shape, generator=g, dtype=dtype)
+        if self.vocab_size:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randint(0, self.vocab_size, shape, generator=g, dtype=dtype)
+        return torch.ones(shape, dtype=dtype)
+
+
+@dataclass
+class ModelInfo:
+    """How the program was made and how it is called."""
+
+    kind: str = "module"  # "causal-lm" | "encoder" | "module"
+    source: dict[str, Any] = field(default_factory=dict)  # type/name/path/sha256 of the source model
+    inputs: list[InputSpec] = field(default_factory=list)
+    call_by_name: bool = False  # HF models are called with keyword inputs
+    block_prefix: str | None = None  # ModuleList path of the transformer blocks
+    hf_config: dict[str, Any] | None = None
+    tokenizer_dir: str | None = None  # where the tokenizer lives (source dir, or inside an artifact)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [asdict(i) for i in self.inputs]
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "ModelInfo":
+        d = dict(d)
+        d["inputs"] = [InputSpec(**{**i, "dynamic": {int(k): v for k, v in i.get("dynamic", {}).items()}}) for i in d.get("inputs", [])]
+        return ModelInfo(**d)
+
+
+class Program:
+    """An FX GraphModule (the IR) plus :class:`ModelInfo`."""
+
+    def __init__(self, gm: torch.fx.GraphModule, info: ModelInfo):
+        self.gm = gm
+        self.info = info
+
+    # ---- graph access -------------------------------------------------------------------------
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.gm.graph
+
+    def nodes(self, target=None) -> Iterator[torch.fx.Node]:
+        for n in self.gm.graph.nodes:
+            if target is None or (n.op == "call_function" and n.target == target):
+                yield n
+
+    def linears(self) -> list[torch.fx.Node]:
+        """``aten.linear`` nodes whose weight is a constant attribute (the compressible linears)."""
+        return [n for n in self.nodes(LINEAR) if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"]
+
+    def attr(self, target: str) -> torch.Tensor:
+        mod_path, _, name = target.rpartition(".")
+        mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+        return getattr(mod, name)
+
+    def add_buffer(self, module_path: str, name: str, tensor: torch.Tensor) -> str:
+        """Register ``tensor`` as a persistent buffer ``module_path.name`` (creating modules) and
+        return its attribute target; an existing attribute of that name is replaced."""
+        mod = self.gm
+        for part in [p for p in module_path.split(".") if p]:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        if name in mod._parameters:
+            del mod._parameters[name]
+        if hasattr(mod, name) and name not in mod._buffers:
+            delattr(mod, name)
+        mod.register_buffer(name, tensor, persistent=True)
+        return f"{module_path}.{name}" if module_path else name
+
+    def get_attr_node(self, target: str, before: torch.fx.Node) -> torch.fx.Node:
+        """A get_attr node for ``target`` placed before ``before`` (reusing an existing one)."""
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and n.target == target:
+                return n
+        with self.gm.graph.inserting_before(before):
+            node = self.gm.graph.get_attr(target)
+        t = self.attr(target)
+        node.meta["val"] = t  # real tensor: fake propagation converts it
+        return node
+
+    def remove_dead(self) -> int:
+        """Erase unused pure nodes and the attributes no node reads any more. Returns count removed."""
+        removed = 0
+        graph = self.gm.graph
+        for node in reversed(list(graph.nodes)):
+            if node.op == "get_attr" and not node.users:
+                graph.erase_node(node)
+                removed += 1
+        used = self.used_attrs()
+        for name in list(dict(self.gm.named_parameters(remove_duplicate=False))) + list(dict(self.gm.named_buffers(remove_duplicate=False))):
+            if name not in used:
+                mod_path, _, attr = name.rpartition(".")
+                mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+                delattr(mod, attr)
+                removed += 1
+        self.gm.recompile()
+        return removed
+
+    def used_attrs(self) -> set[str]:
+        return {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer, by attribute path (tied tensors appear under each path)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.gm.named_parameters(remove_duplicate=False):
+            out[name] = p.detach()
+        for name, b in self.gm.named_buffers(remove_duplicate=False):
+            out[name] = b
+        return out
+
+    def nbytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in self.state_tensors().values():
+            key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return total
+
+    def example_inputs(self, batch: int | None = None, seq: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """Flat example inputs in placeholder order (dynamic dims resized if asked)."""
+        out = []
+        for spec in self.info.inputs:
+            shape = list(spec.shape)
+            for dim, sym in spec.dynamic.items():
+                if sym == "batch" and batch is not None:
+                    shape[dim] = batch
+                if sym == "seq" and seq is not None:
+                    shape[dim] = seq
+            out.append(spec.example(shape, seed))
+        return out
+
+    def call(self, *args, **kwargs):
+        """Run the graph like the original model (missing defaulted inputs are filled in)."""
+        if self.info.call_by_name:
+            names = [s.name for s in self.info.inputs]
+            if len(args) > len(names):
+                raise TypeError(f"expected at most {len(names)} positional inputs ({', '.join(names)}), got {len(args)}")
+            kw = dict(zip(names, args))
+            for k in kwargs:
+                if k in kw:
+                    raise TypeError(f"input {k!r} given twice")
+            kw.update(kwargs)
+            unknown = set(kw) - set(names)
+            if unknown:
+                raise TypeError(f"unknown input(s) {sorted(unknown)}; this model takes {names}")
+            for spec in self.info.inputs:
+                if spec.name not in kw:
+                    if spec.default and spec.default.startswith("ones_like:"):
+                        ref = kw[spec.default.split(":", 1)[1]]
+                        kw[spec.name] = torch.ones_like(ref)
+                    else:
+                        raise TypeError(f"missing input {spec.name!r}")
+            return self.gm(**kw)
+        return self.gm(*args, **kwargs)
+
+    def clone(self) -> "Program":
+        return Program(copy.deepcopy(self.gm), copy.deepcopy(self.info))
+
+    def to(self, device: str | torch.device) -> "Program":
+        self.gm.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.state_tensors().values():
+            return t.device
+        return torch.device("cpu")
+
+    def annotate(self) -> None:
+        self.info.block_prefix = nodemeta.annotate(self.gm)

@@ -1,0 +1,144 @@
+"""What every weight-quantizing method pass shares: the scheme options (``bits``, ``group_size``,
+``symmetric``, ``ignore``; taken from the target unless given), selecting the linears to quantize,
+and rewriting an ``aten.linear`` node into ``lowc::linear_wq``.
+
+``ignore`` patterns match a layer (module path such as ``model.layers.0.mlp.down_proj``) when the
+pattern equals it, is a dotted suffix of it (``lm_head``, ``mlp.down_proj``), or matches it as a
+shell glob (``model.layers.0.*``). Embeddings are never linears, so they are never quantized here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from lowc.ir import meta as nodemeta
+from lowc.ir.dialect import quant
+from lowc.passes.base import Pass, PassContext, opt
+
+VALID_GROUP_SIZES = "-1 (per channel) or a multiple of 8 such as 32, 64, 128"
+
+
+def matches(layer: str, patterns: tuple[str, ...]) -> bool:
+    for p in patterns:
+        if layer == p or layer.endswith("." + p) or fnmatch.fnmatchcase(layer, p):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class EffectiveScheme:
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+@dataclass(frozen=True)
+class WeightQuantPass(Pass):
+    """Base of weight-quantizing passes. Options left unset come from the target's scheme."""
+
+    bits: Optional[int] = opt(None, "weight bits, 2..8 (default: the target's)")
+    group_size: Optional[int] = opt(None, f"input channels per scale: {VALID_GROUP_SIZES} (default: the target's)")
+    symmetric: Optional[bool] = opt(None, "symmetric (absmax, fixed zero point) or asymmetric min/max (default: the target's)")
+    ignore: tuple[str, ...] = opt(("lm_head",), "layers left in float: names, dotted suffixes or globs")
+
+    # defaults when neither the options nor the target say (e.g. on ref-fp32)
+    default_bits = 4
+    default_group_size = 128
+    default_symmetric = False
+
+    def validate(self) -> None:
+        if self.bits is not None and not 2 <= self.bits <= 8:
+            raise self.fail(f"bits={self.bits} cannot be packed: choose 2..8")
+        if self.group_size is not None and not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
+            raise self.fail(f"group_size={self.group_size} cannot be packed: use {VALID_GROUP_SIZES}")
+
+    def scheme(self, ctx: PassContext) -> EffectiveScheme:
+        s = ctx.scheme
+        return EffectiveScheme(
+            bits=self.bits if self.bits is not None else (s.w_bits if s else self.default_bits),
+            group_size=self.group_size if self.group_size is not None else (s.group_size if s else self.default_group_size),
+            symmetric=self.symmetric if self.symmetric is not None else (s.symmetric if s else self.default_symmetric),
+        )
+
+    def select(self, program) -> list[torch.fx.Node]:
+        """Float linears this pass should quantize (not ignored, weight is a constant)."""
+        out = []
+        for node in program.linears():
+            if not matches(layer_name(node), self.ignore):
+                out.append(node)
+        return out
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    info = nodemeta.get(node)
+    if info.layer:
+        return info.layer
+    w = node.args[1]
+    return w.target.rpartition(".")[0] if isinstance(w, torch.fx.Node) and w.op == "get_attr" else node.name
+
+
+def linear_weight(program, node: torch.fx.Node) -> torch.Tensor:
+    return program.attr(node.args[1].target)
+
+
+def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, scheme_meta: dict[str, Any]) -> torch.fx.Node:
+    """Replace ``aten.linear(x, W, b)`` by ``lowc::linear_wq(x, qweight, scales, zeros, b, ...)``.
+
+    Buffers are registered on the linear's module (``<layer>.qweight/.scales/.zeros``); the float
+    weight is dropped by :meth:`Program.remove_dead` once nothing reads it.
+    """
+    from lowc.ir.dialect import ensure_registered
+
+    ensure_registered()
+    weight_node = node.args[1]
+    module_path = weight_node.target.rpartition(".")[0]
+    x = node.args[0]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    q_t = program.add_buffer(module_path, "qweight", qw.qweight)
+    s_t = program.add_buffer(module_path, "scales", qw.scales)
+    z_t = program.add_buffer(module_path, "zeros", qw.zeros) if qw.zeros is not None else None
+    q_n = program.get_attr_node(q_t, node)
+    s_n = program.get_attr_node(s_t, node)
+    z_n = program.get_attr_node(z_t, node) if z_t else None
+    with program.graph.inserting_before(node):
+        new = program.graph.call_function(
+            torch.ops.lowc.linear_wq.default,
+            (x, q_n, s_n, z_n, bias, qw.bits, qw.group_size, qw.in_features),
+        )
+    new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
+    info = nodemeta.get(node)
+    meta = dict(scheme_meta)
+    if qw.k_pad != qw.in_features:
+        meta["padded_in_features"] = qw.k_pad
+    nodemeta.set_info(new, nodemeta.NodeInfo(layer=info.layer or module_path, role=info.role, block=info.block, scheme=meta))
+    node.replace_all_uses_with(new)
+    program.graph.erase_node(node)
+    return new
+
+
+def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn, method: str) -> tuple[int, dict]:
+    """Shared driver: quantize each selected linear with ``quantize_fn(weight, node) -> QuantizedWeight``."""
+    s = p.scheme(ctx)
+    nodes = p.select(program)
+    padded = []
+    for node in nodes:
+        w = linear_weight(program, node)
+        if w.dim() != 2:
+            continue
+        qw = quantize_fn(w, node, s)
+        meta = {"method": method, "w_bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, "a_bits": 16}
+        if qw.k_pad != qw.in_features:
+            padded.append(layer_name(node))
+        rewrite_linear(program, node, qw, meta)
+    if nodes:
+        program.remove_dead()
+    stats = {"quantized": len(nodes), "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
+    if padded:
+        stats["padded"] = padded
+        ctx.log.append(f"{method}: {len(padded)} layer(s) padded to a multiple of group_size={s.group_size}: {', '.join(padded[:4])}{'...' if len(padded) > 4 else ''}")
+    return len(nodes), stats

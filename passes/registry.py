@@ -1,0 +1,33 @@
+"""The one pass registry: name -> "module:Class", imported only when the pass is asked for.
+
+Registering a pass is adding a line here; nothing registers itself on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lowc.errors import PassOptionError
+
+PASSES: dict[str, str] = {
+    "rtn": "lowc.passes.quant.rtn:RTN",
+    "quantize-activations": "lowc.passes.quant.activations:QuantizeActivations",
+    "remove-dead": "lowc.passes.cleanup:RemoveDead",
+}
+
+
+def get_pass_class(name: str):
+    try:
+        spec = PASSES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, PASSES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise PassOptionError(f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(PASSES))}") from None
+    mod_name, cls_name = spec.split(":")
+    return getattr(importlib.import_module(mod_name), cls_name)
+
+
+def all_passes() -> dict[str, type]:
+    return {name: get_pass_class(name) for name in sorted(PASSES)}
