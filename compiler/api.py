@@ -163,7 +163,11 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
         if "calibration" in p.requires and calib_data is None:
             raise CalibrationError(f"pass '{p.name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)")
     ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib_data, device=device, seed=seed, progress=progress)
+    check_inputs = program.example_inputs(seed=1)
+    with torch.inference_mode():
+        float_out = program.call(*check_inputs)
     records = Pipeline(steps, verify=verify, print_after=tuple(print_after)).run(program, ctx)
+    check = _output_check(program, check_inputs, float_out)
     if tgt.prepare is not None:
         tgt.prepare(program, device)
     manifest = {
@@ -181,9 +185,24 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
         "seed": seed,
         "dtype": str(next(iter(program.state_tensors().values())).dtype).replace("torch.", "") if program.state_tensors() else None,
         "log": ctx.log,
-        "metrics": {},
+        "metrics": {"check": check},
     }
     return CompiledModel(program, tgt, manifest)
+
+
+def _output_check(program, inputs: list, float_out) -> dict[str, Any]:
+    """Compressed vs float output on the (random-token) example inputs: a smoke check recorded in
+    the manifest; real quality numbers come from ``lowc eval`` on text."""
+    from lowc import evaluate as ev
+
+    names = [s.name for s in program.info.inputs]
+    batch = dict(zip(names, inputs))
+    kind = program.info.kind if program.info.call_by_name else "module"
+    if program.info.call_by_name:
+        res = ev.compare(lambda **kw: float_out, lambda **kw: program.call(**kw), [batch], kind)
+    else:
+        res = ev.compare(lambda **kw: float_out, lambda **kw: program.call(*inputs), [batch], kind)
+    return res.to_json()
 
 
 def _version() -> str:

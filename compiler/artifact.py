@@ -80,6 +80,7 @@ def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = F
     try:
         store, table = _tensor_table(program)
         save_file(store, os.path.join(tmp, WEIGHTS), metadata={"format": "lowc", "format_version": str(FORMAT_VERSION)})
+        os.chmod(os.path.join(tmp, WEIGHTS), 0o666 & ~umask)  # safetensors writes it 0600
         graph = serialize.graph_to_json(program.gm)
         graph["tensors"] = table
         with open(os.path.join(tmp, GRAPH), "w") as f:
@@ -186,7 +187,10 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
     except Exception as e:
         raise ArtifactError(f"{wpath} is corrupt or truncated: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for name, entry in table.items():
-        t = tensors[entry["alias_of"]] if "alias_of" in entry else tensors[name]
+        src = entry.get("alias_of", name)
+        if src not in tensors:
+            raise ArtifactError(f"{gpath}: tensor {name!r} is an alias of {src!r}, which is not stored")
+        t = tensors[src]
         mod = root
         *parents, leaf = name.split(".")
         for part in parents:

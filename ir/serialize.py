@@ -145,7 +145,10 @@ def _load_treespec(s: str | None):
     for t in types:
         mod = t.rpartition(".")[0]
         if mod and mod.split(".")[0] == "transformers":
-            importlib.import_module(mod)  # registers the ModelOutput pytree node (installed package)
+            try:
+                importlib.import_module(mod)  # registers the ModelOutput pytree node (installed package)
+            except ImportError as e:
+                raise ArtifactError(f"graph.json: output type {t!r} cannot be imported ({e})") from None
         elif mod and mod.split(".")[0] not in ("builtins", "collections", "torch"):
             raise ArtifactError(f"graph.json: output type {t!r} is not allowed (only builtins and transformers outputs)")
     try:

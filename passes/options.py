@@ -37,6 +37,8 @@ def format_value(v: Any) -> str:
 
 
 def _parse_value(s: str, i: int, spelling: str) -> tuple[Any, int]:
+    while i < len(s) and s[i] == " ":
+        i += 1
     if i < len(s) and s[i] == "[":
         items, i = [], i + 1
         while True:
@@ -76,6 +78,8 @@ def parse_spelling(spelling: str) -> tuple[str, dict[str, Any]]:
     opts: dict[str, Any] = {}
     if i == len(s):
         return name, opts
+    while s[i] == " ":  # 'rtn {bits=4}'
+        i += 1
     if s[i] != "{" or not s.endswith("}"):
         raise PassOptionError(f"bad pass spelling {spelling!r}: expected name or name{{key=value,...}}")
     i += 1
@@ -83,10 +87,13 @@ def parse_spelling(spelling: str) -> tuple[str, dict[str, Any]]:
         while s[i] in " ,":
             i += 1
         km = _NAME.match(s, i)
-        if not km or km.end() >= len(s) or s[km.end()] != "=":
+        eq = km.end() if km else i
+        while eq < len(s) and s[eq] == " ":  # 'bits = 4'
+            eq += 1
+        if not km or eq >= len(s) or s[eq] != "=":
             raise PassOptionError(f"bad pass spelling {spelling!r}: expected key=value at position {i}")
         key = km.group(0)
-        v, i = _parse_value(s, km.end() + 1, spelling)
+        v, i = _parse_value(s, eq + 1, spelling)
         if key in opts:
             raise PassOptionError(f"bad pass spelling {spelling!r}: option {key!r} given twice")
         opts[key] = v

@@ -70,7 +70,9 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
         kind = "causal-lm"
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a per-tensor bar for small local loads is noise
     try:
         model = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
     except Exception as e:
@@ -78,6 +80,8 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
         raise ModelLoadError(f"{path}: cannot load weights: {msg}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer = None
     tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
     if any(os.path.isfile(os.path.join(path, f)) for f in tok_files):

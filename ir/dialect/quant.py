@@ -75,8 +75,8 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
     """Round-to-nearest quantization of a [N, K] weight into the reference packed layout."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
     n, k = weight.shape
     gs, k_pad = padded_in_features(k, group_size)
     w = torch.nn.functional.pad(weight.detach().float(), (0, k_pad - k))

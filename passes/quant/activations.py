@@ -1,6 +1,7 @@
 """``quantize-activations``: lower weight-only quantized linears to ``lowc::linear_wqaq`` so their
-inputs are quantized too (per-token, symmetric, dynamic; or static per-tensor scales measured on
-calibration data when ``static=true``).
+inputs are quantized too (per-token, symmetric, dynamic). The op also takes a static per-tensor
+scale (``act_scale``); measuring such scales on calibration data is left to the activation
+quantization work of the quantization issue.
 
 This is a lowering pass of the ``*-w8a8`` / ``*-w4a4`` targets: the method passes decide the
 weights, this pass fixes how activations are fed to the kernel. Idempotent: ``linear_wqaq`` nodes

@@ -41,7 +41,7 @@ class EffectiveScheme:
 class WeightQuantPass(Pass):
     """Base of weight-quantizing passes. Options left unset come from the target's scheme."""
 
-    bits: Optional[int] = opt(None, "weight bits, 2..8 (default: the target's)")
+    bits: Optional[int] = opt(None, "weight bits, 1..8 (default: the target's)")
     group_size: Optional[int] = opt(None, f"input channels per scale: {VALID_GROUP_SIZES} (default: the target's)")
     symmetric: Optional[bool] = opt(None, "symmetric (absmax, fixed zero point) or asymmetric min/max (default: the target's)")
     ignore: tuple[str, ...] = opt(("lm_head",), "layers left in float: names, dotted suffixes or globs")
@@ -52,8 +52,8 @@ class WeightQuantPass(Pass):
     default_symmetric = False
 
     def validate(self) -> None:
-        if self.bits is not None and not 2 <= self.bits <= 8:
-            raise self.fail(f"bits={self.bits} cannot be packed: choose 2..8")
+        if self.bits is not None and not 1 <= self.bits <= 8:
+            raise self.fail(f"bits={self.bits} cannot be packed: choose 1..8")
         if self.group_size is not None and not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
             raise self.fail(f"group_size={self.group_size} cannot be packed: use {VALID_GROUP_SIZES}")
 

@@ -1,0 +1,293 @@
+"""The ``lowc`` command line (click).
+
+Errors are one line naming the thing at fault, printed without a traceback (``--debug`` anywhere on
+the command line, or LOWC_DEBUG=1, shows it), with a non-zero exit: 2 for a user error (LowcError,
+bad usage), 3 for an internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+
+def _fmt_mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _scheme_label(s: dict | None) -> str:
+    if not s:
+        return "float"
+    g = "per-channel" if s.get("group_size") == -1 else f"g{s.get('group_size')}"
+    return f"{s.get('method', '?')} W{s.get('w_bits')}A{s.get('a_bits', 16)} {g}{' sym' if s.get('symmetric') else ''}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lowc", prog_name="lowc")
+def cli() -> None:
+    """lowc: trace a PyTorch model, compress it with passes from the papers, lower it to kernels.
+
+    Add --debug anywhere to see tracebacks.
+    """
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", required=True, help="compilation target (see `lowc targets`)")
+@click.option("--output", "-o", "output", required=True, type=click.Path(), help="artifact directory to write")
+@click.option("--calib", type=click.Path(), default=None, help="calibration text file (e.g. wikitext-2 valid.txt)")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True, help="calibration sequences")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="tokens per calibration sequence")
+@click.option("--pass", "passes", multiple=True, metavar="'name{k=v,...}'", help="method pass replacing the target's default (repeatable)")
+@click.option("--recipe", type=click.Path(), default=None, help="YAML/JSON file: a list of passes")
+@click.option("--device", default="cpu", show_default=True, help="device to trace and calibrate on (cpu, cuda, cuda:1)")
+@click.option("--dtype", default="auto", show_default=True, help="float32, float16, bfloat16, or auto (fp32 on CPU, fp16 on CUDA)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed for calibration sampling and passes")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+@click.option("--print-after", "print_after", multiple=True, metavar="PASS", help="print the IR after this pass (repeatable)")
+@click.option("--no-verify", is_flag=True, help="skip IR verification between passes")
+@click.option("--quiet", "-q", is_flag=True, help="no progress output")
+def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe, device, dtype, seed, force,
+            print_after, no_verify, quiet):
+    """Compile MODEL (HF directory, preset, or package.module:factory) for TARGET into OUTPUT."""
+    import lowc
+    from lowc.backends.registry import get_target
+    from lowc.errors import ArtifactError, CalibrationError
+    from lowc.passes.options import load_recipe, parse_pass
+
+    get_target(target)  # fail fast on an unknown target, before loading anything
+    user = [parse_pass(p) for p in passes] if passes else None
+    if recipe:
+        user = (user or []) + load_recipe(recipe)
+    if os.path.exists(output) and not force:
+        raise ArtifactError(f"output {output} already exists (use --force to replace it)")
+    if calib is not None and not os.path.isfile(calib):
+        raise CalibrationError(f"calibration file {calib!r} does not exist")
+    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
+    say(f"lowc: compiling {model} for {target}")
+    cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
+                      calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
+                      progress=not quiet, verify=not no_verify)
+    for r in cm.manifest["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, (list, dict)))
+        say(f"  {r['phase']:>8} {r['name']:<22} {r['seconds'] * 1000:8.1f} ms  {'changed' if r['changed'] else 'no change'}  {stats}")
+    for line in cm.manifest.get("log", []):
+        say(f"  note: {line}")
+    check = cm.manifest.get("metrics", {}).get("check")
+    path = cm.save(output, force=force)
+    size = cm.size()
+    click.echo(f"wrote {path}")
+    click.echo(f"size: {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")
+    if check:
+        parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()]
+        click.echo("output vs float on example inputs: " + ", ".join(parts))
+
+
+@cli.command()
+def targets():
+    """List compilation targets."""
+    from lowc.backends.registry import all_targets
+
+    rows = list(all_targets().values())
+    w = max(len(t.name) for t in rows)
+    for t in rows:
+        click.echo(f"{t.name:<{w}}  {t.backend:<10} {t.description}")
+
+
+def _type_label(tp) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (tuple, list):
+        return f"list of {_type_label(args[0]) if args else 'str'}"
+    if args and len(args) < len(typing.get_args(tp)):
+        return _type_label(args[0])
+    return getattr(tp, "__name__", str(tp))
+
+
+@cli.command(name="passes")
+def list_passes():
+    """List passes with their options."""
+    import dataclasses
+    import typing
+
+    from lowc.passes.options import format_value
+    from lowc.passes.registry import all_passes
+
+    for name, cls in all_passes().items():
+        req = f"  [requires {', '.join(sorted(cls.requires))}]" if cls.requires else ""
+        click.echo(f"{name}: {cls.summary}{req}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = _type_label(hints[f.name])
+            click.echo(f"    {f.name} ({tp}, default {format_value(f.default)}): {f.metadata.get('doc', '')}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def inspect(artifact, as_json):
+    """Show an artifact's manifest, per-layer table and size vs float."""
+    from lowc.artifact import read_manifest
+
+    m = read_manifest(artifact)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    src = m.get("source", {})
+    click.echo(f"artifact:  {os.path.abspath(artifact)}")
+    click.echo(f"target:    {m.get('target')} ({m.get('backend')})   lowc {m.get('lowc_version')}, torch {m.get('torch_version')}, {m.get('created')}")
+    click.echo(f"source:    {src.get('type')} {src.get('name')}  sha256={str(src.get('sha256', '-'))[:16]}")
+    click.echo(f"model:     {m.get('model', {}).get('kind')}  dtype={m.get('dtype')}")
+    if m.get("calibration"):
+        c = m["calibration"]
+        click.echo(f"calib:     {c.get('samples')} x {c.get('seq_len')} tokens from {c.get('source')}")
+    click.echo("passes:    " + (" -> ".join(f"{p['name']}" for p in m.get("passes", [])) or "-"))
+    layers = m.get("layers", [])
+    if layers:
+        w = max(len(r["layer"]) for r in layers)
+        click.echo(f"\n{'layer':<{w}}  {'role':<7} {'shape (out x in)':<18} {'scheme':<28} {'bytes':>10} {'float':>10}")
+        for r in layers:
+            shape = f"{r['out_features']} x {r['in_features']}"
+            pad = f" pad->{r['scheme']['padded_in_features']}" if r.get("scheme") and r["scheme"].get("padded_in_features") else ""
+            click.echo(f"{r['layer']:<{w}}  {r['role'] or '-':<7} {shape:<18} {_scheme_label(r['scheme']) + pad:<28} {r['bytes']:>10} {r['float_bytes']:>10}")
+    size = m.get("size")
+    if size:
+        click.echo(f"\nsize: {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")
+    if m.get("metrics"):
+        click.echo("metrics: " + json.dumps(m["metrics"]))
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--data", type=click.Path(), default=None, help="text file: perplexity (causal LMs) / sentences (encoders)")
+@click.option("--against", default=None, help="float model to compare with (default: the artifact's source)")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="perplexity window")
+@click.option("--max-windows", type=click.IntRange(min=1), default=64, show_default=True, help="perplexity windows at most")
+@click.option("--max-sentences", type=click.IntRange(min=1), default=256, show_default=True, help="encoder sentences at most")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print results as JSON")
+def eval_cmd(artifact, data, against, seq_len, max_windows, max_sentences, device, as_json):
+    """Quality of ARTIFACT vs the float model: perplexity, KL, top-1 (causal LMs); cosine (encoders)."""
+    import lowc
+    from lowc import evaluate as ev
+    from lowc.errors import LowcError
+
+    if data is not None and not os.path.isfile(data):
+        raise LowcError(f"--data {data!r} does not exist")
+    cm = lowc.load(artifact, device=device)
+    ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
+    tok = cm.tokenizer or ref_tok
+    if tok is None:
+        raise LowcError(f"{artifact}: the model has no tokenizer, so text evaluation is not possible")
+    text = open(data, encoding="utf-8", errors="replace").read() if data else None
+    result: dict = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "kind": cm.kind}
+    if cm.kind == "causal-lm":
+        if text is None:
+            raise LowcError("perplexity needs a text: pass --data FILE (e.g. wikitext-2 test.txt)")
+        windows = ev.token_windows(tok, text, seq_len, max_windows)
+        result["tokens"] = int(windows.numel())
+        result["ppl_float"] = ev.perplexity(ref_fn, windows, device=device, progress=True)
+        result["ppl"] = ev.perplexity(cm, windows, device=device, progress=True)
+        batches = [{"input_ids": w.unsqueeze(0).to(device), "attention_mask": torch_ones(w, device)} for w in windows[:8]]
+        result.update(ev.compare(ref_fn, cm, batches, "causal-lm").to_json())
+    else:
+        sentences = [l.strip() for l in text.splitlines() if len(l.split()) >= 5][:max_sentences] if text else ev.SENTENCES
+        if not sentences:
+            raise LowcError(f"--data {data}: no sentences of five or more words")
+        batches = ev.text_batches(tok, sentences, device=device)
+        result["sentences"] = len(sentences)
+        result.update(ev.compare(ref_fn, cm, batches, cm.kind).to_json())
+    size = cm.size()
+    result["bytes"], result["float_bytes"] = size["bytes"], size["float_bytes"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{cm.target.name} vs float ({cm.kind}):")
+    for k in ("ppl_float", "ppl", "kl", "top1", "cosine", "min_cosine", "sqnr_db"):
+        if k in result:
+            v = result[k]
+            click.echo(f"  {k:<11} {v:.4f}" if isinstance(v, float) else f"  {k:<11} {v}")
+    click.echo(f"  size        {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")
+
+
+def torch_ones(w, device):
+    import torch
+
+    return torch.ones(1, w.shape[-1], dtype=torch.int64, device=device)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--against", default=None, help="float model to compare with (default: the artifact's source)")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seq-len", "seq_lens", type=click.IntRange(min=1), multiple=True, default=(1, 128), show_default=True,
+              help="sequence lengths to time (repeatable)")
+@click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
+    """Latency and throughput of ARTIFACT vs the float model, side by side in one run."""
+    import torch
+
+    import lowc
+    from lowc import evaluate as ev
+
+    cm = lowc.load(artifact, device=device)
+    ref_fn, _ = ev.float_reference(cm.manifest, against, device)
+    vocab = next((s.vocab_size for s in cm.program.info.inputs if s.vocab_size), 100)
+    rows = []
+    for L in seq_lens:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
+        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        t_f = ev.median(ev.time_call(ref_fn, kw, repeat))
+        t_c = ev.median(ev.time_call(cm, kw, repeat))
+        rows.append({"batch": batch, "seq_len": L, "float_ms": t_f * 1e3, "lowc_ms": t_c * 1e3,
+                     "speedup": t_f / t_c, "lowc_tokens_per_s": batch * L / t_c})
+    info = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "device": device,
+            "threads": torch.get_num_threads(), "rows": rows}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{cm.target.name} vs float on {device} ({torch.get_num_threads()} threads), median of {repeat}:")
+    click.echo(f"  {'batch':>5} {'seq':>6} {'float ms':>10} {'lowc ms':>10} {'speedup':>8} {'lowc tok/s':>11}")
+    for r in rows:
+        click.echo(f"  {r['batch']:>5} {r['seq_len']:>6} {r['float_ms']:>10.2f} {r['lowc_ms']:>10.2f} {r['speedup']:>7.2f}x {r['lowc_tokens_per_s']:>11.0f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LOWC_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    from lowc.errors import LowcError
+
+    try:
+        cli.main(args=argv, prog_name="lowc", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("lowc: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except LowcError as e:
+        if debug:
+            raise
+        click.echo(f"lowc: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("lowc: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"lowc: internal error: {type(e).__name__}: {first} (run again with --debug for the traceback)", err=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Quality and speed measurements shared by ``lowc eval``, ``lowc bench``, ``lowc compile``'s
+summary, the benchmarks and the tests.
+
+* causal LMs: perplexity on a text (non-overlapping windows), KL(float || compressed) of next-token
+  distributions, top-1 agreement;
+* encoders: cosine of mean-pooled sentence embeddings to the float model;
+* any model: SQNR (dB) of the main output tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from lowc.errors import LowcError, ModelLoadError
+
+#: Built-in sentences (written for lowc) used when no --data file is given: enough for an embedding
+#: cosine check, not a benchmark.
+SENTENCES = [
+    "The compiler traces the model into a graph before any pass runs.",
+    "A small change in the weights can move the output of every layer.",
+    "The river flooded the valley after three days of heavy rain.",
+    "She bought fresh bread at the market on her way home.",
+    "Quantization stores each weight with fewer bits than a float.",
+    "The orchestra rehearsed the symphony for the opening night.",
+    "Mountains in the north are covered with snow for most of the year.",
+    "He forgot his umbrella and walked home in the storm.",
+    "The library keeps old maps of the city in a quiet room.",
+    "Engineers measured the bridge before the new trains arrived.",
+    "A cat slept in the sun on the warm stone steps.",
+    "The museum opened a new wing dedicated to modern painting.",
+    "Students discussed the results of the experiment in class.",
+    "The ship left the harbour at dawn with a cargo of grain.",
+    "Farmers planted wheat in the fields along the old road.",
+    "The team won the championship after a long and difficult season.",
+]
+
+
+def main_tensor(out: Any) -> torch.Tensor:
+    """The tensor a metric compares: logits, last_hidden_state, or the first tensor output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
+        seq = out.to_tuple() if hasattr(out, "to_tuple") else out
+        for v in seq:
+            if isinstance(v, torch.Tensor):
+                return v
+    raise LowcError(f"cannot find a tensor in the model output ({type(out).__name__})")
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    noise = (ref - x).pow(2).sum().item()
+    sig = ref.pow(2).sum().item()
+    return float("inf") if noise == 0 else 10 * math.log10(sig / noise)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@dataclass
+class Comparison:
+    sqnr_db: float
+    cosine: float | None = None  # encoders: mean cosine of mean-pooled embeddings
+    min_cosine: float | None = None
+    kl: float | None = None  # causal LMs: mean KL(float || compressed) per token (nats)
+    top1: float | None = None  # causal LMs: fraction of positions with the same argmax
+
+    def to_json(self) -> dict[str, float | str]:
+        return {k: (round(v, 6) if math.isfinite(v) else str(v)) for k, v in self.__dict__.items() if v is not None}
+
+
+def compare(ref_fn: Callable, test_fn: Callable, batches: list[dict[str, torch.Tensor]], kind: str) -> Comparison:
+    """Run both callables on each batch (kwargs) and compare their main outputs."""
+    refs, tests, cos, kls, top1 = [], [], [], [], []
+    with torch.inference_mode():
+        for b in batches:
+            r = main_tensor(ref_fn(**b)).float().cpu()
+            t = main_tensor(test_fn(**b)).float().cpu()
+            refs.append(r.flatten())
+            tests.append(t.flatten())
+            mask = b.get("attention_mask")
+            if kind == "causal-lm":
+                lp_r = torch.log_softmax(r, -1)
+                lp_t = torch.log_softmax(t, -1)
+                kl = (lp_r.exp() * (lp_r - lp_t)).sum(-1)
+                valid = mask.bool().cpu() if mask is not None else torch.ones(kl.shape, dtype=torch.bool)
+                kls.append(kl[valid])
+                top1.append((r.argmax(-1) == t.argmax(-1))[valid].float())
+            elif kind == "encoder" and r.dim() == 3:
+                m = mask.cpu() if mask is not None else torch.ones(r.shape[:2])
+                cos.append(torch.nn.functional.cosine_similarity(mean_pool(r, m), mean_pool(t, m), dim=-1))
+    c = Comparison(sqnr_db=sqnr_db(torch.cat(refs), torch.cat(tests)))
+    if cos:
+        allc = torch.cat(cos)
+        c.cosine, c.min_cosine = allc.mean().item(), allc.min().item()
+    if kls:
+        c.kl, c.top1 = torch.cat(kls).mean().item(), torch.cat(top1).mean().item()
+    return c
+
+
+def text_batches(tokenizer, texts: list[str], batch_size: int = 8, max_len: int = 128, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Padded batches of sentences (encoders / KL checks)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)})
+    return out
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise LowcError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    if max_windows:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def perplexity(fn: Callable, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu", progress: bool = False) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows [n, L]."""
+    nll, count = 0.0, 0
+    it = range(0, len(windows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="perplexity", unit="batch", leave=False)
+    with torch.inference_mode():
+        for i in it:
+            ids = windows[i : i + batch_size].to(device)
+            logits = main_tensor(fn(input_ids=ids, attention_mask=torch.ones_like(ids))).float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            nll += loss.item()
+            count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def float_reference(manifest: dict[str, Any], against: str | None, device: str = "cpu"):
+    """(eager float model callable, tokenizer) for the source model or ``against``."""
+    from lowc.frontend.trace import load_source, resolve_dtype
+
+    dtype = resolve_dtype(manifest.get("dtype"), device) if manifest.get("dtype") else torch.float32
+    spec = against
+    if spec is None:
+        src = manifest.get("source", {})
+        if src.get("type") == "preset":
+            spec = src["name"]
+        elif src.get("type") in ("hf-dir", "factory"):
+            spec = src.get("path") or src.get("name")
+        if not spec:
+            raise ModelLoadError("the artifact's source model cannot be rebuilt here: pass --against MODEL")
+    try:
+        model, tok, _, _ = load_source(spec, dtype)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"float reference: {e} (pass --against MODEL)") from None
+    model = model.to(device).eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+    def fn(**kw):
+        return model(**kw)
+
+    return fn, tok
+
+
+def time_call(fn: Callable, kwargs: dict, repeat: int = 10, warmup: int = 2) -> list[float]:
+    """Wall-clock seconds of ``fn(**kwargs)`` per repetition (after warmup)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(**kwargs)
+        times = []
+        for _ in range(repeat):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(**kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

@@ -1,0 +1,495 @@
+"""Block-by-block execution of a program over calibration data, for calibrating method passes
+(GPTQ, AffineQuant, FlatQuant, ...) with peak memory that does not grow with depth.
+
+The graph is cut into segments by ``node.meta["lowc"].block`` (see :func:`segments`): a *prefix*
+(inputs, embeddings, rotary tables, attention-mask construction: everything before block 0), one
+segment per transformer block, and a *suffix* (final norm, heads, the output node). A node outside any
+block that sits between two blocks belongs to the following segment. ``get_attr`` nodes belong to no
+segment's computation: every segment that reads a parameter gets its own copy of the read.
+
+:class:`BlockwiseRunner` runs the prefix over every calibration sample (batch 1, one sample at a
+time) and keeps, per sample, only the *boundary values*: values a later segment reads, keyed by the
+name of the node that defined them in the program's graph. It then yields one :class:`Block` at a
+time. A consumer reads ``block.inputs``, runs ``block.run(hook)`` to see the inputs of chosen
+linears, and may rewrite the block's nodes in the program's graph. When the consumer asks for the
+next block, the runner computes the block's outputs (``propagate="quantized"``: by re-running the
+block as it is now in the graph, GPTQ's sequential mode; ``"float"``: the outputs of the block as it
+was when it was yielded) and drops every value no later segment reads. So at any time memory holds
+the boundary values between two consecutive segments, one block's parameters on ``device`` and one
+sample's activations.
+
+Segments are rebuilt from the *current* graph each time one runs (``graph.node_copy`` into a fresh
+``GraphModule`` whose attributes are the program's tensors moved to ``device``), so rewrites of the
+block being calibrated are seen. A segment that reads a value defined by an already-processed segment
+that was rewritten after it ran raises :class:`CalibrationError`.
+
+Preconditions: the program was annotated (``Program.annotate``) and has transformer blocks; each
+block's nodes are contiguous in topological order (otherwise :class:`CalibrationError` says why).
+``device`` is a device the graph runs on: a graph traced for one device may name it in its ops
+(``arange(device=cpu)``). Parameters are moved per segment, so a program whose tensors live on the
+CPU runs on a GPU with only the current segment's parameters there. Every sample runs under
+``torch.no_grad()`` (not inference mode, so stored inputs can feed a later autograd computation).
+
+Typical use (GPTQ-style)::
+
+    runner = BlockwiseRunner(program, calib, device=ctx.device, progress=ctx.progress, desc="gptq")
+    for block in runner:
+        hessians = {}
+        block.run(lambda name, x, y: accumulate(hessians, name, x))
+        for node in block.linears():
+            ...rewrite node with its quantized weight...
+        runner.set_postfix(loss=err)
+    logits = runner.run_suffix()   # final outputs of the calibrated model, one per sample
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.fx
+
+from lowc.errors import CalibrationError
+from lowc.ir import meta as nodemeta
+from lowc.ir.program import LINEAR
+
+Hook = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+PROPAGATE_MODES = ("quantized", "float")
+STORE_MODES = ("device", "cpu")
+
+
+# ---- segmentation -------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """A contiguous run of the program's graph: ``kind`` is "prefix", "block" or "suffix"."""
+
+    kind: str
+    index: int | None = None  # the transformer block index (kind == "block")
+    nodes: list[torch.fx.Node] = field(default_factory=list)  # computation, topological order
+    attrs: list[torch.fx.Node] = field(default_factory=list)  # get_attr nodes first read here
+
+    @property
+    def name(self) -> str:
+        return f"block {self.index}" if self.kind == "block" else self.kind
+
+
+def _block(node: torch.fx.Node) -> int | None:
+    return nodemeta.get(node).block
+
+
+def segments(program) -> list[Segment]:
+    """Cut the program's graph into ``[prefix, block..., suffix]`` (blocks in topological order).
+
+    Every node lies in exactly one segment: placeholders in the prefix, the output node in the
+    suffix, a ``get_attr`` in ``attrs`` of the segment of its first reader (the prefix if unread).
+    Raises :class:`CalibrationError` if the program has no blocks or a block's nodes are interleaved
+    with another block's."""
+    graph = program.graph
+    prefix = Segment("prefix")
+    blocks: list[Segment] = []
+    pending: list[torch.fx.Node] = []  # nodes outside any block, waiting for the next segment
+    seen: dict[int, torch.fx.Node] = {}
+    output = None
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            continue
+        if node.op == "placeholder":
+            prefix.nodes.append(node)
+            continue
+        if node.op == "output":
+            output = node
+            continue
+        b = _block(node)
+        if b is None:
+            pending.append(node)
+            continue
+        current = blocks[-1] if blocks else None
+        if current is None or current.index != b:
+            if b in seen:
+                raise CalibrationError(
+                    f"block-wise calibration is unavailable: the nodes of block {b} are not contiguous in "
+                    f"topological order (%{node.name} of block {b} comes after block {current.index} began, "
+                    f"but block {b} already began at %{seen[b].name})"
+                )
+            seen[b] = node
+            current = Segment("block", b)
+            blocks.append(current)
+            (prefix if len(blocks) == 1 else current).nodes.extend(pending)
+        else:
+            current.nodes.extend(pending)
+        pending = []
+        current.nodes.append(node)
+    if not blocks:
+        where = f"no node is annotated with a block of {program.info.block_prefix!r}" if program.info.block_prefix \
+            else "the program has no transformer blocks (block_prefix is unset)"
+        raise CalibrationError(f"block-wise calibration is unavailable: {where}")
+    suffix = Segment("suffix", nodes=pending + ([output] if output is not None else []))
+    segs = [prefix, *blocks, suffix]
+    seg_of = {n: i for i, s in enumerate(segs) for n in s.nodes}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            readers = [seg_of[u] for u in node.users if u in seg_of]
+            segs[min(readers) if readers else 0].attrs.append(node)
+    return segs
+
+
+@dataclass
+class _Interface:
+    """What a segment reads from earlier segments and which of its values later segments read."""
+
+    inputs: list[str]
+    outputs: list[str]
+    live_after: set[str]  # names read by any later segment (what to keep once this one has run)
+
+
+def _interfaces(segs: list[Segment]) -> list[_Interface]:
+    seg_of = {n: i for i, s in enumerate(segs) for n in s.nodes}
+    inputs: list[list[str]] = [[] for _ in segs]
+    outputs: list[list[str]] = [[] for _ in segs]
+    last_use: dict[str, int] = {}
+    for i, seg in enumerate(segs):
+        seen: set[torch.fx.Node] = set()
+        for node in seg.nodes:
+            for a in node.all_input_nodes:
+                if a.op == "get_attr" or seg_of[a] == i or a in seen:
+                    continue
+                seen.add(a)
+                inputs[i].append(a.name)
+                last_use[a.name] = max(last_use.get(a.name, i), i)
+                if a.name not in outputs[seg_of[a]]:
+                    outputs[seg_of[a]].append(a.name)
+    order = {n.name: k for k, n in enumerate(n for s in segs for n in s.nodes)}
+    out = []
+    for i in range(len(segs)):
+        live = {name for name, last in last_use.items() if last > i}
+        out.append(_Interface(sorted(inputs[i], key=order.__getitem__), sorted(outputs[i], key=order.__getitem__), live))
+    return out
+
+
+def _resolve(program, target: str) -> Any:
+    mod_path, _, name = target.rpartition(".")
+    mod = program.gm.get_submodule(mod_path) if mod_path else program.gm
+    return getattr(mod, name)
+
+
+def build_segment(program, seg: Segment, inputs: Sequence[str], outputs: Sequence[str],
+                  device: str | torch.device = "cpu") -> torch.fx.GraphModule:
+    """A GraphModule computing ``seg``: placeholders for ``inputs`` (node names of earlier segments),
+    returning the tuple of ``outputs`` (node names in ``seg``; the suffix returns the program's flat
+    outputs instead). Parameters are the program's tensors moved to ``device`` (the same tensor
+    objects when they are already there). ``gm.source_names`` maps the program's node names to the
+    segment's (FX renames a copy whose name shadows a Python builtin)."""
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    by_name = {n.name: n for n in program.graph.nodes}
+    root: dict[str, Any] = {}
+    for name in inputs:
+        env[by_name[name]] = g.placeholder(name)
+        env[by_name[name]].meta = dict(by_name[name].meta)
+    for node in seg.nodes:
+        if node.op == "placeholder":
+            env[node] = g.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+            continue
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and a not in env:
+                obj = _resolve(program, a.target)
+                root[a.target] = obj.to(device) if isinstance(obj, (torch.Tensor, torch.nn.Module)) else obj
+                env[a] = g.node_copy(a)
+        if node.op == "call_module" and node.target not in root:
+            root[node.target] = program.gm.get_submodule(node.target).to(device)
+        env[node] = g.node_copy(node, lambda a: env[a])
+    if seg.kind != "suffix":
+        g.output(tuple(env[by_name[name]] for name in outputs))
+    gm = torch.fx.GraphModule(root, g, class_name=seg.name.replace(" ", "_").capitalize())
+    gm.source_names = {n.name: c.name for n, c in env.items()}
+    return gm
+
+
+class _Tapping(torch.fx.Interpreter):
+    """Runs a segment and calls ``hook(name, node.args[0] value, node value)`` after tapped nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule, taps: Iterable[str], hook: Hook):
+        super().__init__(gm)
+        self.taps = {gm.source_names[name]: name for name in taps}  # segment name -> program name
+        self.hook = hook
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.taps:
+            self.hook(self.taps[n.name], self.env[n.args[0]], out)
+        return out
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def calibration_inputs(program, sample: torch.Tensor) -> list[torch.Tensor]:
+    """The program's flat inputs (``program.info.inputs`` order) for one token-id sample: the token
+    input is the sample, inputs defaulting to ``ones_like:X`` are ones like X."""
+    values: dict[str, torch.Tensor] = {}
+    token = next((s for s in program.info.inputs if s.vocab_size), None)
+    if token is None and program.info.inputs and program.info.inputs[0].dtype in ("int64", "int32"):
+        token = program.info.inputs[0]
+    if token is None:
+        raise CalibrationError("block-wise calibration needs a token-id input, and this program has none "
+                               f"(inputs: {', '.join(s.name for s in program.info.inputs) or 'none'})")
+    values[token.name] = sample.to(getattr(torch, token.dtype))
+    for spec in program.info.inputs:
+        if spec.name in values:
+            continue
+        if spec.default and spec.default.startswith("ones_like:") and spec.default.split(":", 1)[1] in values:
+            values[spec.name] = torch.ones_like(values[spec.default.split(":", 1)[1]])
+        else:
+            raise CalibrationError(f"block-wise calibration cannot make input {spec.name!r} from token ids")
+    return [values[s.name] for s in program.info.inputs]
+
+
+def _compact(v: Any) -> Any:
+    """A stored boundary value that does not keep a larger base tensor alive."""
+    if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.numel() * v.element_size():
+        return v.clone()
+    return v
+
+
+def _move(v: Any, device) -> Any:
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+class Block:
+    """The block a :class:`BlockwiseRunner` is at. Valid until the runner advances."""
+
+    def __init__(self, runner: "BlockwiseRunner", position: int, index: int):
+        self._runner = runner
+        self.position = position  # 0-based order among the blocks
+        self.index = index  # the block index in the model (``model.layers.<index>``)
+        self.float_outputs: list[tuple] | None = None  # per sample, with propagate="float"
+
+    def __repr__(self) -> str:
+        return f"Block({self.layer_prefix!r}, {len(self.nodes)} nodes, {len(self.linears())} linears)"
+
+    @property
+    def layer_prefix(self) -> str:
+        prefix = self._runner.program.info.block_prefix
+        return f"{prefix}.{self.index}" if prefix else str(self.index)
+
+    def _segment(self) -> tuple[Segment, _Interface]:
+        return self._runner._segment(self.position + 1)
+
+    @property
+    def nodes(self) -> list[torch.fx.Node]:
+        """The block's computation nodes in the program's graph, as the graph is now."""
+        return list(self._segment()[0].nodes)
+
+    def linears(self) -> list[torch.fx.Node]:
+        """The block's ``aten.linear`` nodes whose weight is a constant (not yet rewritten)."""
+        return [n for n in self.nodes if n.op == "call_function" and n.target == LINEAR
+                and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"]
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names (in the program's graph) of the values the block reads from earlier segments."""
+        return list(self._segment()[1].inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the block's values that later segments read (what ``run`` returns, in order)."""
+        return list(self._segment()[1].outputs)
+
+    @property
+    def inputs(self) -> list[tuple]:
+        """Per sample, the block's inputs in ``input_names`` order (on the runner's store device)."""
+        self._runner._check_current(self)
+        names = self.input_names
+        return [tuple(env[name] for name in names) for env in self._runner._env]
+
+    def module(self) -> torch.fx.GraphModule:
+        """The block as it is now in the graph: a GraphModule on ``device`` called with one sample's
+        ``inputs`` and returning its outputs in ``output_names`` order."""
+        seg, itf = self._segment()
+        return build_segment(self._runner.program, seg, itf.inputs, itf.outputs, self._runner.device)
+
+    def run(self, hook: Hook | None = None, nodes: Iterable[torch.fx.Node | str] | None = None,
+            outputs: bool = False) -> list[tuple] | None:
+        """Run the block as it is now over every sample. ``hook(name, x, y)`` is called after each
+        node of ``nodes`` (default: ``linears()``) with the node's name in the program's graph, the
+        value of its first argument (the activation input of a linear) and its result. Returns the
+        per-sample outputs (``output_names`` order, on the store device) if ``outputs``."""
+        self._runner._check_current(self)
+        taps: set[str] = set()
+        if hook is not None:
+            mine = {n.name: n for n in self.nodes}
+            for n in (self.linears() if nodes is None else nodes):
+                name = n if isinstance(n, str) else n.name
+                if name not in mine:
+                    raise ValueError(f"{self.layer_prefix}: cannot tap %{name}: it is not a node of this block")
+                if not mine[name].args or not isinstance(mine[name].args[0], torch.fx.Node):
+                    raise ValueError(f"{self.layer_prefix}: cannot tap %{name}: its first argument is not a value")
+                taps.add(name)
+        collected: list[tuple] = []
+        self._runner._run_segment(self.position + 1, hook, taps,
+                                  (lambda j, out: collected.append(out)) if outputs else None)
+        return collected if outputs else None
+
+
+class BlockwiseRunner:
+    """Run ``program`` over calibration samples one transformer block at a time (module docstring).
+
+    ``calib``: a :class:`lowc.passes.calibration.CalibrationData` or a list of ``[1, L]`` token-id
+    tensors. ``device``: where each segment runs. ``store``: where boundary values wait between
+    segments ("device", or "cpu" to keep only one sample's values on the device). ``propagate``:
+    "quantized" feeds block i+1 with the outputs of block i as rewritten by the consumer;
+    "float" with its outputs before the rewrite (then also ``block.float_outputs``).
+    """
+
+    def __init__(self, program, calib, device: str | torch.device = "cpu", *, progress: bool = True,
+                 desc: str = "calibrate", propagate: str = "quantized", store: str = "device"):
+        if propagate not in PROPAGATE_MODES:
+            raise CalibrationError(f"propagate={propagate!r}: choose one of {', '.join(PROPAGATE_MODES)}")
+        if store not in STORE_MODES:
+            raise CalibrationError(f"store={store!r}: choose one of {', '.join(STORE_MODES)}")
+        samples = list(getattr(calib, "samples", calib) or [])
+        if not samples:
+            raise CalibrationError("block-wise calibration needs at least one calibration sample")
+        self.program = program
+        self.samples = samples
+        self.device = torch.device(device)
+        self.store = self.device if store == "device" else torch.device("cpu")
+        self.progress = progress
+        self.desc = desc
+        self.propagate = propagate
+        self.n_blocks = len(segments(program)) - 2  # raises early if block-wise is unavailable
+        self.log: list[dict[str, Any]] = []  # per block: {"block": i, **set_postfix values}
+        self._env: list[dict[str, Any]] = []
+        self._float_names: list[str] = []
+        self._block_index: int | None = None
+        self._position = -1  # position of the block being yielded; n_blocks once all are done
+        self._started = False
+        self._bar = None
+
+    # ---- state ----------------------------------------------------------------------------------
+    def _segment(self, pos: int) -> tuple[Segment, _Interface]:
+        segs = segments(self.program)
+        if len(segs) - 2 != self.n_blocks:
+            raise CalibrationError(f"the program now has {len(segs) - 2} blocks, it had {self.n_blocks} when "
+                                   "block-wise calibration began: passes must not add or remove blocks")
+        return segs[pos], _interfaces(segs)[pos]
+
+    def _check_current(self, block: Block) -> None:
+        if block._runner is not self or block.position != self._position:
+            raise CalibrationError(f"{block.layer_prefix} is no longer the current block: use it inside the loop body")
+
+    def _run_segment(self, pos: int, hook: Hook | None = None, taps: Iterable[str] = (),
+                     on_sample: Callable[[int, tuple], None] | None = None) -> None:
+        """Run segment ``pos`` (as the graph is now) on every sample; ``on_sample(j, outputs)``."""
+        seg, itf = self._segment(pos)
+        gm = build_segment(self.program, seg, itf.inputs, itf.outputs, self.device)
+        runner = _Tapping(gm, taps, hook) if taps else None
+        with torch.no_grad():
+            for j, env in enumerate(self._env):
+                missing = [name for name in itf.inputs if name not in env]
+                if missing:
+                    raise CalibrationError(
+                        f"{seg.name} reads %{missing[0]}, which no earlier segment produced: a segment "
+                        "that already ran was rewritten after it ran")
+                args = [_move(env[name], self.device) for name in itf.inputs]
+                out = runner.run(*args) if runner is not None else gm(*args)
+                del args
+                if on_sample is not None:
+                    on_sample(j, tuple(_compact(_move(v, self.store)) for v in out))
+                del out
+        del runner, gm  # the segment's parameter copies on ``device`` go with it
+
+    def _keep(self, j: int, names: Sequence[str], values: tuple, live: set[str]) -> None:
+        env = self._env[j]
+        env.update(zip(names, values))
+        for name in [k for k in env if k not in live]:
+            del env[name]
+
+    def _run_prefix(self) -> None:
+        seg, itf = self._segment(0)
+        self._env = [{} for _ in self.samples]
+        gm = build_segment(self.program, seg, [], itf.outputs, self.device)
+        with torch.no_grad():
+            for j, sample in enumerate(self.samples):
+                args = [_move(a, self.device) for a in calibration_inputs(self.program, sample)]
+                out = gm(*args)
+                self._keep(j, itf.outputs, tuple(_compact(_move(v, self.store)) for v in out), itf.live_after)
+        del gm
+
+    def _advance(self, block: Block) -> None:
+        pos = block.position + 1
+        _, itf = self._segment(pos)
+        if block.float_outputs is not None:
+            outs, block.float_outputs = block.float_outputs, None
+            names = self._float_names
+            for j in range(len(self._env)):
+                self._keep(j, names, outs[j], itf.live_after)
+                outs[j] = None
+        else:
+            self._run_segment(pos, on_sample=lambda j, out: self._keep(j, itf.outputs, out, itf.live_after))
+
+    # ---- public -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Block]:
+        if self._started:
+            raise CalibrationError("a BlockwiseRunner runs its blocks once: make a new one")
+        self._started = True
+        from tqdm.auto import tqdm
+
+        self._run_prefix()
+        self._bar = tqdm(total=self.n_blocks, desc=self.desc, unit="block", disable=not self.progress)
+        try:
+            for pos in range(self.n_blocks):
+                seg, itf = self._segment(pos + 1)
+                self._position, self._block_index = pos, seg.index
+                block = Block(self, pos, seg.index)
+                if self.propagate == "float":
+                    outs: list[tuple] = []
+                    self._run_segment(pos + 1, on_sample=lambda j, out: outs.append(out))
+                    block.float_outputs, self._float_names = outs, list(itf.outputs)
+                yield block
+                self._advance(block)
+                self._bar.update(1)
+            self._position = self.n_blocks
+        finally:
+            self._bar.close()
+
+    @property
+    def held_values(self) -> list[str]:
+        """Names of the boundary values stored now (per sample; those of the first sample)."""
+        return sorted(self._env[0]) if self._env else []
+
+    def set_postfix(self, **values: Any) -> None:
+        """Show ``values`` (e.g. ``loss=``) on the progress bar and record them in ``log`` for the
+        current block."""
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+        if 0 <= self._position < self.n_blocks:
+            if not self.log or self.log[-1]["position"] != self._position:
+                self.log.append({"position": self._position, "block": self._block_index})
+            self.log[-1].update(values)
+
+    def run_suffix(self, flat: bool = False) -> list[Any]:
+        """The program's outputs for each sample from the values the last block produced (after the
+        consumer's rewrites with propagate="quantized"), structured like ``program.call``'s unless
+        ``flat``. May be called more than once; :meth:`close` frees the stored values."""
+        if self._position != self.n_blocks:
+            raise CalibrationError("run_suffix needs every block processed: finish iterating the runner first")
+        results: list[Any] = []
+        self._run_segment(self.n_blocks + 1, on_sample=lambda j, out: results.append(out))
+        if flat:
+            return results
+        codegen = self.program.graph._codegen
+        return [codegen.process_outputs(list(r)) for r in results]
+
+    def outputs(self, flat: bool = False) -> list[Any]:
+        """Run every block unchanged (if iteration has not begun) and return :meth:`run_suffix`."""
+        if not self._started:
+            for _ in self:
+                pass
+        return self.run_suffix(flat)
+
+    def close(self) -> None:
+        """Free the stored boundary values."""
+        self._env = []

@@ -1,0 +1,143 @@
+"""The CLI through the installed `lowc` entry point: the main job, listings, and bad input
+(one-line error, non-zero exit, no traceback, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_lowc
+
+WIKI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
+
+
+def assert_clean_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("lowc: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr  # progress lines may precede it
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+
+
+def test_targets_and_passes_listing():
+    res = run_lowc("targets")
+    assert res.returncode == 0
+    for t in ("ref-fp32", "ref-w8a16", "ref-w4a16", "ref-w8a8", "ref-w4a4"):
+        assert t in res.stdout
+    res = run_lowc("passes")
+    assert res.returncode == 0
+    assert "rtn:" in res.stdout and "group_size" in res.stdout and "ignore" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, odd_llama_dir):
+    out = tmp_path_factory.mktemp("cli") / "w4"
+    res = run_lowc("compile", odd_llama_dir, "--target", "ref-w4a16", "-o", out, "--pass", "rtn{group_size=64}",
+                   "--print-after", "rtn")
+    assert res.returncode == 0, res.stderr
+    return out, res
+
+
+def test_compile_writes_artifact_and_prints(compiled):
+    out, res = compiled
+    assert (out / "manifest.json").is_file() and (out / "weights.safetensors").is_file()
+    assert "lowc.linear_wq.default" in res.stdout  # --print-after rtn
+    assert "size:" in res.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"] == "ref-w4a16"
+    assert m["passes"][0]["name"] == "rtn" and m["passes"][0]["options"]["group_size"] == 64
+    # intermediate 200 is not a multiple of 64: down_proj was padded and says so
+    down = [r for r in m["layers"] if r["layer"].endswith("down_proj")]
+    assert down and all(r["scheme"]["padded_in_features"] == 256 for r in down)
+    assert not any(os.path.basename(p).startswith(".w4") for p in os.listdir(out.parent))  # no temp dirs left
+
+
+def test_inspect(compiled):
+    out, _ = compiled
+    res = run_lowc("inspect", out)
+    assert res.returncode == 0, res.stderr
+    assert "model.layers.0.self_attn.q_proj" in res.stdout and "rtn W4A16 g64" in res.stdout
+    assert "lm_head" in res.stdout and "float" in res.stdout
+    assert "size:" in res.stdout
+
+
+def test_eval_and_bench(compiled, tmp_path):
+    out, _ = compiled
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 200))
+    res = run_lowc("eval", out, "--data", data, "--seq-len", "64", "--max-windows", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["ppl"] > 1 and r["ppl_float"] > 1 and 0 <= r["kl"] < 1 and 0 <= r["top1"] <= 1
+    res = run_lowc("bench", out, "--seq-len", "8", "--repeat", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["rows"]
+    assert rows[0]["float_ms"] > 0 and rows[0]["lowc_ms"] > 0
+
+
+def test_recipe(tmp_path, odd_llama_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- rtn:\n    bits: 8\n    group_size: -1\n    symmetric: true\n")
+    out = tmp_path / "o"
+    res = run_lowc("compile", odd_llama_dir, "-t", "ref-w4a16", "-o", out, "--recipe", recipe, "-q")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert {r["scheme"]["w_bits"] for r in m["layers"] if r["scheme"]} == {8}
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["compile", "/nonexistent/model", "-t", "ref-w4a16", "-o", "{tmp}/o"], ["/nonexistent/model", "does not exist"]),
+        (["compile", "tiny-llama", "-t", "ref-w3a99", "-o", "{tmp}/o"], ["unknown target 'ref-w3a99'"]),
+        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{bitz=4}"], ["rtn", "bitz"]),
+        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{bits=9}"], ["rtn", "bits=9"]),
+        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{group_size=100}"], ["group_size=100"]),
+        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "nosuch"], ["unknown pass 'nosuch'"]),
+        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--calib", "{tmp}/missing.txt"], ["missing.txt"]),
+        (["compile", "{tmp}", "-t", "ref-w4a16", "-o", "{tmp}/o"], ["config.json"]),
+        (["inspect", "{tmp}/nothing"], ["does not exist"]),
+        (["eval", "{tmp}"], ["not a lowc artifact"]),
+    ],
+)
+def test_bad_input(tmp_path, args, needles):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    needles = [n.replace("{tmp}", str(tmp_path)) for n in needles]
+    res = run_lowc(*args)
+    assert_clean_error(res, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(compiled):
+    out, _ = compiled
+    before = (out / "manifest.json").read_bytes()
+    res = run_lowc("compile", "tiny-llama", "-t", "ref-w8a16", "-o", out)
+    assert_clean_error(res, "already exists", "--force")
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_corrupt_artifacts(compiled, tmp_path):
+    import shutil
+
+    src, _ = compiled
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    w = bad / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    assert_clean_error(run_lowc("eval", bad), "weights.safetensors", "truncated")
+    shutil.rmtree(bad)
+    shutil.copytree(src, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["format_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert_clean_error(run_lowc("bench", bad), "format version 99")
+    assert_clean_error(run_lowc("inspect", bad), "format version 99")
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = run_lowc("--debug", "compile", "tiny-llama", "-t", "nope", "-o", tmp_path / "o")
+    assert res.returncode != 0 and "Traceback" in res.stderr

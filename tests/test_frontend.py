@@ -1,0 +1,129 @@
+"""lowc.trace and lowc.compile inputs: modules with example inputs, HF model objects, directories,
+presets, factories; capture errors; calibration data forms; dynamic shapes after capture."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+import lowc
+from lowc.errors import CalibrationError, CaptureError, ModelLoadError
+from lowc.passes.calibration import load_calibration
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 128)
+        self.down = torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.proj(x)
+        if y.sum() > 0:  # data-dependent control flow: export cannot capture it
+            return y
+        return -y
+
+
+def test_module_with_example_inputs_and_dynamic_batch():
+    torch.manual_seed(0)
+    m = MLP().eval()
+    x = torch.randn(4, 64)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    cm = lowc.compile(m, target="ref-w8a16", example_inputs=(x,), dynamic_shapes=({0: batch},))
+    y = torch.randn(9, 64)
+    out = cm(y)
+    ref = m(y)
+    assert out.shape == ref.shape
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+    assert [r["layer"] for r in cm.layers()] == ["up", "down"]
+
+
+def test_plain_module_without_inputs_is_an_error():
+    with pytest.raises(CaptureError, match="example_inputs"):
+        lowc.trace(MLP())
+
+
+def test_uncapturable_model_names_the_module():
+    with pytest.raises(CaptureError) as e:
+        lowc.trace(DataDependent(), (torch.randn(2, 8),))
+    msg = str(e.value)
+    assert "DataDependent" in msg and "\n" not in msg
+
+
+def test_hf_model_object_and_factory(tmp_path, monkeypatch):
+    from lowc.frontend.presets import tiny_llama
+
+    model, _ = tiny_llama(num_hidden_layers=1)
+    p = lowc.trace(model)
+    assert p.info.kind == "causal-lm" and p.info.block_prefix == "model.layers"
+    ids = torch.randint(0, 259, (1, 5))
+    torch.testing.assert_close(p.call(ids).logits, model(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)
+
+    mod = types.ModuleType("lowc_test_factory")
+    mod.build = lambda: tiny_llama(num_hidden_layers=1)
+    monkeypatch.setitem(sys.modules, "lowc_test_factory", mod)
+    p2 = lowc.trace("lowc_test_factory:build")
+    assert p2.info.source == {"type": "factory", "name": "lowc_test_factory:build"}
+    with pytest.raises(ModelLoadError, match="cannot import factory"):
+        lowc.trace("lowc_test_nope:build")
+
+
+def test_unknown_model_spelling():
+    with pytest.raises(ModelLoadError, match="unknown model 'not-a-preset'"):
+        lowc.trace("not-a-preset")
+
+
+def test_dynamic_batch_and_sequence_after_capture():
+    p = lowc.trace("tiny-llama")
+    for b, s in ((1, 1), (3, 33), (2, 100)):
+        ids = torch.randint(0, 259, (b, s))
+        assert p.call(ids).logits.shape == (b, s, 259)
+    with pytest.raises(TypeError, match="unknown input"):
+        p.call(ids, bogus=ids)
+
+
+def test_calibration_forms(tmp_path):
+    from lowc.frontend.presets import byte_tokenizer
+
+    tok = byte_tokenizer()
+    f = tmp_path / "c.txt"
+    f.write_text("calibration text " * 200)
+    a = load_calibration(str(f), tok, n_samples=4, seq_len=32, seed=1)
+    b = load_calibration(str(f), tok, n_samples=4, seq_len=32, seed=1)
+    assert len(a) == 4 and all(s.shape == (1, 32) for s in a.samples)
+    assert all(torch.equal(x, y) for x, y in zip(a.samples, b.samples))  # seeded
+    s = load_calibration(["hello world " * 50], tok, n_samples=2, seq_len=16)
+    assert len(s) == 2
+    t = load_calibration([torch.randint(0, 259, (2, 8))], n_samples=10, vocab_size=259)
+    assert len(t) == 2 and t.samples[0].shape == (1, 8)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(str(tmp_path / "nope.txt"), tok)
+    with pytest.raises(CalibrationError, match="tokenizer"):
+        load_calibration(["text"], None)
+    with pytest.raises(CalibrationError, match="integer token ids"):
+        load_calibration([torch.randn(2, 8)])
+    with pytest.raises(CalibrationError, match=r"\[0, 259\)"):
+        load_calibration([torch.tensor([[5, 300]])], vocab_size=259)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="empty"):
+        load_calibration(str(empty), tok)
+
+
+def test_compile_records_calibration(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("some calibration text for the tiny model. " * 100)
+    cm = lowc.compile("tiny-llama", target="ref-w4a16", calib=str(f), calib_samples=3, seq_len=24)
+    assert cm.manifest["calibration"]["samples"] == 3 and cm.manifest["calibration"]["seq_len"] == 24
