@@ -91,7 +91,6 @@ NON_DEFAULT = {
     "rtn": {"bits": 3, "group_size": -1, "symmetric": True, "ignore": ("lm_head", "model.layers.0.*", "a,b", "x y")},
     "quantize-activations": {"bits": 4},
     "remove-dead": {},
-    "lut-lower": {},
 }
 
 
