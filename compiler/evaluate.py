@@ -120,7 +120,7 @@ def text_batches(tokenizer, texts: list[str], batch_size: int = 8, max_len: int 
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     n = len(ids) // seq_len
     if n == 0:
         raise LowcError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")

@@ -112,6 +112,19 @@ class Program:
         mod.register_buffer(name, tensor, persistent=True)
         return f"{module_path}.{name}" if module_path else name
 
+    def replace_attr(self, target: str, tensor: torch.Tensor) -> None:
+        """Rebind attribute ``target`` to ``tensor`` (a parameter stays a parameter). Passes use this
+        instead of writing in place: a traced nn.Module shares its tensors with the program, and
+        compiling must never change the user's model."""
+        mod_path, _, name = target.rpartition(".")
+        mod = self.gm.get_submodule(mod_path) if mod_path else self.gm
+        if name in mod._parameters:
+            mod._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+        elif name in mod._buffers:
+            mod._buffers[name] = tensor
+        else:
+            raise AttributeError(f"no parameter or buffer {target!r}")
+
     def get_attr_node(self, target: str, before: torch.fx.Node) -> torch.fx.Node:
         """A get_attr node for ``target`` placed before ``before`` (reusing an existing one)."""
         for n in self.gm.graph.nodes:

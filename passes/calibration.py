@@ -89,7 +89,7 @@ def _from_text(texts: list[str], tokenizer, n_samples: int, seq_len: int, seed: 
         raise CalibrationError(f"calibration from text ({source}) needs the model's tokenizer, and this model has none: pass token-id tensors")
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
     if not ids:
         raise CalibrationError(f"calibration text ({source}) produced no tokens")
     stream = torch.tensor(ids, dtype=torch.int64)

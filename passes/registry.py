@@ -11,6 +11,8 @@ from lowc.errors import PassOptionError
 
 PASSES: dict[str, str] = {
     "rtn": "lowc.passes.quant.rtn:RTN",
+    "gptq": "lowc.passes.quant.gptq:GPTQ",
+    "smoothquant": "lowc.passes.quant.smoothquant:SmoothQuant",
     "quantize-activations": "lowc.passes.quant.activations:QuantizeActivations",
     "remove-dead": "lowc.passes.cleanup:RemoveDead",
 }

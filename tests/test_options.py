@@ -90,6 +90,9 @@ def test_direct_construction_validates():
 NON_DEFAULT = {
     "rtn": {"bits": 3, "group_size": -1, "symmetric": True, "ignore": ("lm_head", "model.layers.0.*", "a,b", "x y")},
     "quantize-activations": {"bits": 4},
+    "smoothquant": {"alpha": 0.75, "ignore": ("lm_head", "mlp.*")},
+    "gptq": {"bits": 3, "group_size": 64, "symmetric": True, "ignore": ("lm_head",), "act_order": True,
+             "damp": 0.05, "block_size": 64, "true_sequential": False},
     "remove-dead": {},
 }
 

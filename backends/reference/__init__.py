@@ -13,14 +13,15 @@ from lowc.backends.target import CompileOptions, Phase, Scheme, Target
 def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
     from lowc.passes.cleanup import RemoveDead
     from lowc.passes.quant.activations import QuantizeActivations
+    from lowc.passes.quant.gptq import GPTQ
     from lowc.passes.quant.rtn import RTN
 
     if options.user_passes is not None:
         method = tuple(options.user_passes)
     elif target.scheme is None:
         method = ()
-    else:
-        method = (RTN(),)
+    else:  # GPTQ replaces RTN as the default method when calibration data is given
+        method = (GPTQ(),) if options.has_calib else (RTN(),)
     lower = ()
     if target.scheme is not None and target.scheme.a_bits < 16:
         lower = (QuantizeActivations(),)

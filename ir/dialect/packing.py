@@ -45,6 +45,11 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     n, w = packed.shape
     if w % bits:
         raise ValueError(f"packed width {w} is not a multiple of bits={bits}")
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole values per byte, low bits first (same layout, cheaper)
+        per = 8 // bits
+        shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(n, w * per)
     groups = packed.to(torch.int64).reshape(n, w // bits, bits)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     word = (groups << byte_shifts).sum(dim=-1)  # [N, K/8]

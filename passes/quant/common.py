@@ -112,7 +112,7 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
         )
     new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
     info = nodemeta.get(node)
-    meta = dict(scheme_meta)
+    meta = {**(info.scheme or {}), **scheme_meta}  # keep earlier passes' notes (e.g. smoothquant_alpha)
     if qw.k_pad != qw.in_features:
         meta["padded_in_features"] = qw.k_pad
     nodemeta.set_info(new, nodemeta.NodeInfo(layer=info.layer or module_path, role=info.role, block=info.block, scheme=meta))
