@@ -8,7 +8,7 @@ import importlib
 from lowc.errors import UnknownTargetError
 
 #: backend module paths, each exposing ``targets() -> list[Target]``
-BACKENDS: tuple[str, ...] = ("lowc.backends.reference",)
+BACKENDS: tuple[str, ...] = ("lowc.backends.reference", "lowc.backends.cpu_lut", "lowc.backends.onnx")
 
 
 def all_targets() -> dict:

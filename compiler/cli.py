@@ -259,6 +259,34 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
         click.echo(f"  {r['batch']:>5} {r['seq_len']:>6} {r['float_ms']:>10.2f} {r['lowc_ms']:>10.2f} {r['speedup']:>7.2f}x {r['lowc_tokens_per_s']:>11.0f}")
 
 
+@cli.command(name="export")
+@click.argument("artifact", type=click.Path())
+@click.option("--format", "fmt", default="onnx", show_default=True, help="file format (onnx)")
+@click.option("--output", "-o", "output", required=True, type=click.Path(), help="file to write, e.g. model.onnx")
+@click.option("--matmulnbits", is_flag=True, help="emit com.microsoft::MatMulNBits instead of DequantizeLinear->MatMul")
+@click.option("--accuracy-level", type=int, default=0, show_default=True,
+              help="MatMulNBits accuracy_level: 0 = fp32 arithmetic (matches lowc), 4 = int8 activations (faster)")
+@click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
+@click.option("--force", is_flag=True, help="replace an existing output file")
+def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, force):
+    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21)."""
+    from lowc.errors import ArtifactError, LowcError
+
+    if fmt != "onnx":
+        raise LowcError(f"unknown export format '{fmt}'; known formats: onnx")
+    if os.path.exists(output) and not force:
+        raise ArtifactError(f"output {output} already exists (use --force to replace it)")
+    import lowc
+    from lowc.backends.onnx import export_onnx
+
+    cm = lowc.load(artifact)
+    r = export_onnx(cm, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
+                    external_data=external_data or None, force=True)
+    forms = ", ".join(f"{k} x{v}" for k, v in sorted(__import__("collections").Counter(l["onnx"] for l in r.layers).items()))
+    click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
+               f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LOWC_DEBUG") == "1"

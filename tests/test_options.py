@@ -94,6 +94,7 @@ NON_DEFAULT = {
     "gptq": {"bits": 3, "group_size": 64, "symmetric": True, "ignore": ("lm_head",), "act_order": True,
              "damp": 0.05, "block_size": 64, "true_sequential": False},
     "remove-dead": {},
+    "lut-lower": {},
 }
 
 

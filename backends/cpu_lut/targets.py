@@ -1,0 +1,85 @@
+"""The ``cpu-lut-w1`` … ``cpu-lut-w4`` targets: weight-only b-bit RTN (groups of 128, asymmetric by
+default; ``rtn{symmetric=true}`` or any method pass producing 1..4-bit ``linear_wq`` also works, per
+layer), lowered by ``lut-lower`` to ``lowc::linear_lut`` and run by generated C (T-MAC style tables).
+
+``emit`` writes ``backend/kernels.c`` (the C for this model's layer configurations) and
+``backend/kernels.json`` (layer -> kernel, shapes, library cache key). ``prepare`` builds/loads that
+code (system C compiler, cached) and registers it as the CPU kernel of ``lowc::linear_lut``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from lowc.backends.target import CompileOptions, Phase, Scheme, Target
+from lowc.errors import KernelError
+
+
+def lut_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
+    from lowc.backends.cpu_lut.lower import LutLower
+    from lowc.passes.cleanup import RemoveDead
+    from lowc.passes.quant.rtn import RTN
+
+    method = tuple(options.user_passes) if options.user_passes is not None else (RTN(),)
+    return [Phase("method", method), Phase("lower", (LutLower(),)), Phase("finalize", (RemoveDead(),))]
+
+
+def layer_kernels(program) -> list[dict]:
+    """One row per ``linear_lut`` node: layer, kernel config, shapes."""
+    from lowc.backends.cpu_lut import op  # noqa: F401
+    from lowc.backends.cpu_lut.codegen import KernelConfig
+    from lowc.ir import meta as nodemeta
+
+    rows = []
+    for node in program.nodes(torch.ops.lowc.linear_lut.default):
+        _, _, s_n, z_n, _, bits, gs, k, n = node.args
+        cfg = KernelConfig(bits, gs, z_n is None)
+        g = program.attr(s_n.target).shape[1]
+        rows.append({"layer": nodemeta.get(node).layer or node.name, "kernel": cfg.name, "bits": bits,
+                     "group_size": gs, "symmetric": z_n is None, "in_features": k, "k_pad": g * gs,
+                     "out_features": n, "_config": cfg})
+    return rows
+
+
+def configs_of(program):
+    return sorted({r["_config"] for r in layer_kernels(program)})
+
+
+def emit(program, backend_dir: str) -> None:
+    from lowc.backends.cpu_lut import build, codegen
+
+    rows = layer_kernels(program)
+    source = codegen.generate(r["_config"] for r in rows)
+    with open(os.path.join(backend_dir, "kernels.c"), "w") as f:
+        f.write(source)
+    meta = {
+        "backend": "cpu-lut",
+        "compile_flags": list(build.BASE_FLAGS),
+        "layout": "lowc.backends.cpu_lut.layout (row tiles of 32, bit planes, nibble pairs)",
+        "layers": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+    }
+    with open(os.path.join(backend_dir, "kernels.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def prepare(program, device: str) -> None:
+    from lowc.backends.cpu_lut import op, runtime
+
+    if torch.device(device).type != "cpu":
+        raise KernelError(f"cpu-lut targets run on the CPU only, not on device '{device}'")
+    configs = configs_of(program)
+    if configs:
+        runtime.ensure(configs)
+    op.register_cpu_kernel()
+
+
+def targets() -> list[Target]:
+    out = []
+    for b in (1, 2, 3, 4):
+        desc = (f"{b}-bit weights, groups of 128 (asymmetric), float activations; lookup-table GEMM "
+                f"(generated C, AVX2 pshufb or portable scalar)")
+        out.append(Target(f"cpu-lut-w{b}", "cpu-lut", desc, Scheme(b, 128, False), lut_pipeline, emit=emit, prepare=prepare))
+    return out

@@ -1,0 +1,31 @@
+"""The ONNX backend: compiled programs to ``.onnx`` files for onnxruntime on phones, browsers, edge boxes.
+
+Targets (:mod:`~lowc.backends.onnx.targets`): ``onnx-fp32`` (no compression), ``onnx-w8`` (int8
+weights per output channel, symmetric), ``onnx-w4`` (int4 weights, groups of 128, asymmetric); each
+compiles like the reference targets and emits ``backend/model.onnx`` into the artifact. Any artifact
+whose scheme ONNX can carry exports with ``lowc export OUT --format onnx -o model.onnx`` or
+:func:`export_onnx`.
+
+ONNX form (opset 21): weight-only layers are ``DequantizeLinear`` (4-bit or 8-bit codes, blocked
+along K with ``block_size`` = the group size, or per output channel) feeding ``MatMul``, which
+onnxruntime fuses into its MatMulNBits kernel; ``matmulnbits=True`` emits ``com.microsoft::MatMulNBits``
+directly. Activation-quantized layers add a per-token symmetric QuantizeLinear/DequantizeLinear pair.
+
+Only :func:`targets` is imported with the registry; onnx, onnxscript and onnxruntime are imported
+when something is exported or run.
+"""
+
+from __future__ import annotations
+
+from lowc.backends.onnx.errors import OnnxExportError
+from lowc.backends.onnx.targets import targets
+
+__all__ = ["targets", "export_onnx", "OnnxExportError"]
+
+
+def export_onnx(model, path, **kw):
+    """Export a CompiledModel, an artifact directory or a Program to ``path`` (see
+    :func:`lowc.backends.onnx.export.export_onnx`)."""
+    from lowc.backends.onnx.export import export_onnx as _export
+
+    return _export(model, path, **kw)
