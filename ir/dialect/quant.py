@@ -73,6 +73,20 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
 
 
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+               in_features: int, symmetric: bool, dtype: torch.dtype) -> QuantizedWeight:
+    """Pack codes ``[N, K_pad]`` with fp32 group ``scale``/``zero`` ``[N, G]`` into a QuantizedWeight
+    (scales in ``dtype``; zeros dropped for symmetric schemes, whose zero point is implicit)."""
+    return QuantizedWeight(
+        qweight=packing.pack(codes.to(torch.int32), bits),
+        scales=scale.to(dtype),
+        zeros=None if symmetric else zero.to(torch.uint8),
+        bits=bits,
+        group_size=group_size,
+        in_features=in_features,
+    )
+
+
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
     """Round-to-nearest quantization of a [N, K] weight into the reference packed layout."""
     if not 1 <= bits <= 8:
@@ -83,14 +97,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     groups = w.reshape(n, k_pad // gs, gs)
     scale, zero = compute_qparams(groups, bits, symmetric)
     q = quantize_codes(groups, scale[..., None], zero[..., None], bits).reshape(n, k_pad)
-    return QuantizedWeight(
-        qweight=packing.pack(q.to(torch.int32), bits),
-        scales=scale.to(weight.dtype),
-        zeros=None if symmetric else zero.to(torch.uint8),
-        bits=bits,
-        group_size=gs,
-        in_features=k,
-    )
+    return from_codes(q, scale, zero, bits, gs, k, symmetric, weight.dtype)
 
 
 def dequantize(

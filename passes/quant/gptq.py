@@ -25,14 +25,13 @@ Inner loops are vectorised over output rows (one column step is a rank-1 update 
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from lowc.errors import CalibrationError
-from lowc.ir.dialect import packing, quant
+from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.quant.common import WeightQuantPass, layer_name, linear_weight, rewrite_linear
 
@@ -134,14 +133,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     codes[:, :k] = Q
     if k_pad > k:  # padded columns store the zero point: they dequantize to exactly 0
         codes[:, k:] = zeros[:, -1:].expand(n, k_pad - k)
-    qw = quant.QuantizedWeight(
-        qweight=packing.pack(codes.to(torch.int32), bits),
-        scales=scales.to(weight.dtype),
-        zeros=None if symmetric else zeros.to(torch.uint8),
-        bits=bits,
-        group_size=gs,
-        in_features=k,
-    )
+    qw = quant.from_codes(codes, scales, zeros, bits, gs, k, symmetric, weight.dtype)
     return qw, {"loss": losses.sum().item(), "damp": lam}
 
 
