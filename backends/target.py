@@ -60,3 +60,16 @@ class CompileOptions:
     user_passes: tuple | None = None
     has_calib: bool = False
     device: str = "cpu"
+
+
+def method_passes(target: Target, options: CompileOptions) -> tuple:
+    """The ``method`` phase every target shares: the user's passes if given; else nothing for an
+    uncompressed target, GPTQ when calibration data is given, RTN otherwise."""
+    if options.user_passes is not None:
+        return tuple(options.user_passes)
+    if target.scheme is None:
+        return ()
+    from lowc.passes.quant.gptq import GPTQ
+    from lowc.passes.quant.rtn import RTN
+
+    return (GPTQ(),) if options.has_calib else (RTN(),)

@@ -15,6 +15,7 @@ PASSES: dict[str, str] = {
     "smoothquant": "lowc.passes.quant.smoothquant:SmoothQuant",
     "quantize-activations": "lowc.passes.quant.activations:QuantizeActivations",
     "remove-dead": "lowc.passes.cleanup:RemoveDead",
+    "onnx-check": "lowc.backends.onnx.check:OnnxCheck",
     "lut-lower": "lowc.backends.cpu_lut.lower:LutLower",
 }
 

@@ -95,6 +95,7 @@ NON_DEFAULT = {
              "damp": 0.05, "block_size": 64, "true_sequential": False},
     "remove-dead": {},
     "lut-lower": {},
+    "onnx-check": {},
 }
 
 

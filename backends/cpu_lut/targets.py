@@ -14,17 +14,15 @@ import os
 
 import torch
 
-from lowc.backends.target import CompileOptions, Phase, Scheme, Target
+from lowc.backends.target import CompileOptions, Phase, Scheme, Target, method_passes
 from lowc.errors import KernelError
 
 
 def lut_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
     from lowc.backends.cpu_lut.lower import LutLower
     from lowc.passes.cleanup import RemoveDead
-    from lowc.passes.quant.rtn import RTN
 
-    method = tuple(options.user_passes) if options.user_passes is not None else (RTN(),)
-    return [Phase("method", method), Phase("lower", (LutLower(),)), Phase("finalize", (RemoveDead(),))]
+    return [Phase("method", method_passes(target, options)), Phase("lower", (LutLower(),)), Phase("finalize", (RemoveDead(),))]
 
 
 def layer_kernels(program) -> list[dict]:

@@ -12,39 +12,16 @@ against).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-from lowc.backends.target import CompileOptions, Phase, Scheme, Target
-
-
-def _check_pass():
-    from lowc.passes.base import Pass, PassResult
-
-    @dataclass(frozen=True)
-    class OnnxCheck(Pass):
-        name = "onnx-check"
-        summary = "check that ONNX can express every compressed layer (names the layer and scheme if not)"
-
-        def run(self, program, ctx) -> PassResult:
-            from lowc.backends.onnx.lower import check_program
-
-            n = check_program(program)
-            return PassResult(changed=False, stats={"layers": n})
-
-    return OnnxCheck()
+from lowc.backends.target import CompileOptions, Phase, Scheme, Target, method_passes
 
 
 def onnx_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
+    from lowc.backends.onnx.check import OnnxCheck
     from lowc.passes.cleanup import RemoveDead
-    from lowc.passes.quant.rtn import RTN
 
-    if options.user_passes is not None:
-        method = tuple(options.user_passes)
-    elif target.scheme is None:
-        method = ()
-    else:
-        method = (RTN(),)
-    return [Phase("method", method), Phase("lower", (_check_pass(),)), Phase("finalize", (RemoveDead(),))]
+    return [Phase("method", method_passes(target, options)), Phase("lower", (OnnxCheck(),)),
+            Phase("finalize", (RemoveDead(),))]
 
 
 def emit(program, backend_dir: str) -> None:

@@ -7,21 +7,14 @@ Targets: ``ref-fp32`` (no compression: output identical to the input model), ``r
 
 from __future__ import annotations
 
-from lowc.backends.target import CompileOptions, Phase, Scheme, Target
+from lowc.backends.target import CompileOptions, Phase, Scheme, Target, method_passes
 
 
 def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
     from lowc.passes.cleanup import RemoveDead
     from lowc.passes.quant.activations import QuantizeActivations
-    from lowc.passes.quant.gptq import GPTQ
-    from lowc.passes.quant.rtn import RTN
 
-    if options.user_passes is not None:
-        method = tuple(options.user_passes)
-    elif target.scheme is None:
-        method = ()
-    else:  # GPTQ replaces RTN as the default method when calibration data is given
-        method = (GPTQ(),) if options.has_calib else (RTN(),)
+    method = method_passes(target, options)
     lower = ()
     if target.scheme is not None and target.scheme.a_bits < 16:
         lower = (QuantizeActivations(),)
