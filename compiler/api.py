@@ -183,7 +183,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
         "model": program.info.to_json(),
         "calibration": calib_data.describe() if calib_data is not None else None,
         "seed": seed,
-        "dtype": str(next(iter(program.state_tensors().values())).dtype).replace("torch.", "") if program.state_tensors() else None,
+        "dtype": next((str(t.dtype).replace("torch.", "") for t in program.state_tensors().values()), None),
         "log": ctx.log,
         "metrics": {"check": check},
     }
@@ -198,11 +198,8 @@ def _output_check(program, inputs: list, float_out) -> dict[str, Any]:
     names = [s.name for s in program.info.inputs]
     batch = dict(zip(names, inputs))
     kind = program.info.kind if program.info.call_by_name else "module"
-    if program.info.call_by_name:
-        res = ev.compare(lambda **kw: float_out, lambda **kw: program.call(**kw), [batch], kind)
-    else:
-        res = ev.compare(lambda **kw: float_out, lambda **kw: program.call(*inputs), [batch], kind)
-    return res.to_json()
+    # Program.call binds positional inputs by name for HF programs, so one call serves both kinds
+    return ev.compare(lambda **kw: float_out, lambda **kw: program.call(*inputs), [batch], kind).to_json()
 
 
 def _version() -> str:

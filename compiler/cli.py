@@ -282,7 +282,9 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
     cm = lowc.load(artifact)
     r = export_onnx(cm, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
                     external_data=external_data or None, force=True)
-    forms = ", ".join(f"{k} x{v}" for k, v in sorted(__import__("collections").Counter(l["onnx"] for l in r.layers).items()))
+    from collections import Counter
+
+    forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))
     click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
 
