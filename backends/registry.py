@@ -8,7 +8,8 @@ import importlib
 from lowc.errors import UnknownTargetError
 
 #: backend module paths, each exposing ``targets() -> list[Target]``
-BACKENDS: tuple[str, ...] = ("lowc.backends.reference", "lowc.backends.cpu_lut", "lowc.backends.onnx")
+BACKENDS: tuple[str, ...] = ("lowc.backends.reference", "lowc.backends.cpu_lut", "lowc.backends.onnx",
+                             "lowc.backends.triton")
 
 
 def all_targets() -> dict:

@@ -119,7 +119,10 @@ def layer_table(program) -> list[dict[str, Any]]:
             tensors = [a for a in node.args[1:4] if isinstance(a, torch.fx.Node)]
             nbytes = sum(program.attr(a.target).numel() * program.attr(a.target).element_size() for a in tensors)
             scales = program.attr(node.args[2].target)
-            n, k = int(scales.shape[0]), int(node.args[7])
+            # an op with an ``out_features`` argument (backend layouts may store scales as [G, N]) says N
+            names = [a.name for a in node.target._schema.arguments]
+            n = int(node.args[names.index("out_features")]) if "out_features" in names else int(scales.shape[0])
+            k = int(node.args[7])
             rows.append({"layer": info.layer, "role": info.role, "block": info.block, "scheme": dict(info.scheme),
                          "out_features": n, "in_features": k, "bytes": nbytes,
                          "float_bytes": n * k * scales.element_size()})
@@ -160,7 +163,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
                                        has_calib=calib_data is not None, device=device))
     steps = [(ph.name, p) for ph in phases for p in ph.passes]
     for _, p in steps:  # fail before any work if a precondition is missing
-        if "calibration" in p.requires and calib_data is None:
+        if "calibration" in p.requirements() and calib_data is None:
             raise CalibrationError(f"pass '{p.name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)")
     ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib_data, device=device, seed=seed, progress=progress)
     check_inputs = program.example_inputs(seed=1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import networkx as nx
 import torch
@@ -53,8 +53,8 @@ _LAYOUT = frozenset({
 }) | _IDENTITY | _CASTS | _DROPOUT
 # the elementwise ops rotary embeddings are made of (rotate_half: slice/neg/cat; x*cos + rot(x)*sin)
 _ROPE = frozenset({"aten.mul", "aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.stack", "aten.slice"})
-# what may lie between a q/k/v linear and the attention: layout ops and RoPE
-_QKV_PATH = _LAYOUT | _ROPE
+# what may lie between a q/k/v linear and the attention: layout ops, RoPE, and KV-cache quantization
+_QKV_PATH = _LAYOUT | _ROPE | frozenset({"lowc.fake_quant_kv"})
 
 
 # ---- op predicates -------------------------------------------------------------------------------
@@ -138,6 +138,27 @@ def strip_identity(node: torch.fx.Node) -> torch.fx.Node:
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) and _is_identity(node):
         node = node.args[0]
     return node
+
+
+def only_reaches(start: torch.fx.Node, allowed: Iterable[torch.fx.Node],
+                 through: Callable[[torch.fx.Node], bool] | None = None) -> bool:
+    """Whether every use of ``start`` is in ``allowed``, looking through users for which ``through``
+    holds (default: ops that return their input unchanged, :func:`_is_identity`)."""
+    allowed = set(allowed)
+    through = through or _is_identity
+    todo, seen = list(start.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u in allowed:
+            continue
+        if through(u):
+            todo.extend(u.users)
+            continue
+        return False
+    return True
 
 
 def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:

@@ -62,6 +62,11 @@ class Pass:
     def validate(self) -> None:
         """Raise PassOptionError for invalid option values (override in subclasses)."""
 
+    def requirements(self) -> frozenset[str]:
+        """What this pass, with its options, needs (default: the class's ``requires``). Override
+        when it depends on an option (``quantize-activations{static=true}`` needs calibration)."""
+        return self.requires
+
     def run(self, program, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -14,7 +14,16 @@ time. A consumer reads ``block.inputs``, runs ``block.run(hook)`` to see the inp
 linears, and may rewrite the block's nodes in the program's graph. When the consumer asks for the
 next block, the runner computes the block's outputs (``propagate="quantized"``: by re-running the
 block as it is now in the graph, GPTQ's sequential mode; ``"float"``: the outputs of the block as it
-was when it was yielded) and drops every value no later segment reads. So at any time memory holds
+was when it was yielded; ``"both"``: two streams, see below) and drops every value no later segment
+reads.
+
+``propagate="both"`` (OmniQuant/AffineQuant-style training) keeps a float stream beside the
+quantized one: ``block.inputs`` are the quantized stream's inputs (outputs of the rewritten earlier
+blocks), ``block.float_inputs`` the float model's, and ``block.float_outputs`` the float block applied
+to ``block.float_inputs`` (the training targets). Only values produced by blocks are held twice;
+prefix values (rotary tables, masks) are shared. A consumer that computes the quantized stream itself
+(e.g. with activation fake-quantization the graph does not have yet) hands it over with
+``block.set_outputs``; otherwise the rewritten block is re-run. So at any time memory holds
 the boundary values between two consecutive segments, one block's parameters on ``device`` and one
 sample's activations.
 
@@ -56,7 +65,7 @@ from lowc.ir.program import LINEAR
 
 Hook = Callable[[str, torch.Tensor, torch.Tensor], None]
 
-PROPAGATE_MODES = ("quantized", "float")
+PROPAGATE_MODES = ("quantized", "float", "both")
 STORE_MODES = ("device", "cpu")
 
 
@@ -264,7 +273,8 @@ class Block:
         self._runner = runner
         self.position = position  # 0-based order among the blocks
         self.index = index  # the block index in the model (``model.layers.<index>``)
-        self.float_outputs: list[tuple] | None = None  # per sample, with propagate="float"
+        self.float_outputs: list[tuple] | None = None  # per sample, with propagate="float" or "both"
+        self._outputs: list[tuple] | None = None  # set_outputs: the consumer's quantized-stream outputs
 
     def __repr__(self) -> str:
         return f"Block({self.layer_prefix!r}, {len(self.nodes)} nodes, {len(self.linears())} linears)"
@@ -304,6 +314,27 @@ class Block:
         names = self.input_names
         return [tuple(env[name] for name in names) for env in self._runner._env]
 
+    @property
+    def float_inputs(self) -> list[tuple]:
+        """Per sample, the block's inputs from the float stream (propagate="both"; with "float" the
+        stream is float anyway and this equals ``inputs``)."""
+        self._runner._check_current(self)
+        names = self.input_names
+        return [tuple(env[name] for name in names) for env in self._runner._float_envs()]
+
+    def set_outputs(self, outputs: list[tuple]) -> None:
+        """Hand over the block's quantized-stream outputs (per sample, ``output_names`` order) instead
+        of having the runner re-run the rewritten block (propagate="quantized" or "both")."""
+        self._runner._check_current(self)
+        if self._runner.propagate == "float":
+            raise CalibrationError("set_outputs needs propagate='quantized' or 'both' (with 'float' the next block "
+                                   "reads the float outputs)")
+        n_out = len(self.output_names)
+        if len(outputs) != len(self._runner._env) or any(len(o) != n_out for o in outputs):
+            raise CalibrationError(f"{self.layer_prefix}: set_outputs needs {len(self._runner._env)} samples of "
+                                   f"{n_out} outputs each")
+        self._outputs = [tuple(_compact(_move(v, self._runner.store)) for v in o) for o in outputs]
+
     def module(self) -> torch.fx.GraphModule:
         """The block as it is now in the graph: a GraphModule on ``device`` called with one sample's
         ``inputs`` and returning its outputs in ``output_names`` order."""
@@ -340,7 +371,8 @@ class BlockwiseRunner:
     tensors. ``device``: where each segment runs. ``store``: where boundary values wait between
     segments ("device", or "cpu" to keep only one sample's values on the device). ``propagate``:
     "quantized" feeds block i+1 with the outputs of block i as rewritten by the consumer;
-    "float" with its outputs before the rewrite (then also ``block.float_outputs``).
+    "float" with its outputs before the rewrite (then also ``block.float_outputs``); "both" keeps the
+    two streams (``block.inputs`` quantized, ``block.float_inputs``/``block.float_outputs`` float).
     """
 
     def __init__(self, program, calib, device: str | torch.device = "cpu", *, progress: bool = True,
@@ -362,6 +394,7 @@ class BlockwiseRunner:
         self.n_blocks = len(segments(program)) - 2  # raises early if block-wise is unavailable
         self.log: list[dict[str, Any]] = []  # per block: {"block": i, **set_postfix values}
         self._env: list[dict[str, Any]] = []
+        self._fenv: list[dict[str, Any]] = []  # propagate="both": float-stream values produced by blocks
         self._float_names: list[str] = []
         self._block_index: int | None = None
         self._position = -1  # position of the block being yielded; n_blocks once all are done
@@ -380,14 +413,22 @@ class BlockwiseRunner:
         if block._runner is not self or block.position != self._position:
             raise CalibrationError(f"{block.layer_prefix} is no longer the current block: use it inside the loop body")
 
+    def _float_envs(self) -> list[dict[str, Any]]:
+        """Per sample, the float stream's values: the quantized stream's with block outputs replaced."""
+        if self.propagate != "both":
+            return self._env
+        return [{**env, **fenv} for env, fenv in zip(self._env, self._fenv)]
+
     def _run_segment(self, pos: int, hook: Hook | None = None, taps: Iterable[str] = (),
-                     on_sample: Callable[[int, tuple], None] | None = None) -> None:
-        """Run segment ``pos`` (as the graph is now) on every sample; ``on_sample(j, outputs)``."""
+                     on_sample: Callable[[int, tuple], None] | None = None,
+                     envs: list[dict[str, Any]] | None = None) -> None:
+        """Run segment ``pos`` (as the graph is now) on every sample; ``on_sample(j, outputs)``.
+        ``envs``: the per-sample values to read (default: the quantized stream)."""
         seg, itf = self._segment(pos)
         gm = build_segment(self.program, seg, itf.inputs, itf.outputs, self.device)
         runner = _Tapping(gm, taps, hook) if taps else None
         with torch.no_grad():
-            for j, env in enumerate(self._env):
+            for j, env in enumerate(self._env if envs is None else envs):
                 missing = [name for name in itf.inputs if name not in env]
                 if missing:
                     raise CalibrationError(
@@ -410,6 +451,7 @@ class BlockwiseRunner:
     def _run_prefix(self) -> None:
         seg, itf = self._segment(0)
         self._env = [{} for _ in self.samples]
+        self._fenv = [{} for _ in self.samples]
         gm = build_segment(self.program, seg, [], itf.outputs, self.device)
         with torch.no_grad():
             for j, sample in enumerate(self.samples):
@@ -421,7 +463,22 @@ class BlockwiseRunner:
     def _advance(self, block: Block) -> None:
         pos = block.position + 1
         _, itf = self._segment(pos)
-        if block.float_outputs is not None:
+        if self.propagate == "both":
+            if list(itf.outputs) != self._float_names:
+                raise CalibrationError(f"{block.layer_prefix}: the rewrite changed which values the block hands on "
+                                       f"({', '.join(self._float_names)} -> {', '.join(itf.outputs)}); keep its output nodes")
+            fouts, block.float_outputs = block.float_outputs, None
+            for j, fenv in enumerate(self._fenv):
+                fenv.update(zip(self._float_names, fouts[j]))
+                fouts[j] = None
+                for name in [k for k in fenv if k not in itf.live_after]:
+                    del fenv[name]
+        if block._outputs is not None:
+            outs, block._outputs = block._outputs, None
+            for j in range(len(self._env)):
+                self._keep(j, itf.outputs, outs[j], itf.live_after)
+                outs[j] = None
+        elif block.float_outputs is not None:
             outs, block.float_outputs = block.float_outputs, None
             names = self._float_names
             for j in range(len(self._env)):
@@ -444,9 +501,9 @@ class BlockwiseRunner:
                 seg, itf = self._segment(pos + 1)
                 self._position, self._block_index = pos, seg.index
                 block = Block(self, pos, seg.index)
-                if self.propagate == "float":
+                if self.propagate in ("float", "both"):
                     outs: list[tuple] = []
-                    self._run_segment(pos + 1, on_sample=lambda j, out: outs.append(out))
+                    self._run_segment(pos + 1, on_sample=lambda j, out: outs.append(out), envs=self._float_envs())
                     block.float_outputs, self._float_names = outs, list(itf.outputs)
                 yield block
                 self._advance(block)
@@ -493,3 +550,4 @@ class BlockwiseRunner:
     def close(self) -> None:
         """Free the stored boundary values."""
         self._env = []
+        self._fenv = []

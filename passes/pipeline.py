@@ -46,7 +46,7 @@ class Pipeline:
             done = [r.pass_.name for r in records]
             before = f" (after {', '.join(done)})" if done else " (first pass)"
             try:
-                for req in p.requires:
+                for req in p.requirements():
                     ctx.require(req, p.name)
                 t0 = time.perf_counter()
                 result = p.run(program, ctx)

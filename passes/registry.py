@@ -13,10 +13,15 @@ PASSES: dict[str, str] = {
     "rtn": "lowc.passes.quant.rtn:RTN",
     "gptq": "lowc.passes.quant.gptq:GPTQ",
     "smoothquant": "lowc.passes.quant.smoothquant:SmoothQuant",
+    "affinequant": "lowc.passes.quant.affinequant:AffineQuant",
+    "flatquant": "lowc.passes.quant.flatquant:FlatQuant",
     "quantize-activations": "lowc.passes.quant.activations:QuantizeActivations",
+    "quantize-kv": "lowc.passes.quant.kv:QuantizeKV",
     "remove-dead": "lowc.passes.cleanup:RemoveDead",
     "onnx-check": "lowc.backends.onnx.check:OnnxCheck",
     "lut-lower": "lowc.backends.cpu_lut.lower:LutLower",
+    "linearize": "lowc.passes.linearize.linearize:Linearize",
+    "triton-lower": "lowc.backends.triton.lower:TritonLower",
 }
 
 

@@ -89,12 +89,22 @@ def test_direct_construction_validates():
 
 NON_DEFAULT = {
     "rtn": {"bits": 3, "group_size": -1, "symmetric": True, "ignore": ("lm_head", "model.layers.0.*", "a,b", "x y")},
-    "quantize-activations": {"bits": 4},
+    "quantize-activations": {"bits": 4, "static": True, "observer": "percentile", "percentile": 99.9},
+    "quantize-kv": {"bits": 4, "group_size": 16, "symmetric": True, "tensors": ("k",), "ignore": ("model.layers.0.*",)},
     "smoothquant": {"alpha": 0.75, "ignore": ("lm_head", "mlp.*")},
     "gptq": {"bits": 3, "group_size": 64, "symmetric": True, "ignore": ("lm_head",), "act_order": True,
              "damp": 0.05, "block_size": 64, "true_sequential": False},
+    "affinequant": {"bits": 3, "group_size": 64, "symmetric": True, "ignore": ("lm_head",), "epochs": 5, "lr": 0.001,
+                    "lwc_lr": 0.02, "alpha": 0.75, "sf": 0.05, "lwc": False, "ln_matrix": False, "aug_loss": True,
+                    "batch_size": 2},
+    "flatquant": {"bits": 3, "group_size": -1, "symmetric": True, "ignore": ("lm_head", "mlp.*"), "epochs": 4, "lr": 0.001,
+                  "alpha": 0.5, "lwc": False, "lac": False, "batch_size": 2, "gptq": True},
     "remove-dead": {},
     "lut-lower": {},
+    "linearize": {"method": "hedgehog", "layers": ("0", "model.layers.1*"), "feature_dim": 16, "window": 0,
+                  "kv_head_maps": True, "epochs": 3, "lr": 0.005, "lora_rank": 4, "lora_alpha": 8.0,
+                  "lora_lr": 0.0002, "lora_epochs": 1, "lora_loss": "distill"},
+    "triton-lower": {},
     "onnx-check": {},
 }
 

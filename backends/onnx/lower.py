@@ -70,6 +70,13 @@ def check_node(program, node: torch.fx.Node, matmulnbits: bool = False) -> None:
     op = node.target
     name = op.name() if hasattr(op, "name") else str(op)
     where = f"layer {layer_of(node)} ({scheme_label(node) if name in ('lowc::linear_wq', 'lowc::linear_wqaq') else name})"
+    if name == "lowc::fake_quant_kv":
+        raise OnnxExportError(f"{where}: KV-cache quantization (pass quantize-kv) has no ONNX form in lowc's export "
+                              "(it carries quantized linears only): recompile without quantize-kv to export")
+    if name == "lowc::kron_transform":
+        raise OnnxExportError(f"{where}: the online activation transform of flatquant (or affinequant's weight-only "
+                              "full matrices) has no ONNX form in lowc's export: recompile with rtn or gptq (or, on pre-norm "
+                              "models, affinequant{ln_matrix=false}) to export")
     if name not in ("lowc::linear_wq", "lowc::linear_wqaq"):
         raise OnnxExportError(f"{where}: the dialect op {name} has no ONNX form (the ONNX backend carries "
                               "lowc::linear_wq and lowc::linear_wqaq: export an artifact compiled for a ref-* or onnx-* target)")
@@ -199,7 +206,8 @@ def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
                     new = prog.graph.call_function(ops.DQ_MATMUL, args)
                 row.update(onnx="DequantizeLinear->MatMul", axis=axis, block_size=bs)
             if name == "lowc::linear_wqaq":
-                row["onnx_act"] = f"QuantizeLinear/DequantizeLinear int{node.args[8]} per token"
+                row["onnx_act"] = (f"QuantizeLinear/DequantizeLinear int{node.args[8]} "
+                                   + ("per token" if node.args[9] is None else "per tensor (static scale)"))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         prog.graph.erase_node(node)

@@ -116,7 +116,16 @@ REFERENCE: dict[str, Callable] = {"linear_wq": linear_wq, "linear_wqaq": linear_
 
 
 def register_backend_kernel(op_name: str, device_type: str, fn: Callable) -> None:
-    """Register ``fn`` as ``lowc::<op_name>``'s implementation on ``device_type`` (e.g. "cuda")."""
+    """Register ``fn`` as ``lowc::<op_name>``'s implementation on ``device_type`` (e.g. "cuda").
+
+    ``op_name`` is any op of the dialect: those of this module (:data:`DIALECT`) or of the other
+    modules in ``lowc.ir.dialect.OP_MODULES`` (e.g. ``linear_attention``), looked up as
+    ``torch.ops.lowc.<op_name>`` after :func:`lowc.ir.dialect.ensure_registered`.
+    """
     if op_name not in DIALECT:
-        raise KeyError(f"unknown dialect op lowc::{op_name}")
+        from lowc.ir.dialect import ensure_registered
+
+        ensure_registered()
+        if not hasattr(getattr(torch.ops, NAMESPACE), op_name):
+            raise KeyError(f"unknown dialect op lowc::{op_name}")
     torch.library.register_kernel(f"{NAMESPACE}::{op_name}", device_type, fn)

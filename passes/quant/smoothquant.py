@@ -51,22 +51,9 @@ class SmoothQuant(Pass):
 
     @staticmethod
     def _only_feeds(norm: torch.fx.Node, linears) -> bool:
-        from lowc.ir.analysis import _is_identity
+        from lowc.ir.analysis import only_reaches
 
-        allowed = set(linears)
-        todo, seen = list(norm.users), set()
-        while todo:
-            u = todo.pop()
-            if u in seen:
-                continue
-            seen.add(u)
-            if u in allowed:
-                continue
-            if _is_identity(u):
-                todo.extend(u.users)
-                continue
-            return False
-        return True
+        return only_reaches(norm, linears)
 
     def run(self, program, ctx: PassContext) -> PassResult:
         from lowc.ir.analysis import norm_before_linears

@@ -1,0 +1,305 @@
+"""``affinequant``: learned affine transforms before quantization (Ma et al., ICLR 2024, "AffineQuant").
+
+For a group of linears sharing an input ``X`` with weights ``W`` (``[out, in]``), an invertible
+matrix ``A`` rewrites ``X Wᵀ = (X A⁻¹)(W Aᵀ)ᵀ``: the weights are quantized as ``W Aᵀ`` and the
+activations as ``X A⁻¹``, and ``A`` is trained so the quantized block reproduces the float block.
+As in the paper and its reference code (built on OmniQuant):
+
+* **where**: the input of q/k/v (after the attention norm) and of gate/up (after the MLP norm), and
+  the value→output path: a block-diagonal ``A`` with one ``head_dim × head_dim`` block per KV head,
+  so ``v_proj`` becomes ``A⁻ᵀ W_v`` (bias ``b_v A⁻¹``) and ``o_proj`` ``W_o Aᵀ`` (the block repeated
+  for the query heads sharing a KV head: grouped-query attention is handled; the paper's code assumes
+  MHA). ``down_proj`` gets no transform, only clipping, as in the reference code.
+* **norm groups**: ``ln_matrix=false`` (the paper's W4A4 setting): ``A = diag(s)``, folded into the
+  norm's weight (and bias) after training, so the graph gains no op. ``ln_matrix=true`` (the paper's
+  weight-only setting, ``--use_ln_matrix``): a full ``A``, whose inverse the reference code applies
+  after the norm at inference; here that matmul is the online op ``lowc::kron_transform(x, None,
+  A⁻¹, None)`` (one ``D × D`` factor). A diagonal cannot be folded into a norm whose output also
+  feeds the residual (post-norm BERT): there it stays online as ``lowc::kron_transform(x, 1/s,
+  [[1]], None)``, an elementwise scale (logged).
+* **initialisation**: ``A = diag(s)`` with SmoothQuant's ``s = max|X|^α / max|W|^(1−α)`` from the
+  float model's calibration activations (α = ``alpha``).
+* **gradual mask**: at epoch ``e`` of ``E`` the trained matrix is ``A ⊙ M`` with ``M = I + sf·B_k``,
+  ``B_k`` the off-diagonal band ``0 < |i−j| < k``, ``k = ⌊(D−1)/(E−1)·e⌋ + 1`` (``D`` the matrix
+  size: hidden for norm groups, head_dim for v/o), so training starts diagonal and unlocks
+  off-diagonals gradually; the stability factor ``sf`` (0.1 with quantized activations, 0.01
+  weight-only: the paper's scripts) keeps ``A`` strongly diagonally dominant, hence invertible.
+  Diagonal entries are kept at ``|a_ii| >= 1e-2`` (the reference code's truncation, with a
+  straight-through gradient).
+* **learnable weight clipping** (OmniQuant LWC): per row and group, ``max`` and ``min`` scaled by
+  ``sigmoid`` of logits initialised to 4.0 (``lwc_lr`` 1e-2).
+* **training**: block by block (:func:`lowc.passes.quant.learned.run_blockwise`), inputs from the
+  *quantized* model (the outputs of the already-quantized blocks, with activation fake-quantization
+  when the target quantizes activations), targets from the *float* model (``BlockwiseRunner``'s
+  ``propagate="both"``), MSE, AdamW (weight decay 0) with ``lr`` 5e-3 for ``A`` and ``lwc_lr`` for
+  clipping, ``epochs`` 20, ``batch_size`` 1; with quantized activations also the MSE to the float
+  block run on the quantized inputs (the paper's ``--aug_loss``).
+* **after training** the transforms are folded (norm weights, ``v_proj``/``o_proj`` weights and
+  bias) and every linear is quantized with its learned clipping into ``lowc::linear_wq``; the packed
+  codes are exactly those the training rounded to.
+
+Simplifications (documented): OmniQuant's channel-wise shift is not learned (the paper's LLaMA runs
+initialise it to zero; it would add a bias the RMSNorm graph lacks); the query/key transform
+(``--use_matrix``) is not used: it is not an equivalence through RoPE and only matters for quantized
+Q/K products, which lowc does not perform; training runs in fp32 (no AMP). Linears outside
+transformer blocks (BERT's pooler) get RTN, logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lowc.passes.base import PassContext, PassResult, opt
+from lowc.passes.quant import learned as L
+from lowc.passes.quant.common import WeightQuantPass
+
+TRUNCATE = 1e-2
+
+
+def _truncate_diag(d: torch.Tensor) -> torch.Tensor:
+    """``|d_i| >= 1e-2`` keeping the sign (zeros stay zero), with a straight-through gradient."""
+    t = torch.where(d.abs() < TRUNCATE, torch.sign(d) * TRUNCATE, d)
+    return d + (t - d).detach()
+
+
+def band_mask(n: int, k: int, sf: float, device) -> torch.Tensor:
+    """``I + sf·B_k``: 1 on the diagonal, ``sf`` where ``0 < |i−j| < k``, 0 elsewhere."""
+    i = torch.arange(n, device=device)
+    dist = (i[:, None] - i[None, :]).abs()
+    m = torch.where(dist < k, torch.full((n, n), sf, device=device), torch.zeros(n, n, device=device))
+    m.fill_diagonal_(1.0)
+    return m
+
+
+def band_width(n: int, epoch: int, epochs: int) -> int:
+    """The gradual mask's band width at ``epoch`` (0-based) of ``epochs``: ``⌊(n−1)/(E−1)·e⌋ + 1``."""
+    if epochs <= 1:
+        return n
+    return int((n - 1) / (epochs - 1) * epoch) + 1
+
+
+def _with_diag(a: torch.Tensor) -> torch.Tensor:
+    """``a`` (``[..., n, n]``) with its diagonal truncated away from zero."""
+    d = torch.diagonal(a, dim1=-2, dim2=-1)
+    return a + torch.diag_embed(_truncate_diag(d) - d)
+
+
+class _NormAffine:
+    """The transform of a group reading a norm output: ``diag(s)`` or a full masked matrix."""
+
+    def __init__(self, s: torch.Tensor, matrix: bool, sf: float, device):
+        self.matrix, self.sf, self.n = matrix, sf, s.numel()
+        self.online = matrix
+        s = s.to(device)
+        self.param = torch.nn.Parameter(torch.diag(s) if matrix else s.clone())
+        self.mask = torch.eye(self.n, device=device) if matrix else None
+
+    def set_band(self, k: int) -> None:
+        if self.matrix:
+            self.mask = band_mask(self.n, k, self.sf, self.param.device)
+
+    def refresh(self) -> None:
+        if self.matrix:
+            self.A = _with_diag(self.param * self.mask)
+            self.Ainv = torch.linalg.inv(self.A)
+        else:
+            self.s = _truncate_diag(self.param)
+
+    def in_fn(self, x):
+        return x @ self.Ainv if self.matrix else x / self.s
+
+    def weight_fn(self, w):
+        return w @ self.A.transpose(0, 1) if self.matrix else w * self.s
+
+
+class _VOAffine:
+    """Block-diagonal ``A`` on the value heads (one ``[hd, hd]`` block per KV head)."""
+
+    def __init__(self, s_kv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, sf: float, device):
+        self.h, self.kv, self.hd, self.sf = heads, kv_heads, head_dim, sf
+        self.param = torch.nn.Parameter(torch.diag_embed(s_kv.to(device)))
+        self.mask = torch.eye(head_dim, device=device)
+
+    def set_band(self, k: int) -> None:
+        self.mask = band_mask(self.hd, k, self.sf, self.param.device)
+
+    def refresh(self) -> None:
+        self.A = _with_diag(self.param * self.mask)
+        self.Ainv = torch.linalg.inv(self.A)
+
+    def v_weight(self, w):  # [KV*hd, in]: per head  A⁻ᵀ W_j
+        wr = w.reshape(self.kv, self.hd, -1)
+        return (self.Ainv.transpose(1, 2) @ wr).reshape(self.kv * self.hd, -1)
+
+    def v_bias(self, b):  # b_j A⁻¹
+        return (b.reshape(self.kv, 1, self.hd) @ self.Ainv).reshape(-1)
+
+    def o_weight(self, w):  # [out, H*hd]: per head W_h Aᵀ
+        a = self.A.repeat_interleave(self.h // self.kv, dim=0)
+        wr = w.reshape(w.shape[0], self.h, self.hd)
+        return torch.einsum("nhi,hji->nhj", wr, a).reshape(w.shape[0], -1)
+
+
+class _Plan(L.BlockPlan):
+    def __init__(self):
+        self.modules, self.param_groups, self.notes, self.skipped = {}, [], [], []
+        self.norms: list[tuple] = []  # (group, _NormAffine)
+        self.vos: list = []
+        self.epochs = 1
+
+    def refresh(self) -> None:
+        for _, t in self.norms:
+            t.refresh()
+        for t in self.vos:
+            t.refresh()
+
+    def on_epoch(self, epoch: int) -> None:
+        for _, t in self.norms:
+            t.set_band(band_width(t.n, epoch, self.epochs))
+        for t in self.vos:
+            t.set_band(band_width(t.hd, epoch, self.epochs))
+
+    def fold(self, program, weights, quantize: bool) -> None:
+        for group, t in self.norms:
+            if t.matrix:
+                L.insert_transform(program, group, group_block(group), scale=None, p1=t.Ainv.detach(), p2=None,
+                                   clip=None, prefix="affine")
+            elif t.online:  # a diagonal the norm cannot absorb (its output also feeds the residual)
+                one = torch.ones(1, 1, device=t.s.device)
+                L.insert_transform(program, group, group_block(group), scale=1.0 / t.s.detach(), p1=one, p2=None,
+                                   clip=None, prefix="affine")
+            else:
+                s = t.s.detach()
+                for target in (group.link.weight, group.link.bias):
+                    if target is not None:
+                        v = program.attr(target)
+                        program.replace_attr(target, (v.detach().float() / s.to(v.device)).to(v.dtype))
+
+
+def group_block(group) -> int:
+    from lowc.ir import meta as nodemeta
+
+    return nodemeta.get(group.linears[0]).block
+
+
+@dataclass(frozen=True)
+class AffineQuant(WeightQuantPass):
+    name = "affinequant"
+    requires = frozenset({"calibration"})
+    summary = "AffineQuant: learned invertible affine transforms (gradual band mask) + learnable weight clipping, block by block"
+
+    epochs: int = opt(20, "training epochs per block (0: SmoothQuant-initialised transforms and initial clipping, no training)")
+    lr: float = opt(5e-3, "AdamW learning rate of the affine transforms")
+    lwc_lr: float = opt(1e-2, "AdamW learning rate of the weight-clipping logits")
+    alpha: float = opt(0.5, "SmoothQuant migration strength of the diagonal initialisation, in [0, 1]")
+    sf: Optional[float] = opt(None, "stability factor of the gradual mask, in (0, 1] (default: 0.1 with quantized activations, 0.01 weight-only)")
+    lwc: bool = opt(True, "learnable weight clipping (OmniQuant LWC), per row and group")
+    ln_matrix: Optional[bool] = opt(None, "full matrices after the norms, applied online (lowc::kron_transform); false: diagonals folded into the norms (default: true weight-only, false with quantized activations)")
+    aug_loss: Optional[bool] = opt(None, "also fit the float block run on the quantized inputs (default: on with quantized activations)")
+    batch_size: int = opt(1, "calibration samples per optimizer step")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.epochs < 0:
+            raise self.fail(f"epochs={self.epochs}: must be >= 0")
+        if self.lr <= 0 or self.lwc_lr <= 0:
+            raise self.fail(f"lr={self.lr}, lwc_lr={self.lwc_lr}: learning rates must be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise self.fail(f"alpha={self.alpha}: choose 0 <= alpha <= 1")
+        if self.sf is not None and not 0.0 < self.sf <= 1.0:
+            raise self.fail(f"sf={self.sf}: choose 0 < sf <= 1")
+        if self.batch_size < 1:
+            raise self.fail(f"batch_size={self.batch_size}: must be >= 1")
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        return self._run(program, ctx)
+
+    def _run(self, program, ctx: PassContext, quantize: bool = True) -> PassResult:
+        s = self.scheme(ctx)
+        a_bits = L.act_bits(ctx)
+        quant_acts = a_bits < 16
+        ln_matrix = self.ln_matrix if self.ln_matrix is not None else not quant_acts
+        sf = self.sf if self.sf is not None else (0.1 if quant_acts else 1e-2)
+        aug = self.aug_loss if self.aug_loss is not None else quant_acts
+        device = torch.device(ctx.device)
+
+        def make_plan(block, groups, fm, float_inputs, targets):
+            plan = _Plan()
+            plan.epochs = self.epochs
+            where = f"{self.name}: {block.layer_prefix}"
+            stat = [g.linears[0].name for g in groups if g.kind in ("norm", "o")]
+            amax = L.input_absmax(fm, stat, float_inputs, device, where)
+            weight_of = lambda n: program.attr(n.args[1].target)  # noqa: E731
+            bias_of = lambda n: (program.attr(n.args[2].target)  # noqa: E731
+                                 if len(n.args) > 2 and isinstance(n.args[2], torch.fx.Node) else None)
+            in_fn, w_fns, b_fns = {}, {}, {}
+            transformed: set[str] = set()
+            for g in groups:
+                if not any(n.name in targets for n in g.linears):
+                    continue
+                if g.kind == "norm":
+                    sc = L.smooth_scales(amax[g.linears[0].name], [weight_of(n) for n in g.linears], self.alpha)
+                    t = _NormAffine(sc, ln_matrix, sf, device)
+                    t.online = ln_matrix or not g.norm_foldable
+                    if t.online and not ln_matrix:
+                        plan.skipped.append(g.link.layer)
+                    plan.norms.append((g, t))
+                    for n in g.linears:
+                        in_fn[n.name] = t.in_fn
+                        w_fns.setdefault(n.name, []).insert(0, t.weight_fn)
+                        transformed.add(n.name)
+                elif g.kind == "o":
+                    a = g.attn
+                    o, v = g.linears[0], g.v
+                    groups_per_kv = a.num_heads // a.num_kv_heads
+                    act = amax[o.name].reshape(a.num_kv_heads, groups_per_kv, a.head_dim).amax(dim=1).reshape(-1)
+                    wmax = weight_of(o).detach().abs().float().amax(dim=0).cpu()
+                    wmax = wmax.reshape(a.num_kv_heads, groups_per_kv, a.head_dim).amax(dim=1).reshape(-1)
+                    sc = (act.clamp(min=1e-5).pow(self.alpha) / wmax.clamp(min=1e-5).pow(1 - self.alpha)).clamp(min=1e-5)
+                    t = _VOAffine(sc.reshape(a.num_kv_heads, a.head_dim), a.num_heads, a.num_kv_heads, a.head_dim, sf, device)
+                    plan.vos.append(t)
+                    w_fns.setdefault(o.name, []).insert(0, t.o_weight)
+                    w_fns.setdefault(v.name, []).append(t.v_weight)
+                    b_fns[v.name] = t.v_bias
+                    transformed.update((o.name, v.name))
+            block_linears = [n for g in groups for n in g.linears]
+            if any(g.kind == "o" for g in groups):
+                block_linears += [g.v for g in groups if g.kind == "o" and g.v not in block_linears]
+            for n in block_linears:
+                if n.name not in targets and n.name not in transformed:
+                    continue
+                w = weight_of(n).to(device)
+                wq = L.WeightFakeQuant(w.shape, s.bits, s.group_size, s.symmetric, "group" if self.lwc else None,
+                                       device=device) if n.name in targets else None
+                fns = w_fns.get(n.name, [])
+                wfn = (lambda x, _f=tuple(fns): _compose(_f, x)) if fns else None
+                b = bias_of(n)
+                plan.modules[n.name] = L.QLinear(w, None if b is None else b.to(device), wq,
+                                                 a_bits if n.name in targets else 16, in_fn.get(n.name), wfn, b_fns.get(n.name))
+            transforms = [t.param for _, t in plan.norms] + [t.param for t in plan.vos]
+            clips = [q for m in plan.modules.values() if m.wq is not None for q in m.wq.clip_parameters()]
+            plan.param_groups = [g for g in ({"params": transforms, "lr": self.lr}, {"params": clips, "lr": self.lwc_lr})
+                                 if g["params"]]
+            kinds = []
+            if plan.norms:
+                folded = sum(1 for _, t in plan.norms if not t.online)
+                what = "full matrices applied online" if ln_matrix else f"diagonals, {folded} folded into the norms"
+                kinds.append(f"{len(plan.norms)} norm group(s) ({what})")
+            if plan.vos:
+                kinds.append(f"{len(plan.vos)} v/o head transform(s) folded")
+            if kinds:
+                plan.notes.append(", ".join(kinds) + " per block")
+            return plan
+
+        train = dict(epochs=self.epochs, batch_size=self.batch_size, weight_decay=0.0)
+        return L.run_blockwise(self, program, ctx, propagate="both", make_plan=make_plan, train=train, aug_loss=aug,
+                               quantize=quantize)
+
+
+def _compose(fns, x):
+    for f in fns:
+        x = f(x)
+    return x
