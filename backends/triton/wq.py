@@ -1,0 +1,240 @@
+"""Running ``lowc::linear_wq_tr`` with the Triton kernels (:mod:`lowc.backends.triton.wq_kernels`).
+
+:func:`linear` checks the operands, flattens ``x`` to ``[M, K]``, picks a configuration
+(:mod:`lowc.backends.triton.autotune`: timed and cached on CUDA, heuristic otherwise), launches the
+GEMV or the ``tl.dot`` GEMM (plus the split-K reduction when split) and returns ``[..., N]`` in the
+activation dtype. :func:`register_cuda` (this module is listed in ``KERNEL_MODULES``) makes it the CUDA
+implementation of the op; :func:`register_interpreter` makes it the CPU implementation when
+``TRITON_INTERPRET=1`` (the kernels then run in triton's interpreter on CPU tensors: the tests and
+``--interpret-smoke`` benchmarks use this; it is slow and not a performance measurement).
+
+Triton is imported on first use, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+from lowc.backends.triton import autotune, op
+from lowc.errors import KernelError
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: kernel launches by kernel name in this process (tests check which kernels ran)
+LAUNCHES: Counter = Counter()
+_registered: set[str] = set()
+# rows per launch: keeps every element offset below 2^31 (the kernels index with int32)
+_MAX_ELEMS = 2**31 - 1
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def require_triton() -> None:
+    """Raise a clear KernelError when triton cannot be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise KernelError(f"the cuda-* targets run Triton kernels, but triton cannot be imported ({e}); install it "
+                          f"with pip install 'lowc[triton]', or load the artifact with device='cpu' to run the "
+                          f"reference implementation") from None
+
+
+def _kernels():
+    require_triton()
+    from lowc.backends.triton import wq_kernels
+
+    return wq_kernels
+
+
+def _problem(x2: torch.Tensor, scales, zeros, bits, group_size, in_features, out_features) -> autotune.Problem:
+    return autotune.Problem(m=x2.shape[0], n=out_features, k=in_features, k_pad=scales.shape[0] * group_size,
+                            bits=bits, group_size=group_size, n_groups=scales.shape[0], symmetric=zeros is None,
+                            dtype=str(x2.dtype).replace("torch.", ""))
+
+
+def launch(cfg: autotune.Config, x2, qweight, scales, zeros, bias, out, p: autotune.Problem) -> None:
+    """Run one configuration: ``out[M, N] = x2[M, K] @ W.T + bias``."""
+    K = _kernels()
+    m, n = x2.shape[0], p.n
+    bk = cfg.block_k
+    num_tiles = -(-p.k_pad // bk)
+    split = max(1, min(cfg.split_k, num_tiles))
+    tiles_per_split = -(-num_tiles // split)
+    tiles_per_group = p.group_size // bk if p.n_groups > 1 else num_tiles
+    if p.n_groups > 1 and p.group_size % bk:
+        raise KernelError(f"lowc::linear_wq_tr: block_k={bk} does not divide group_size={p.group_size}")
+    kw = qweight.shape[0]
+    partial = split > 1
+    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if partial else out
+    dummy = scales
+    common = dict(BITS=p.bits, PACK=p.pack, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+                  PARTIAL=partial, EVEN_K=p.k_pad % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x2, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, target,
+            m, n, p.k, kw, x2.stride(0), out.stride(0), tiles_per_split, num_tiles, tiles_per_group)
+    if cfg.kernel == "gemv":
+        K.wq_gemv[(-(-n // cfg.block_n), split, m)](*args, **common)
+    elif cfg.kernel == "gemm":
+        dot_fp32 = x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and interpreting())
+        grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n), split)
+        K.wq_gemm[grid](*args, DOT_FP32=dot_fp32, UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
+                        **common)
+    else:
+        raise KernelError(f"lowc::linear_wq_tr: unknown kernel {cfg.kernel!r} in configuration {cfg}")
+    LAUNCHES[cfg.kernel] += 1
+    if partial:
+        rb = 256
+        K.splitk_reduce[(-(-n // rb), m)](target, bias if bias is not None else dummy, out, m, n, out.stride(0),
+                                          SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_N=rb, num_warps=4)
+
+
+def compile_for_gpu(cfg: autotune.Config, p: autotune.Problem, arch: int = 90, has_bias: bool = True) -> dict:
+    """Compile one configuration ahead of time for ``sm_<arch>`` without a GPU (triton's ``ASTSource``
+    and its bundled ``ptxas``); returns the shared memory and the PTX instruction counts that matter.
+    A check that the kernels build for real GPUs where only the interpreter can run them (CI)."""
+    import re
+    from collections import Counter
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    K = _kernels()
+    dt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[p.dtype]
+    partial = cfg.split_k > 1
+    consts = dict(BITS=p.bits, PACK=p.pack, HAS_ZEROS=not p.symmetric, HAS_BIAS=has_bias, PARTIAL=partial,
+                  EVEN_K=p.k_pad % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    fn = K.wq_gemv
+    if cfg.kernel == "gemm":
+        fn = K.wq_gemm
+        consts.update(DOT_FP32=p.dtype == "float32", UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m)
+    ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "z_ptr": "*u8", "b_ptr": f"*{dt}",
+            "o_ptr": "*fp32" if partial else f"*{dt}"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            # what the JIT's specialization sees for such shapes (integers divisible by 16)
+            if name in ("N", "K", "KW", "stride_xm", "stride_om") and p.n % 16 == 0 and p.k % 128 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = kernel.asm["ptx"]
+    ops = Counter(re.findall(r"(ld\.global(?:\.v\d)?\.b\d+|cp\.async|cvt\.rn\.f32\.[su]32|fma\.rn\.f32|"
+                             r"mma\.sync|wgmma\.mma_async)", ptx))
+    return {"shared": int(kernel.metadata.shared), "ptx_ops": dict(ops)}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("LOWC_TRITON_AUTOTUNE", "1") != "0"
+
+
+_chosen: dict = {}
+
+
+def choose(p: autotune.Problem, x2, run) -> autotune.Config:
+    """The configuration for ``p``: cached/tuned on CUDA, the heuristic elsewhere or while capturing a graph.
+    Decisions are memoized per (device, problem) for this process (decode calls each layer every token)."""
+    memo = (x2.device, p, _autotune_enabled(), autotune.cache_path())
+    hit = _chosen.get(memo)
+    if hit is not None:
+        return hit
+    cfg = _choose(p, x2, run)
+    if not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _chosen[memo] = cfg
+    return cfg
+
+
+def _choose(p: autotune.Problem, x2, run) -> autotune.Config:
+    if x2.is_cuda:
+        props = torch.cuda.get_device_properties(x2.device)
+        sms = props.multi_processor_count
+        if _autotune_enabled() and not torch.cuda.is_current_stream_capturing():
+            import triton
+
+            return autotune.tune(p, run, props.name, triton.__version__, sms)
+        import triton
+
+        hit = autotune.lookup(autotune.key(p, props.name, triton.__version__))
+        return hit if hit is not None else autotune.heuristic(p, sms)
+    return autotune.heuristic(p)
+
+
+def linear(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features,
+           config: autotune.Config | None = None) -> torch.Tensor:
+    """``lowc::linear_wq_tr`` through the Triton kernels (``config`` forces one configuration)."""
+    op.check(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features)
+    shape = f"x {str(x.dtype).replace('torch.', '')}{list(x.shape)}, N={out_features}, K={in_features}"
+    if x.dtype not in DTYPES:
+        raise KernelError(f"lowc::linear_wq_tr: the Triton kernels take float16, bfloat16 or float32 activations; "
+                          f"got {shape}")
+    devs = {t.device for t in (x, qweight, scales, zeros, bias) if t is not None}
+    if len(devs) != 1:
+        raise KernelError(f"lowc::linear_wq_tr: operands on different devices {sorted(map(str, devs))} ({shape})")
+    if not x.is_cuda and not interpreting():
+        raise KernelError(f"lowc::linear_wq_tr: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                          f"tensors); got {x.device} ({shape})")
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], out_features)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    rows = max(1, _MAX_ELEMS // max(out_features, x2.stride(0), 1))
+    for r0 in range(0, m, rows):
+        xs, os_ = x2[r0:r0 + rows], out[r0:r0 + rows]
+        p = _problem(xs, scales, zeros, bits, group_size, in_features, out_features)
+
+        def run(cfg, xs=xs, os_=os_, p=p):
+            launch(cfg, xs, qweight, scales, zeros, bias, os_, p)
+
+        cfg = config if config is not None else choose(p, xs, run)
+        run(cfg)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _impl(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features):
+    return linear(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features)
+
+
+def register_cuda() -> None:
+    """Make the Triton kernels the CUDA implementation of ``lowc::linear_wq_tr`` (idempotent)."""
+    require_triton()
+    if "cuda" not in _registered:
+        torch.library.register_kernel(op.OP, "cuda", _impl)
+        _registered.add("cuda")
+
+
+def register_interpreter() -> None:
+    """Make the Triton kernels the CPU implementation of the op, run by triton's interpreter.
+
+    Needs ``TRITON_INTERPRET=1`` in the environment before this process first imports the kernels."""
+    if not interpreting():
+        raise KernelError("running the Triton kernels on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                          "(set before the process imports triton)")
+    K = _kernels()
+    if type(K.wq_gemv).__name__ != "InterpretedFunction":
+        raise KernelError("the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process; "
+                          "set it before starting Python")
+    if "cpu" not in _registered:
+        torch.library.register_kernel(op.OP, "cpu", _impl)
+        _registered.add("cpu")
+
+
+def registered_devices() -> frozenset[str]:
+    return frozenset(_registered)
