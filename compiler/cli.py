@@ -289,6 +289,47 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="prompt text (tokenized with the artifact's tokenizer)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--check", is_flag=True, help="also decode by re-running the full sequence and compare the tokens")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print results as JSON")
+def generate(artifact, prompt, max_new_tokens, check, device, as_json):
+    """Greedy text generation from a linearized causal LM with constant-size recurrent state."""
+    import time
+
+    import lowc
+    from lowc.errors import LowcError
+    from lowc.passes.linearize.decode import RecurrentDecoder, generate as rec_generate, parallel_generate
+
+    cm = lowc.load(artifact, device=device)
+    tok = cm.tokenizer
+    if tok is None:
+        raise LowcError(f"{artifact}: the model has no tokenizer, so a text prompt cannot be encoded")
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    sizes: list[int] = []
+    t0 = time.perf_counter()
+    out = rec_generate(cm, ids, max_new_tokens, on_token=lambda i, d: sizes.append(d.state_bytes() + d.kv_cache_bytes()))
+    dt = time.perf_counter() - t0
+    dec = RecurrentDecoder(cm)
+    result = {"text": tok.decode(out[0, ids.shape[1]:]), "prompt_tokens": int(ids.shape[1]),
+              "new_tokens": max_new_tokens, "seconds": round(dt, 3), "tokens_per_s": round(max_new_tokens / dt, 2),
+              "linear_layers": dec.linear_layers, "softmax_layers": dec.softmax_layers,
+              "state_bytes_first": sizes[0], "state_bytes_last": sizes[-1]}
+    if check:
+        result["matches_parallel"] = bool((parallel_generate(cm, ids, max_new_tokens) == out).all())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(prompt + result["text"])
+    click.echo(f"{max_new_tokens} tokens in {dt:.2f} s ({result['tokens_per_s']} tok/s); state {sizes[0]} -> "
+               f"{sizes[-1]} bytes ({dec.linear_layers} linear, {dec.softmax_layers} softmax layers)", err=True)
+    if check:
+        click.echo(f"same tokens as the parallel form: {result['matches_parallel']}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LOWC_DEBUG") == "1"
