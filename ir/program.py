@@ -136,6 +136,14 @@ class Program:
         node.meta["val"] = t  # real tensor: fake propagation converts it
         return node
 
+    def add_operand_buffers(self, module_path: str, before: torch.fx.Node,
+                            tensors: dict[str, torch.Tensor | None]) -> list[torch.fx.Node | None]:
+        """Register each tensor as the buffer ``module_path.<name>`` (:meth:`add_buffer`) and return
+        get_attr nodes for them placed before ``before``, in order; a ``None`` tensor (an absent
+        optional operand, such as the zeros of a symmetric weight) stays ``None``."""
+        targets = {name: self.add_buffer(module_path, name, t) if t is not None else None for name, t in tensors.items()}
+        return [self.get_attr_node(t, before) if t else None for t in targets.values()]
+
     def remove_dead(self) -> int:
         """Erase unused pure nodes and the attributes no node reads any more. Returns count removed."""
         removed = 0

@@ -34,12 +34,7 @@ def _check(x, weight, scales, zeros, bias, bits, group_size, in_features, out_fe
     if weight.dtype != torch.uint8 or tuple(weight.shape) != (-(-n // layout.TILE), k_pad // 8, bits, layout.TILE):
         raise ValueError(f"{op}: weight {weight.dtype}{tuple(weight.shape)} is not the LUT layout for N={n}, "
                          f"K_pad={k_pad}, bits={bits}")
-    if zeros is not None and tuple(zeros.shape) != (n, g):
-        raise ValueError(f"{op}: zeros {tuple(zeros.shape)} must have the shape of scales {(n, g)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{op}: bias {tuple(bias.shape)} must be [{n}]")
-    if in_features > k_pad or x.shape[-1] != in_features:
-        raise ValueError(f"{op}: input width {x.shape[-1]} does not match in_features={in_features} (K_pad={k_pad})")
+    quant.check_linear_operands(op, x, zeros, bias, n, (n, g), k_pad, in_features)
 
 
 def reference_linear_lut(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features):

@@ -42,10 +42,7 @@ def check(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_fe
                          f"for N={n}, K_pad={k_pad}, bits={bits} (expected int32{(k_pad // p, n)})")
     if zeros is not None and (zeros.dtype != torch.uint8 or tuple(zeros.shape) != (g, n)):
         raise ValueError(f"{OP}: zeros {zeros.dtype}{tuple(zeros.shape)} must be uint8 of the shape of scales {(g, n)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{OP}: bias {tuple(bias.shape)} must be [{n}]")
-    if in_features > k_pad or x.shape[-1] != in_features:
-        raise ValueError(f"{OP}: input width {x.shape[-1]} does not match in_features={in_features} (K_pad={k_pad})")
+    quant.check_linear_operands(OP, x, None, bias, n, (g, n), k_pad, in_features)  # zeros: checked above, with their dtype
 
 
 def reference_linear_wq_tr(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features):

@@ -47,12 +47,7 @@ def _check_wq(x, qweight, scales, zeros, bias, bits, group_size, in_features, op
             f"{op}: qweight {tuple(qweight.shape)} does not match scales {tuple(scales.shape)} "
             f"with bits={bits}, group_size={group_size}"
         )
-    if zeros is not None and tuple(zeros.shape) != tuple(scales.shape):
-        raise ValueError(f"{op}: zeros {tuple(zeros.shape)} must have the shape of scales {tuple(scales.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{op}: bias {tuple(bias.shape)} must be [{n}]")
-    if in_features > k_pad or x.shape[-1] != in_features:
-        raise ValueError(f"{op}: input width {x.shape[-1]} does not match in_features={in_features} (K_pad={k_pad})")
+    quant.check_linear_operands(op, x, zeros, bias, n, scales.shape, k_pad, in_features)
     return n
 
 

@@ -117,6 +117,19 @@ def dequantize(
     return w.reshape(n, n_groups * group_size)[:, :in_features].to(dtype or scales.dtype)
 
 
+def check_linear_operands(op: str, x: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None, n: int,
+                          scales_shape: tuple, k_pad: int, in_features: int) -> None:
+    """The operand checks every quantized linear op shares (``lowc::linear_wq``/``linear_wqaq`` and the
+    backends' repacked forms): ``zeros`` has the shape of the scales, ``bias`` is ``[N]``, and ``x`` is
+    ``[..., in_features]`` with ``in_features <= K_pad``. Raises ValueError naming ``op``."""
+    if zeros is not None and tuple(zeros.shape) != tuple(scales_shape):
+        raise ValueError(f"{op}: zeros {tuple(zeros.shape)} must have the shape of scales {tuple(scales_shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias {tuple(bias.shape)} must be [{n}]")
+    if in_features > k_pad or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: input width {x.shape[-1]} does not match in_features={in_features} (K_pad={k_pad})")
+
+
 def fake_quantize_per_token(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric per-token (last dim) activation quantization, returned dequantized.
 

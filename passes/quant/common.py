@@ -86,6 +86,11 @@ def linear_weight(program, node: torch.fx.Node) -> torch.Tensor:
     return program.attr(node.args[1].target)
 
 
+def linear_bias(program, node: torch.fx.Node) -> torch.Tensor | None:
+    """The constant bias of ``aten.linear(x, W, b)``, or None when it has none."""
+    return program.attr(node.args[2].target) if len(node.args) > 2 and isinstance(node.args[2], torch.fx.Node) else None
+
+
 def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, scheme_meta: dict[str, Any]) -> torch.fx.Node:
     """Replace ``aten.linear(x, W, b)`` by ``lowc::linear_wq(x, qweight, scales, zeros, b, ...)``.
 
@@ -99,12 +104,8 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
     module_path = weight_node.target.rpartition(".")[0]
     x = node.args[0]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    q_t = program.add_buffer(module_path, "qweight", qw.qweight)
-    s_t = program.add_buffer(module_path, "scales", qw.scales)
-    z_t = program.add_buffer(module_path, "zeros", qw.zeros) if qw.zeros is not None else None
-    q_n = program.get_attr_node(q_t, node)
-    s_n = program.get_attr_node(s_t, node)
-    z_n = program.get_attr_node(z_t, node) if z_t else None
+    q_n, s_n, z_n = program.add_operand_buffers(module_path, node,
+                                                {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros})
     with program.graph.inserting_before(node):
         new = program.graph.call_function(
             torch.ops.lowc.linear_wq.default,
