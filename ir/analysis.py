@@ -161,6 +161,19 @@ def only_reaches(start: torch.fx.Node, allowed: Iterable[torch.fx.Node],
     return True
 
 
+def ancestors(nodes: Iterable, within: set | None = None) -> set[torch.fx.Node]:
+    """``nodes`` and every node they read, transitively. With ``within``, only nodes in it are taken
+    and the walk stops at any other node; arguments that are not nodes are skipped."""
+    out, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in out or not isinstance(n, torch.fx.Node) or (within is not None and n not in within):
+            continue
+        out.add(n)
+        stack.extend(n.all_input_nodes)
+    return out
+
+
 def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
     """As :func:`strip_identity`, also through dtype casts (norms compute in fp32 and cast back)."""
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) and (

@@ -96,6 +96,21 @@ def masks(lq: int, lk: int, causal: bool, window: int, device=None) -> tuple[tor
     return win, ~win
 
 
+def head_factor(t: Optional[torch.Tensor], h: int, device=None) -> torch.Tensor:
+    """A per-query-head factor (``window_factor``/``linear_factor``) as fp32 ``[H]``; ``None`` is ones."""
+    return t.float() if t is not None else torch.ones(h, dtype=torch.float32, device=device)
+
+
+def window_weights(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The window part's weights before ``window_factor``: ``exp(s - m)`` where ``allowed`` (a bool
+    mask broadcasting to ``s``) and 0 elsewhere, ``m`` the maximum of the scores ``s`` over the allowed
+    keys of the row (last dim; 0 for a row with none), as the LoLCATs reference subtracts it."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp(s - m)  # exp(-inf) = 0 outside
+
+
 def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
     """Repeat key/value heads [B, Hk, ...] to the H query heads (GQA)."""
     return t if t.shape[1] == h else t.repeat_interleave(h // t.shape[1], dim=1)
@@ -110,15 +125,11 @@ def reference_linear_attention(fq, fk, v, q, k, window_factor, linear_factor, ke
         keep = key_mask[:, None, None, :]
         win, lin = win & keep, lin & keep  # [B, 1, Lq, Lk]
     fkf, vf = _heads(fk, h).float(), _heads(v, h).float()
-    lf = linear_factor.float().view(1, h, 1, 1) if linear_factor is not None else 1.0
+    lf = head_factor(linear_factor, h, fq.device).view(1, h, 1, 1)
     a = torch.einsum("bhif,bhjf->bhij", fq.float(), fkf).masked_fill(~lin, 0.0) * lf
     if window > 0:
         s = torch.einsum("bhid,bhjd->bhij", q.float(), _heads(k, h).float()) * scale
-        s = s.masked_fill(~win, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        wf = window_factor.float().view(1, h, 1, 1) if window_factor is not None else 1.0
-        a = a + torch.exp(s - m) * wf  # exp(-inf) = 0 outside the window
+        a = a + window_weights(s, win) * head_factor(window_factor, h, fq.device).view(1, h, 1, 1)
     den = a.sum(dim=-1, keepdim=True).clamp_min(eps)
     return (torch.einsum("bhij,bhjd->bhid", a, vf) / den).to(v.dtype)
 

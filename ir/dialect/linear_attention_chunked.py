@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from lowc.ir.dialect.linear_attention import head_factor, window_weights
+
 #: chunk (block) length along the sequence, as in the kernels
 CHUNK = 64
 #: upper bound on the elements of one score tensor [B, H, group, C, inside]; sets the query-chunk group size
@@ -71,23 +73,10 @@ def _prefix(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     return out
 
 
-def chunked_linear_attention(
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    v: torch.Tensor,
-    q: Optional[torch.Tensor],
-    k: Optional[torch.Tensor],
-    window_factor: Optional[torch.Tensor],
-    linear_factor: Optional[torch.Tensor],
-    key_mask: Optional[torch.Tensor],
-    causal: bool,
-    window: int,
-    scale: float,
-    eps: float,
-    *,
-    chunk: int = CHUNK,
-) -> torch.Tensor:
-    """``lowc::linear_attention`` in chunks (module docstring); operands as the op, already checked."""
+def chunked_linear_attention(fq, fk, v, q, k, window_factor, linear_factor, key_mask, causal, window, scale, eps, *,
+                             chunk: int = CHUNK) -> torch.Tensor:
+    """``lowc::linear_attention`` in chunks (module docstring); operands as the op (its schema declares
+    their types), already checked."""
     b, h, lq, f = fq.shape
     hk, lk, dv = fk.shape[1], fk.shape[2], v.shape[-1]
     g = h // hk
@@ -117,8 +106,8 @@ def chunked_linear_attention(
         suf_s, suf_z = _prefix(kv_sum, reverse=True), _prefix(z_sum, reverse=True)
     del kv_sum, z_sum
 
-    lf = (linear_factor.float() if linear_factor is not None else fq.new_ones(h, dtype=torch.float32)).view(1, hk, g, 1, 1, 1)
-    wf = (window_factor.float() if window_factor is not None else fq.new_ones(h, dtype=torch.float32)).view(1, hk, g, 1, 1, 1)
+    lf = head_factor(linear_factor, h, dev).view(1, hk, g, 1, 1, 1)
+    wf = head_factor(window_factor, h, dev).view(1, hk, g, 1, 1, 1)
 
     if not causal and not use_window:  # one global sum, no quadratic term
         s_tot, z_tot = pre_s[:, :, -1], pre_z[:, :, -1]  # [B, Hk, F, Dv], [B, Hk, F]
@@ -164,10 +153,7 @@ def chunked_linear_attention(
         a = torch.einsum("bhgncf,bhnjf->bhgncj", fq_g, fk_g).masked_fill(~lin, 0.0) * lf
         if use_window:
             s = torch.einsum("bhgncd,bhnjd->bhgncj", q_c[:, :, :, c0:c0 + n], gather(k_c)) * scale
-            s = s.masked_fill(~win, float("-inf"))
-            m = s.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            a = a + torch.exp(s - m) * wf
+            a = a + window_weights(s, win) * wf
             del s
 
         # outside keys: the state at the edges of the inside range

@@ -38,6 +38,8 @@ from typing import Optional
 
 import torch
 
+from lowc.ir.dialect.linear_attention import head_factor, window_weights
+
 
 @dataclass
 class LinearAttentionState:
@@ -177,17 +179,13 @@ def step(st: LinearAttentionState, fq, fk, v, q=None, k=None, *, window_factor=N
         st.v_win[:, :, slot] = v_t
         st.valid[:, slot] = ok
     fq_t = fq[:, :, 0].float().view(b, hk, g, f)
-    lf = (linear_factor.float() if linear_factor is not None else fq_t.new_ones(h)).view(1, hk, g, 1)
+    lf = head_factor(linear_factor, h, fq_t.device).view(1, hk, g, 1)
     num = torch.einsum("bhgf,bhfd->bhgd", fq_t, st.S) * lf
     den = torch.einsum("bhgf,bhf->bhg", fq_t, st.z).unsqueeze(-1) * lf
     if w:
-        wf = (window_factor.float() if window_factor is not None else fq_t.new_ones(h)).view(1, hk, g, 1)
         q_t = q[:, :, 0].float().view(b, hk, g, -1)
         s = torch.einsum("bhgd,bhwd->bhgw", q_t, st.k_win) * st.scale
-        s = s.masked_fill(~st.valid[:, None, None, :], float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m) * wf
+        p = window_weights(s, st.valid[:, None, None, :]) * head_factor(window_factor, h, fq_t.device).view(1, hk, g, 1)
         num = num + torch.einsum("bhgw,bhwd->bhgd", p, st.v_win)
         den = den + p.sum(dim=-1, keepdim=True)
     st.pos = t + 1

@@ -42,6 +42,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from lowc.errors import LowcError
+from lowc.ir.analysis import ancestors
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -61,17 +62,6 @@ def _op(node) -> str:
     return ""
 
 
-def _ancestors(nodes) -> set:
-    out, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in out:
-            continue
-        out.add(n)
-        stack.extend(n.all_input_nodes)
-    return out
-
-
 def position_sources(program) -> list[torch.fx.Node]:
     """The ``aten.arange`` nodes positions are computed from: ancestors of RoPE's cos/sin and of the
     indices of embeddings that do not read an input (learned position embeddings)."""
@@ -79,10 +69,10 @@ def position_sources(program) -> list[torch.fx.Node]:
     roots = [n for n in graph.nodes if _op(n) in ("aten.cos", "aten.sin")]
     for n in graph.nodes:
         if _op(n) == "aten.embedding" and len(n.args) > 1 and isinstance(n.args[1], torch.fx.Node):
-            anc = _ancestors([n.args[1]])
+            anc = ancestors([n.args[1]])
             if not any(a.op == "placeholder" for a in anc):
                 roots.append(n.args[1])
-    return [n for n in graph.nodes if _op(n) == "aten.arange" and n in _ancestors(roots)]
+    return [n for n in graph.nodes if _op(n) == "aten.arange" and n in ancestors(roots)]
 
 
 @dataclass

@@ -37,6 +37,7 @@ from torch.fx.proxy import GraphAppendingTracer
 
 from lowc.errors import PassError
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import ancestors
 from lowc.passes.linearize import maps
 
 LINEAR_ATTENTION = "lowc.linear_attention"
@@ -107,14 +108,7 @@ def _arg(node: torch.fx.Node, i: int, name: str, default=None):
 # ---- causality, by evaluating the masks ------------------------------------------------------------
 def _evaluate(program, nodes: list[torch.fx.Node], inputs: list[torch.Tensor]) -> tuple:
     """Values of ``nodes`` for ``inputs``, computing only their ancestors."""
-    need: set[torch.fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in need:
-            continue
-        need.add(n)
-        stack.extend(n.all_input_nodes)
+    need = ancestors(nodes)
     g = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for n in program.graph.nodes:
@@ -351,7 +345,7 @@ def emit_site(program, site: Site, method: str, window: int, kv_head_maps: bool,
     new = out.node
     info = nodemeta.get(sdpa)
     added = [n for n in graph.nodes if n not in before and n.op != "get_attr"]
-    q_side, k_side = _ancestors(new.args[0], set(added)), _ancestors(new.args[1], set(added))
+    q_side, k_side = ancestors([new.args[0]], set(added)), ancestors([new.args[1]], set(added))
     for n in added:
         role = "fmap_q" if n in q_side else ("fmap_k" if n in k_side else "attn")
         nodemeta.set_info(n, nodemeta.NodeInfo(layer=info.layer, role=role, block=info.block))
@@ -365,16 +359,6 @@ def emit_site(program, site: Site, method: str, window: int, kv_head_maps: bool,
     graph.erase_node(sdpa)
     _erase_dead(graph, inputs)
     return new
-
-
-def _ancestors(start, within: set) -> set:
-    out, stack = set(), [start]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, torch.fx.Node) and n in within and n not in out:
-            out.add(n)
-            stack.extend(n.all_input_nodes)
-    return out
 
 
 def shallow_copy(program):
