@@ -47,6 +47,7 @@ transformer blocks (BERT's pooler) get RTN, logged.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,7 +55,7 @@ import torch
 
 from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.quant import learned as L
-from lowc.passes.quant.common import WeightQuantPass
+from lowc.passes.quant.common import linear_weight
 
 TRUNCATE = 1e-2
 
@@ -145,7 +146,7 @@ class _VOAffine:
 
 class _Plan(L.BlockPlan):
     def __init__(self):
-        self.modules, self.param_groups, self.notes, self.skipped = {}, [], [], []
+        super().__init__()
         self.norms: list[tuple] = []  # (group, _NormAffine)
         self.vos: list = []
         self.epochs = 1
@@ -173,10 +174,7 @@ class _Plan(L.BlockPlan):
                                    clip=None, prefix="affine")
             else:
                 s = t.s.detach()
-                for target in (group.link.weight, group.link.bias):
-                    if target is not None:
-                        v = program.attr(target)
-                        program.replace_attr(target, (v.detach().float() / s.to(v.device)).to(v.dtype))
+                L.fold_into_norm(program, group, lambda v, _s=s: v / _s.to(v.device))
 
 
 def group_block(group) -> int:
@@ -186,9 +184,9 @@ def group_block(group) -> int:
 
 
 @dataclass(frozen=True)
-class AffineQuant(WeightQuantPass):
+class AffineQuant(L.LearnedQuantPass):
     name = "affinequant"
-    requires = frozenset({"calibration"})
+    lr_options = ("lr", "lwc_lr")
     summary = "AffineQuant: learned invertible affine transforms (gradual band mask) + learnable weight clipping, block by block"
 
     epochs: int = opt(20, "training epochs per block (0: SmoothQuant-initialised transforms and initial clipping, no training)")
@@ -203,19 +201,8 @@ class AffineQuant(WeightQuantPass):
 
     def validate(self) -> None:
         super().validate()
-        if self.epochs < 0:
-            raise self.fail(f"epochs={self.epochs}: must be >= 0")
-        if self.lr <= 0 or self.lwc_lr <= 0:
-            raise self.fail(f"lr={self.lr}, lwc_lr={self.lwc_lr}: learning rates must be positive")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise self.fail(f"alpha={self.alpha}: choose 0 <= alpha <= 1")
         if self.sf is not None and not 0.0 < self.sf <= 1.0:
             raise self.fail(f"sf={self.sf}: choose 0 < sf <= 1")
-        if self.batch_size < 1:
-            raise self.fail(f"batch_size={self.batch_size}: must be >= 1")
-
-    def run(self, program, ctx: PassContext) -> PassResult:
-        return self._run(program, ctx)
 
     def _run(self, program, ctx: PassContext, quantize: bool = True) -> PassResult:
         s = self.scheme(ctx)
@@ -232,9 +219,7 @@ class AffineQuant(WeightQuantPass):
             where = f"{self.name}: {block.layer_prefix}"
             stat = [g.linears[0].name for g in groups if g.kind in ("norm", "o")]
             amax = L.input_absmax(fm, stat, float_inputs, device, where)
-            weight_of = lambda n: program.attr(n.args[1].target)  # noqa: E731
-            bias_of = lambda n: (program.attr(n.args[2].target)  # noqa: E731
-                                 if len(n.args) > 2 and isinstance(n.args[2], torch.fx.Node) else None)
+            weight_of = functools.partial(linear_weight, program)
             in_fn, w_fns, b_fns = {}, {}, {}
             transformed: set[str] = set()
             for g in groups:
@@ -268,21 +253,10 @@ class AffineQuant(WeightQuantPass):
             block_linears = [n for g in groups for n in g.linears]
             if any(g.kind == "o" for g in groups):
                 block_linears += [g.v for g in groups if g.kind == "o" and g.v not in block_linears]
-            for n in block_linears:
-                if n.name not in targets and n.name not in transformed:
-                    continue
-                w = weight_of(n).to(device)
-                wq = L.WeightFakeQuant(w.shape, s.bits, s.group_size, s.symmetric, "group" if self.lwc else None,
-                                       device=device) if n.name in targets else None
-                fns = w_fns.get(n.name, [])
-                wfn = (lambda x, _f=tuple(fns): _compose(_f, x)) if fns else None
-                b = bias_of(n)
-                plan.modules[n.name] = L.QLinear(w, None if b is None else b.to(device), wq,
-                                                 a_bits if n.name in targets else 16, in_fn.get(n.name), wfn, b_fns.get(n.name))
+            plan.modules = L.block_qlinears(program, block_linears, targets, transformed, s, "group" if self.lwc else None,
+                                            a_bits, device, in_fn, w_fns, b_fns)
             transforms = [t.param for _, t in plan.norms] + [t.param for t in plan.vos]
-            clips = [q for m in plan.modules.values() if m.wq is not None for q in m.wq.clip_parameters()]
-            plan.param_groups = [g for g in ({"params": transforms, "lr": self.lr}, {"params": clips, "lr": self.lwc_lr})
-                                 if g["params"]]
+            plan.param_groups = L.param_groups(transforms, self.lr, L.weight_clip_parameters(plan.modules), self.lwc_lr)
             kinds = []
             if plan.norms:
                 folded = sum(1 for _, t in plan.norms if not t.online)
@@ -297,9 +271,3 @@ class AffineQuant(WeightQuantPass):
         train = dict(epochs=self.epochs, batch_size=self.batch_size, weight_decay=0.0)
         return L.run_blockwise(self, program, ctx, propagate="both", make_plan=make_plan, train=train, aug_loss=aug,
                                quantize=quantize)
-
-
-def _compose(fns, x):
-    for f in fns:
-        x = f(x)
-    return x

@@ -50,6 +50,7 @@ pooler) get RTN, logged.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ import torch
 from lowc.ir.dialect.kron import kron_apply
 from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.quant import learned as L
-from lowc.passes.quant.common import WeightQuantPass
+from lowc.passes.quant.common import linear_weight
 
 
 class _Factor:
@@ -113,7 +114,7 @@ class _Kron:
 
 class _Plan(L.BlockPlan):
     def __init__(self):
-        self.modules, self.param_groups, self.notes, self.skipped = {}, [], [], []
+        super().__init__()
         self.krons: list[tuple] = []  # (group, _Kron, how d is folded: "norm" | "up" | "online" | None)
         self.factors: list[_Factor] = []
 
@@ -127,10 +128,7 @@ class _Plan(L.BlockPlan):
         for group, k, how in self.krons:
             d = k.d.detach() if k.d is not None else None
             if how == "norm":
-                for target in (group.link.weight, group.link.bias):
-                    if target is not None:
-                        v = program.attr(target)
-                        program.replace_attr(target, (v.detach().float() * d.to(v.device)).to(v.dtype))
+                L.fold_into_norm(program, group, lambda v, _d=d: v * _d.to(v.device))
             elif how == "up":
                 w, b = weights[group.up.name]
                 weights[group.up.name] = [w * d[:, None], None if b is None else b * d]
@@ -141,9 +139,8 @@ class _Plan(L.BlockPlan):
 
 
 @dataclass(frozen=True)
-class FlatQuant(WeightQuantPass):
+class FlatQuant(L.LearnedQuantPass):
     name = "flatquant"
-    requires = frozenset({"calibration"})
     summary = "FlatQuant: learned per-group Kronecker transforms + smoothing + learnable clipping, block by block"
 
     epochs: int = opt(15, "training epochs per block (0: initial transforms and clipping, no training)")
@@ -153,20 +150,6 @@ class FlatQuant(WeightQuantPass):
     lac: bool = opt(True, "learnable activation clipping, per input tensor (only when the target quantizes activations)")
     batch_size: int = opt(4, "calibration samples per optimizer step")
     gptq: bool = opt(False, "quantize the transformed weights with GPTQ (Hessians of the transformed inputs, the learned clipping bounding each group) instead of round-to-nearest, as the reference code's --gptq")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.epochs < 0:
-            raise self.fail(f"epochs={self.epochs}: must be >= 0")
-        if self.lr <= 0:
-            raise self.fail(f"lr={self.lr}: must be positive")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise self.fail(f"alpha={self.alpha}: choose 0 <= alpha <= 1")
-        if self.batch_size < 1:
-            raise self.fail(f"batch_size={self.batch_size}: must be >= 1")
-
-    def run(self, program, ctx: PassContext) -> PassResult:
-        return self._run(program, ctx)
 
     def _run(self, program, ctx: PassContext, quantize: bool = True) -> PassResult:
         s = self.scheme(ctx)
@@ -180,9 +163,7 @@ class FlatQuant(WeightQuantPass):
             where = f"{self.name}: {block.layer_prefix}"
             stat = [g.linears[0].name for g in groups if g.kind != "o"]
             amax = L.input_absmax(fm, stat, float_inputs, device, where)
-            weight_of = lambda n: program.attr(n.args[1].target)  # noqa: E731
-            bias_of = lambda n: (program.attr(n.args[2].target)  # noqa: E731
-                                 if len(n.args) > 2 and isinstance(n.args[2], torch.fx.Node) else None)
+            weight_of = functools.partial(linear_weight, program)
             in_fn, w_fns, b_fns = {}, {}, {}
             transformed: set[str] = set()
             counts = {"norm": 0, "up": 0, "online": 0}
@@ -233,28 +214,15 @@ class FlatQuant(WeightQuantPass):
                     w_fns.setdefault(n.name, []).insert(0, k.weight_fn)
                     transformed.add(n.name)
             block_linears = [n for g in groups for n in g.linears]
-            for n in block_linears:
-                if n.name not in targets and n.name not in transformed:
-                    continue
-                w = weight_of(n).to(device)
-                wq = L.WeightFakeQuant(w.shape, s.bits, s.group_size, s.symmetric, "channel" if self.lwc else None,
-                                       device=device) if n.name in targets else None
-                fns = tuple(w_fns.get(n.name, ()))
-                wfn = (lambda x, _f=fns: _compose(_f, x)) if fns else None
-                b = bias_of(n)
-                plan.modules[n.name] = L.QLinear(w, None if b is None else b.to(device), wq,
-                                                 a_bits if n.name in targets else 16, in_fn.get(n.name), wfn, b_fns.get(n.name))
+            plan.modules = L.block_qlinears(program, block_linears, targets, transformed, s,
+                                            "channel" if self.lwc else None, a_bits, device, in_fn, w_fns, b_fns)
             # a "down" group folds d into up_proj's rows: up must be patched (it is, as a gate/up linear)
             for g, k, how in plan.krons:
                 if how == "up" and g.up.name not in plan.modules:
-                    w = weight_of(g.up).to(device)
-                    b = bias_of(g.up)
-                    plan.modules[g.up.name] = L.QLinear(w, None if b is None else b.to(device), None, 16)
+                    plan.modules[g.up.name] = L.qlinear(program, g.up, device)
             transforms = [p for f in plan.factors for p in f.params()] + [k.d for _, k, _ in plan.krons if k.d is not None]
-            clips = [q for m in plan.modules.values() if m.wq is not None for q in m.wq.clip_parameters()]
-            clips += [k.clip for _, k, _ in plan.krons if k.clip is not None]
-            plan.param_groups = [g for g in ({"params": transforms, "lr": self.lr}, {"params": clips, "lr": 10 * self.lr})
-                                 if g["params"]]
+            clips = L.weight_clip_parameters(plan.modules) + [k.clip for _, k, _ in plan.krons if k.clip is not None]
+            plan.param_groups = L.param_groups(transforms, self.lr, clips, 10 * self.lr)
             if plan.krons:
                 plan.notes.append(
                     f"{len(plan.krons)} online Kronecker transforms per block; smoothing folded into {counts['norm']} "
@@ -264,9 +232,3 @@ class FlatQuant(WeightQuantPass):
         train = dict(epochs=self.epochs, batch_size=self.batch_size, weight_decay=0.01, normalize=True, cosine=True)
         return L.run_blockwise(self, program, ctx, propagate="float", make_plan=make_plan, train=train,
                                quantize=quantize, gptq={} if self.gptq else None)
-
-
-def _compose(fns, x):
-    for f in fns:
-        x = f(x)
-    return x

@@ -22,6 +22,10 @@ differentiable fake quantization, learnable clipping, and a block trainer on top
   frozen), MSE between the float block's outputs and the patched block's, mini-batches of samples,
   optional cosine schedule and ``loss / loss.detach()`` normalisation (FlatQuant), an epoch callback
   (AffineQuant's gradual mask), the loss on the runner's progress bar, deterministic order.
+* what the passes share around it: :class:`LearnedQuantPass` (their base: calibration required, the
+  training options checked), :func:`block_qlinears`/:func:`qlinear` (a block's linears as
+  :class:`QLinear` with their transforms), :func:`param_groups`, :func:`fold_into_norm`, and the
+  block-by-block driver :func:`run_blockwise` with its :class:`BlockPlan`.
 
 Preconditions: the block's inputs are the per-sample tuples the runner stores (batch 1 each);
 samples of one mini-batch are accumulated (their losses averaged before one optimizer step, which
@@ -31,7 +35,8 @@ is the gradient of the batched loss).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.fx
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 
 from lowc.errors import CalibrationError
 from lowc.ir.dialect import quant
+from lowc.passes.quant.common import WeightQuantPass
 
 LWC_INIT = 4.0
 
@@ -486,13 +492,9 @@ def insert_transform(program, group: Group, block_index: int, *, scale: torch.Te
     first = group.linears[0]
     module_path = first.args[1].target.rpartition(".")[0]
     dev = program.attr(first.args[1].target).device  # the program's device (training may run elsewhere)
-    args = []
-    for name, t in (("scale", scale), ("p1", p1), ("p2", p2)):
-        if t is None:
-            args.append(None)
-            continue
-        target = program.add_buffer(module_path, f"{prefix}_{name}", t.detach().float().to(dev).contiguous().clone())
-        args.append(program.get_attr_node(target, first))
+    args = program.add_operand_buffers(module_path, first, {
+        f"{prefix}_{name}": None if t is None else t.detach().float().to(dev).contiguous().clone()
+        for name, t in (("scale", scale), ("p1", p1), ("p2", p2))})
     x = group.input
     with program.graph.inserting_before(first):
         node = program.graph.call_function(torch.ops.lowc.kron_transform.default,
@@ -501,6 +503,94 @@ def insert_transform(program, group: Group, block_index: int, *, scale: torch.Te
     for lin in group.linears:
         lin.args = (node, *lin.args[1:])
     return node
+
+
+def fold_into_norm(program, group: Group, scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace the weight (and bias) ``v`` of the norm a ``"norm"`` group reads by ``scale(v)``,
+    computed in fp32 and cast back (a per-channel input scale absorbed by the norm)."""
+    for target in (group.link.weight, group.link.bias):
+        if target is not None:
+            v = program.attr(target)
+            program.replace_attr(target, scale(v.detach().float()).to(v.dtype))
+
+
+# ---- the passes' shared parts --------------------------------------------------------------------
+def compose(fns: Sequence[Callable], x):
+    """``fns`` applied to ``x`` in order."""
+    for f in fns:
+        x = f(x)
+    return x
+
+
+def qlinear(program, node: torch.fx.Node, device, *, scheme=None, lwc: str | None = None, act_bits: int = 16,
+            in_fn: Callable | None = None, weight_fns: Sequence[Callable] = (), bias_fn: Callable | None = None) -> QLinear:
+    """A :class:`QLinear` for the program's linear ``node``, its weight and bias moved to ``device``:
+    the weight passes ``weight_fns`` in order, then :class:`WeightFakeQuant` with ``scheme`` (bits,
+    group size, symmetric) and clipping mode ``lwc`` when a scheme is given (else no quantization)."""
+    from lowc.passes.quant.common import linear_bias, linear_weight
+
+    w = linear_weight(program, node).to(device)
+    wq = (WeightFakeQuant(w.shape, scheme.bits, scheme.group_size, scheme.symmetric, lwc, device=device)
+          if scheme is not None else None)
+    fns = tuple(weight_fns)
+    wfn = (lambda x, _f=fns: compose(_f, x)) if fns else None
+    b = linear_bias(program, node)
+    return QLinear(w, None if b is None else b.to(device), wq, act_bits, in_fn, wfn, bias_fn)
+
+
+def block_qlinears(program, nodes: Iterable[torch.fx.Node], targets: set, transformed: set, scheme, lwc: str | None,
+                   a_bits: int, device, in_fn: dict, w_fns: dict, b_fns: dict) -> dict[str, QLinear]:
+    """:func:`qlinear` for each of a block's linears ``nodes`` that is quantized (in ``targets``: weight
+    and activation fake-quant) or ``transformed`` (float, its weight rewritten by another group's
+    transform); ``in_fn``/``w_fns``/``b_fns`` map node names to its transforms."""
+    out: dict[str, QLinear] = {}
+    for n in nodes:
+        if n.name not in targets and n.name not in transformed:
+            continue
+        q = n.name in targets
+        out[n.name] = qlinear(program, n, device, scheme=scheme if q else None, lwc=lwc, act_bits=a_bits if q else 16,
+                              in_fn=in_fn.get(n.name), weight_fns=w_fns.get(n.name, ()), bias_fn=b_fns.get(n.name))
+    return out
+
+
+def param_groups(transforms: list, lr: float, clips: list, clip_lr: float) -> list[dict]:
+    """AdamW groups of the transform parameters and of the clipping parameters (empty ones left out)."""
+    return [g for g in ({"params": transforms, "lr": lr}, {"params": clips, "lr": clip_lr}) if g["params"]]
+
+
+def weight_clip_parameters(modules: dict[str, QLinear]) -> list[torch.nn.Parameter]:
+    """The learnable weight-clipping logits of the quantized modules."""
+    return [q for m in modules.values() if m.wq is not None for q in m.wq.clip_parameters()]
+
+
+@dataclass(frozen=True)
+class LearnedQuantPass(WeightQuantPass):
+    """Base of the learned-transform passes: they need calibration data, share the checks of the
+    training options (``epochs``, the learning rates named by ``lr_options``, ``alpha``,
+    ``batch_size``: fields of the subclass) and run ``_run`` with quantization (tests call
+    ``_run(quantize=False)`` to fold the trained transforms into a float model)."""
+
+    requires = frozenset({"calibration"})
+    lr_options: ClassVar[tuple[str, ...]] = ("lr",)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.epochs < 0:
+            raise self.fail(f"epochs={self.epochs}: must be >= 0")
+        lrs = {name: getattr(self, name) for name in self.lr_options}
+        if any(v <= 0 for v in lrs.values()):
+            what = ", ".join(f"{name}={v}" for name, v in lrs.items())
+            raise self.fail(f"{what}: must be positive" if len(lrs) == 1 else f"{what}: learning rates must be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise self.fail(f"alpha={self.alpha}: choose 0 <= alpha <= 1")
+        if self.batch_size < 1:
+            raise self.fail(f"batch_size={self.batch_size}: must be >= 1")
+
+    def run(self, program, ctx):
+        return self._run(program, ctx)
+
+    def _run(self, program, ctx, quantize: bool = True):  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 # ---- the block-by-block driver -------------------------------------------------------------------
@@ -514,6 +604,10 @@ class BlockPlan:
     modules: dict[str, QLinear]
     param_groups: list[dict]
     notes: list[str]
+    skipped: list[str]  # norms whose scale stays online (they also feed the residual), logged
+
+    def __init__(self):
+        self.modules, self.param_groups, self.notes, self.skipped = {}, [], [], []
 
     def refresh(self) -> None:  # pragma: no cover - interface
         pass
