@@ -1,15 +1,24 @@
-"""Shared fixtures: small Llama-style Hugging Face directories that no other test data depends on."""
+"""Shared fixtures and helpers: small Llama-style Hugging Face directories that no other test data
+depends on, the wikitext-2 files, a seeded Llama with real-text calibration and evaluation tokens
+(``wt2_llama``), running a target's pipeline with other method passes, logits SQNR, a two-linear
+model quantized per layer, and the installed ``lowc`` command."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
+VALID, TEST = os.path.join(DATA, "valid.txt"), os.path.join(DATA, "test.txt")
+#: ``lowc.compile`` keywords: 4 calibration samples of 64 tokens from wikitext-2 valid
+CALIB = dict(calib=VALID, calib_samples=4, seq_len=64, progress=False)
 
 
 def make_llama_dir(path, seed: int = 0, **cfg) -> str:
@@ -49,3 +58,166 @@ def lowc_exe() -> str:
 def run_lowc(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([lowc_exe(), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+# ---- quality on real text ----------------------------------------------------------------------------
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref``, in dB."""
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
+
+
+def logits(prog, ids):
+    with torch.no_grad():
+        return prog.call(ids).logits
+
+
+def run_target(prog, target: str, spellings, calib):
+    """The target's pipeline (method passes replaced by ``spellings``) on a copy of ``prog``."""
+    from lowc.backends.registry import get_target
+    from lowc.backends.target import CompileOptions
+    from lowc.passes.base import PassContext
+    from lowc.passes.options import parse_pass
+    from lowc.passes.pipeline import Pipeline
+
+    tgt = get_target(target)
+    p = prog.clone()
+    phases = tgt.phases(CompileOptions(user_passes=tuple(parse_pass(x) for x in spellings), has_calib=calib is not None))
+    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False)
+    Pipeline([(ph.name, x) for ph in phases for x in ph.passes]).run(p, ctx)
+    return p, ctx
+
+
+def minilm_w8a8(spelling: str):
+    """The real MiniLM compiled for ``ref-w8a8`` with the method pass ``spelling`` (2 x 32 calibration
+    tokens), checked against the float model: cosine > 0.98 on 16 wikitext-2 test sentences."""
+    import lowc
+    from lowc import evaluate as ev
+
+    with open(TEST, encoding="utf-8") as fh:
+        sentences = [l.strip() for l in fh if len(l.split()) >= 8][:16]
+    f = lowc.compile("minilm", target="ref-fp32")
+    batches = ev.text_batches(f.tokenizer, sentences)
+    cm = lowc.compile("minilm", target="ref-w8a8", passes=[spelling], calib=VALID, calib_samples=2, seq_len=32,
+                      progress=False)
+    assert ev.compare(f, cm, batches, "encoder").cosine > 0.98  # W8A8
+    return cm
+
+
+class TextLlama(NamedTuple):
+    """A seeded Llama (HF directory ``dir``, traced ``program``), 2 x 128 wikitext-2 test tokens
+    ``ids``, the float logits ``ref`` on them and 4 x 64-token calibration samples from valid."""
+
+    dir: str
+    program: Any
+    ids: torch.Tensor
+    ref: torch.Tensor
+    calib: Any
+
+    def run(self, target: str, spelling: str, calib: bool = True):
+        """:func:`run_target` with one method pass, calibrated unless ``calib=False``."""
+        return run_target(self.program, target, [spelling], self.calib if calib else None)
+
+    def sqnr(self, prog) -> float:
+        """SQNR (dB) of ``prog``'s logits on ``ids`` against the float model's."""
+        return sqnr(self.ref, logits(prog, self.ids))
+
+
+@pytest.fixture(scope="module")
+def wt2_llama(tmp_path_factory) -> TextLlama:
+    """hidden 128, intermediate 352 (not a multiple of 128), 2 layers, 4 query heads on 2 KV heads."""
+    import lowc
+    from lowc.frontend.presets import byte_tokenizer
+    from lowc.passes.calibration import load_calibration
+
+    d = make_llama_dir(tmp_path_factory.mktemp("wt2-llama"), seed=3, hidden_size=128, intermediate_size=352,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    prog = lowc.trace(d)
+    tok = byte_tokenizer()
+    with open(TEST, encoding="utf-8") as fh:
+        ids = torch.tensor(tok(fh.read()[:4000])["input_ids"][:256]).reshape(2, 128)
+    calib = load_calibration(VALID, tok, n_samples=4, seq_len=64)
+    return TextLlama(d, prog, ids, logits(prog, ids), calib)
+
+
+# ---- per-pass checks ----------------------------------------------------------------------------------
+def check_idempotent_and_deterministic(prog, p, target: str, seed: int, names) -> None:
+    """With 2 random calibration samples on ``target``: ``p`` changes ``prog``, a second run reports
+    ``changed=False``, and a run on a copy with the same seed gives the same tensors ``names``."""
+    from lowc.backends.registry import get_target
+    from lowc.passes.base import PassContext
+    from lowc.passes.calibration import load_calibration
+    from lowc.passes.pipeline import run_passes
+
+    tgt = get_target(target)
+    calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False, seed=seed)
+    p2 = prog.clone()
+    assert run_passes(prog, [p], ctx)[0].result.changed
+    assert run_passes(prog, [p], ctx)[0].result.changed is False
+    run_passes(p2, [p], PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False, seed=seed))
+    for name in names:
+        assert torch.equal(prog.attr(name), p2.attr(name))
+
+
+def check_options_round_trip(p, bad: dict[str, str]) -> None:
+    """``p`` survives JSON and its spelling, the bare name parses to the defaults, and each spelling
+    of ``bad`` raises PassOptionError matching its message."""
+    from lowc.errors import PassOptionError
+    from lowc.passes.options import from_json, parse_pass
+
+    assert from_json(p.to_json()) == p
+    assert parse_pass(p.spelling()) == p
+    assert parse_pass(p.name) == type(p)()
+    for spelling, msg in bad.items():
+        with pytest.raises(PassOptionError, match=msg):
+            parse_pass(spelling)
+
+
+def check_needs_finite_calibration(p, target: str, poison: float) -> None:
+    """``p`` (which trains on calibration data) refuses to run without it, through ``lowc.compile``
+    and directly, and names itself when ``poison`` in an embedding row reaches the activations."""
+    import lowc
+    from lowc.errors import CalibrationError, PassError
+    from lowc.frontend.presets import tiny_llama
+    from lowc.passes.base import PassContext
+    from lowc.passes.calibration import load_calibration
+    from lowc.passes.pipeline import run_passes
+
+    m, _ = tiny_llama(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(CalibrationError, match=f"pass '{p.name}' needs calibration data"):
+        lowc.compile(m, target=target, passes=[p.name])
+    with torch.no_grad():
+        m.model.embed_tokens.weight[7] = poison
+    prog = lowc.trace(m)
+    with pytest.raises(CalibrationError, match=f"pass '{p.name}' needs calibration data"):
+        type(p)().run(prog, PassContext())
+    calib = load_calibration([torch.tensor([[1, 7, 9, 11]])])
+    with pytest.raises((CalibrationError, PassError), match=f"{p.name}.*non-finite"):
+        run_passes(prog, [p], PassContext(calib=calib, progress=False))
+
+
+# ---- a two-linear model quantized per layer (the backends' lowering passes) ----------------------------
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(72, 50)
+        self.b = torch.nn.Linear(50, 33, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def two_linears_program(bits: tuple[int, int], group_size: int, symmetric: tuple[bool, bool]):
+    """:class:`TwoLinears` (seed 0) traced, its linears ``a`` and ``b`` RTN-quantized into
+    ``lowc::linear_wq`` with their own bits and symmetry."""
+    from lowc.frontend.trace import trace
+    from lowc.ir.dialect import quant
+    from lowc.passes.quant.common import linear_weight, rewrite_linear
+
+    torch.manual_seed(0)
+    prog = trace(TwoLinears(), (torch.randn(3, 72),))
+    for node, b, sym in zip(prog.linears(), bits, symmetric):
+        qw = quant.rtn_quantize(linear_weight(prog, node), b, group_size, sym)
+        rewrite_linear(prog, node, qw, {"method": "rtn", "w_bits": b, "group_size": group_size})
+    prog.remove_dead()
+    return prog

@@ -6,67 +6,22 @@ artifact round trip, idempotence/determinism, options, the CLI, bad input, and t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import lowc
-from conftest import make_llama_dir, run_lowc
+from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
+                      check_options_round_trip, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
-from lowc.errors import CalibrationError, PassError, PassOptionError
 from lowc.ir import printer, verifier
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
-from lowc.passes.pipeline import run_passes
 from lowc.passes.quant.affinequant import AffineQuant, band_mask, band_width
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
-VALID, TEST = os.path.join(DATA, "valid.txt"), os.path.join(DATA, "test.txt")
-CALIB = dict(calib=VALID, calib_samples=4, seq_len=64, progress=False)
-
-
-def _sqnr(ref, out) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
-
-
-def run_target(prog, target: str, spellings, calib):
-    """The target's pipeline (method passes replaced by ``spellings``) on a copy of ``prog``."""
-    from lowc.backends.registry import get_target
-    from lowc.backends.target import CompileOptions
-    from lowc.passes.options import parse_pass
-    from lowc.passes.pipeline import Pipeline
-
-    tgt = get_target(target)
-    p = prog.clone()
-    phases = tgt.phases(CompileOptions(user_passes=tuple(parse_pass(x) for x in spellings), has_calib=calib is not None))
-    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False)
-    Pipeline([(ph.name, x) for ph in phases for x in ph.passes]).run(p, ctx)
-    return p, ctx
-
-
-def logits(prog, ids):
-    with torch.no_grad():
-        return prog.call(ids).logits
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from lowc.frontend.presets import byte_tokenizer
-
-    d = make_llama_dir(tmp_path_factory.mktemp("aq-llama"), seed=3, hidden_size=128, intermediate_size=352,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    prog = lowc.trace(d)
-    tok = byte_tokenizer()
-    with open(TEST, encoding="utf-8") as fh:
-        ids = torch.tensor(tok(fh.read()[:4000])["input_ids"][:256]).reshape(2, 128)
-    calib = load_calibration(VALID, tok, n_samples=4, seq_len=64)
-    return d, prog, ids, logits(prog, ids), calib
-
-
-@pytest.fixture(scope="module")
-def w4a4(model):
-    return lowc.compile(model[0], target="ref-w4a4", passes=["affinequant{epochs=2}"], **CALIB)
+def w4a4(wt2_llama):
+    return lowc.compile(wt2_llama.dir, target="ref-w4a4", passes=["affinequant{epochs=2}"], **CALIB)
 
 
 def test_gradual_mask():
@@ -89,21 +44,20 @@ def test_graph_w4a4_folds_everything(w4a4):
                for l in w4a4.manifest["log"])
 
 
-def test_beats_rtn_w4a4_and_artifact_round_trip(model, w4a4, tmp_path):
-    d, prog, ids, ref, calib = model
-    rtn, _ = run_target(prog, "ref-w4a4", ["rtn"], None)
-    s_aq, s_rtn = _sqnr(ref, w4a4(ids).logits), _sqnr(ref, logits(rtn, ids))
+def test_beats_rtn_w4a4_and_artifact_round_trip(wt2_llama, w4a4, tmp_path):
+    ids = wt2_llama.ids
+    rtn, _ = wt2_llama.run("ref-w4a4", "rtn", calib=False)
+    s_aq, s_rtn = sqnr(wt2_llama.ref, w4a4(ids).logits), wt2_llama.sqnr(rtn)
     assert s_aq > s_rtn + 0.3, (s_aq, s_rtn)  # measured 9.8 vs 8.7 dB (epochs=2, 4 x 64 tokens)
     w4a4.save(tmp_path / "aq")
     back = lowc.load(tmp_path / "aq")
     torch.testing.assert_close(back(ids).logits, w4a4(ids).logits, rtol=0, atol=0)
 
 
-def test_w3_weight_only_online_matrices_beat_rtn(model, tmp_path):
-    d, prog, ids, ref, calib = model
-    aq, ctx = run_target(prog, "ref-w4a16", ["affinequant{bits=3,epochs=2}"], calib)
-    rtn, _ = run_target(prog, "ref-w4a16", ["rtn{bits=3}"], None)
-    s_aq, s_rtn = _sqnr(ref, logits(aq, ids)), _sqnr(ref, logits(rtn, ids))
+def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
+    aq, ctx = wt2_llama.run("ref-w4a16", "affinequant{bits=3,epochs=2}")
+    rtn, _ = wt2_llama.run("ref-w4a16", "rtn{bits=3}", calib=False)
+    s_aq, s_rtn = wt2_llama.sqnr(aq), wt2_llama.sqnr(rtn)
     assert s_aq > s_rtn + 1.0, (s_aq, s_rtn)  # measured 5.3 vs 3.8 dB
     text = printer.format_program(aq)
     assert text.count("lowc.kron_transform.default") == 4  # the paper's full matrices after both norms
@@ -131,71 +85,37 @@ def test_folded_float_model_is_unchanged(odd_llama_dir):
         torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
 
 
-def test_idempotent_and_deterministic(model):
-    from lowc.backends.registry import get_target
-
-    tgt = get_target("ref-w4a4")
-    prog = model[1].clone()
-    calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False, seed=3)
-    p2 = prog.clone()
-    assert run_passes(prog, [AffineQuant(epochs=1)], ctx)[0].result.changed
-    assert run_passes(prog, [AffineQuant(epochs=1)], ctx)[0].result.changed is False
-    run_passes(p2, [AffineQuant(epochs=1)], PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False, seed=3))
-    for name in ("model.layers.1.mlp.down_proj.qweight", "model.layers.0.input_layernorm.weight"):
-        assert torch.equal(prog.attr(name), p2.attr(name))
+def test_idempotent_and_deterministic(wt2_llama):
+    check_idempotent_and_deterministic(wt2_llama.program.clone(), AffineQuant(epochs=1), "ref-w4a4", seed=3,
+                                       names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.input_layernorm.weight"))
 
 
 def test_options_round_trip():
-    from lowc.passes.options import from_json, parse_pass
+    from lowc.passes.options import parse_pass
 
     p = parse_pass("affinequant{bits=3,group_size=64,epochs=3,lr=0.001,lwc_lr=0.02,alpha=0.75,sf=0.05,ln_matrix=false,aug_loss=true,lwc=false}")
     assert (p.bits, p.group_size, p.epochs, p.lr, p.lwc_lr, p.alpha, p.sf, p.ln_matrix, p.aug_loss, p.lwc) == \
         (3, 64, 3, 0.001, 0.02, 0.75, 0.05, False, True, False)
-    assert from_json(p.to_json()) == p
-    assert parse_pass(p.spelling()) == p
-    assert parse_pass("affinequant") == AffineQuant()
-    for bad, msg in (("affinequant{bits=9}", "bits=9 cannot be packed"), ("affinequant{group_size=12}", "group_size=12 cannot be packed"),
-                     ("affinequant{sf=0}", "sf=0"), ("affinequant{alpha=-1}", "alpha=-1"), ("affinequant{batch_size=0}", "batch_size=0")):
-        with pytest.raises(PassOptionError, match=msg):
-            parse_pass(bad)
+    check_options_round_trip(p, {"affinequant{bits=9}": "bits=9 cannot be packed",
+                                 "affinequant{group_size=12}": "group_size=12 cannot be packed", "affinequant{sf=0}": "sf=0",
+                                 "affinequant{alpha=-1}": "alpha=-1", "affinequant{batch_size=0}": "batch_size=0"})
 
 
 def test_bad_calibration():
-    from lowc.frontend.presets import tiny_llama
-
-    m, _ = tiny_llama(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(CalibrationError, match="pass 'affinequant' needs calibration data"):
-        lowc.compile(m, target="ref-w4a4", passes=["affinequant"])
-    with torch.no_grad():
-        m.model.embed_tokens.weight[7] = float("inf")
-    prog = lowc.trace(m)
-    with pytest.raises(CalibrationError, match="pass 'affinequant' needs calibration data"):
-        AffineQuant().run(prog, PassContext())
-    calib = load_calibration([torch.tensor([[1, 7, 9, 11]])])
-    with pytest.raises((CalibrationError, PassError), match="affinequant.*non-finite"):
-        run_passes(prog, [AffineQuant(epochs=1)], PassContext(calib=calib, progress=False))
+    check_needs_finite_calibration(AffineQuant(epochs=1), "ref-w4a4", float("inf"))
 
 
 def test_minilm_post_norm():
-    from lowc import evaluate as ev
-
-    with open(TEST, encoding="utf-8") as fh:
-        sentences = [l.strip() for l in fh if len(l.split()) >= 8][:16]
-    f = lowc.compile("minilm", target="ref-fp32")
-    batches = ev.text_batches(f.tokenizer, sentences)
-    cm = lowc.compile("minilm", target="ref-w8a8", passes=["affinequant{epochs=1}"], calib=VALID, calib_samples=2,
-                      seq_len=32, progress=False)
-    assert ev.compare(f, cm, batches, "encoder").cosine > 0.98  # W8A8
+    cm = minilm_w8a8("affinequant{epochs=1}")
     text = printer.format_program(cm.program)
     assert text.count("lowc.kron_transform.default") == 12  # diagonals the post-norm LayerNorms cannot absorb
     assert any("also feed the residual" in l for l in cm.manifest["log"])
     assert any("outside transformer blocks quantized with RTN" in l for l in cm.manifest["log"])  # the pooler
 
 
-def test_cli(model, tmp_path):
+def test_cli(wt2_llama, tmp_path):
     out = tmp_path / "cli"
-    r = run_lowc("compile", model[0], "--target", "ref-w4a4", "-o", out, "--pass", "affinequant{epochs=1}", "--calib", VALID,
+    r = run_lowc("compile", wt2_llama.dir, "--target", "ref-w4a4", "-o", out, "--pass", "affinequant{epochs=1}", "--calib", VALID,
                  "--calib-samples", "2", "--seq-len", "32", "-q")
     assert r.returncode == 0, r.stderr
     cm = lowc.load(out)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_llama_dir, run_lowc
+from conftest import TwoLinears, make_llama_dir, run_lowc, two_linears_program
 from lowc.backends.cpu_lut import build, codegen, layout, runtime
 from lowc.backends.cpu_lut import op as lut_op
 from lowc.backends.cpu_lut.codegen import KernelConfig
@@ -164,27 +164,8 @@ def test_bad_shapes_are_clear_errors(lib):
 
 
 # ---- the lowering pass -----------------------------------------------------------------------------------
-class TwoLinears(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(72, 50)
-        self.b = torch.nn.Linear(50, 33, bias=False)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 def _mixed_program(bits_a=2, bits_b=4):
-    from lowc.frontend.trace import trace
-    from lowc.passes.quant.common import linear_weight, rewrite_linear
-
-    torch.manual_seed(0)
-    prog = trace(TwoLinears(), (torch.randn(3, 72),))
-    for node, bits in zip(prog.linears(), (bits_a, bits_b)):
-        qw = quant.rtn_quantize(linear_weight(prog, node), bits, 32, bits == 4)
-        rewrite_linear(prog, node, qw, {"method": "rtn", "w_bits": bits, "group_size": 32})
-    prog.remove_dead()
-    return prog
+    return two_linears_program((bits_a, bits_b), 32, symmetric=(bits_a == 4, bits_b == 4))
 
 
 def test_lut_lower_mixed_precision(lib):

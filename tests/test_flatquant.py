@@ -5,15 +5,14 @@ the other backends (ONNX refuses the op naming the layer; cpu-lut lowering keeps
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import lowc
-from conftest import make_llama_dir, run_lowc
+from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
+                      check_options_round_trip, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
-from lowc.errors import CalibrationError, LowcError, PassError, PassOptionError
+from lowc.errors import LowcError
 from lowc.ir import printer, verifier
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
@@ -21,52 +20,10 @@ from lowc.passes.pipeline import run_passes
 from lowc.passes.registry import get_pass_class
 from lowc.passes.quant.flatquant import FlatQuant
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
-VALID, TEST = os.path.join(DATA, "valid.txt"), os.path.join(DATA, "test.txt")
-CALIB = dict(calib=VALID, calib_samples=4, seq_len=64, progress=False)
-
-
-def _sqnr(ref, out) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
-
-
-def run_target(prog, target: str, spellings, calib):
-    """The target's pipeline (method passes replaced by ``spellings``) on a copy of ``prog``."""
-    from lowc.backends.registry import get_target
-    from lowc.backends.target import CompileOptions
-    from lowc.passes.options import parse_pass
-    from lowc.passes.pipeline import Pipeline
-
-    tgt = get_target(target)
-    p = prog.clone()
-    phases = tgt.phases(CompileOptions(user_passes=tuple(parse_pass(x) for x in spellings), has_calib=calib is not None))
-    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False)
-    Pipeline([(ph.name, x) for ph in phases for x in ph.passes]).run(p, ctx)
-    return p, ctx
-
-
-def logits(prog, ids):
-    with torch.no_grad():
-        return prog.call(ids).logits
-
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from lowc.frontend.presets import byte_tokenizer
-
-    d = make_llama_dir(tmp_path_factory.mktemp("fq-llama"), seed=3, hidden_size=128, intermediate_size=352,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    prog = lowc.trace(d)
-    tok = byte_tokenizer()
-    with open(TEST, encoding="utf-8") as fh:
-        ids = torch.tensor(tok(fh.read()[:4000])["input_ids"][:256]).reshape(2, 128)
-    calib = load_calibration(VALID, tok, n_samples=4, seq_len=64)
-    return d, prog, ids, logits(prog, ids), calib
-
-
-@pytest.fixture(scope="module")
-def w4a4(model):
-    d = model[0]
+def w4a4(wt2_llama):
+    d = wt2_llama.dir
     return lowc.compile(d, target="ref-w4a4", passes=["flatquant{epochs=2}"], **CALIB)
 
 
@@ -86,10 +43,10 @@ def test_graph(w4a4):
     assert any("smoothing folded into 2 norm(s) and 1 up projection(s)" in l for l in w4a4.manifest["log"])
 
 
-def test_beats_rtn_w4a4_and_artifact_round_trip(model, w4a4, tmp_path):
-    d, prog, ids, ref, calib = model
-    rtn, _ = run_target(prog, "ref-w4a4", ["rtn"], None)
-    s_fq, s_rtn = _sqnr(ref, w4a4(ids).logits), _sqnr(ref, logits(rtn, ids))
+def test_beats_rtn_w4a4_and_artifact_round_trip(wt2_llama, w4a4, tmp_path):
+    ids = wt2_llama.ids
+    rtn, _ = wt2_llama.run("ref-w4a4", "rtn", calib=False)
+    s_fq, s_rtn = sqnr(wt2_llama.ref, w4a4(ids).logits), wt2_llama.sqnr(rtn)
     assert s_fq > s_rtn + 0.3, (s_fq, s_rtn)  # measured 9.6 vs 8.7 dB (epochs=2, 4 x 64 tokens)
     assert s_fq > 7.0
     w4a4.save(tmp_path / "fq")
@@ -97,11 +54,11 @@ def test_beats_rtn_w4a4_and_artifact_round_trip(model, w4a4, tmp_path):
     torch.testing.assert_close(back(ids).logits, w4a4(ids).logits, rtol=0, atol=0)
 
 
-def test_w3_weight_only_beats_rtn(model):
-    d, prog, ids, ref, calib = model
-    fq, ctx = run_target(prog, "ref-w4a16", ["flatquant{bits=3,epochs=2}"], calib)
-    rtn, _ = run_target(prog, "ref-w4a16", ["rtn{bits=3}"], None)
-    s_fq, s_rtn = _sqnr(ref, logits(fq, ids)), _sqnr(ref, logits(rtn, ids))
+def test_w3_weight_only_beats_rtn(wt2_llama):
+    ids = wt2_llama.ids
+    fq, ctx = wt2_llama.run("ref-w4a16", "flatquant{bits=3,epochs=2}")
+    rtn, _ = wt2_llama.run("ref-w4a16", "rtn{bits=3}", calib=False)
+    s_fq, s_rtn = wt2_llama.sqnr(fq), wt2_llama.sqnr(rtn)
     assert s_fq > s_rtn + 2.0, (s_fq, s_rtn)  # measured 7.9 vs 3.8 dB
     assert {r["scheme"]["w_bits"] for r in layer_table(fq) if r["scheme"]} == {3}
     assert any("padded" in l for l in ctx.log)  # intermediate 352 is not a multiple of 128
@@ -111,7 +68,7 @@ def test_w3_weight_only_beats_rtn(model):
     text = printer.format_program(fq)
     assert "lowc.linear_lut.default" in text and text.count("lowc.kron_transform.default") == 8
     # same model up to the LUT kernel's int8 tables (about 1% relative error per layer)
-    assert _sqnr(before, logits(fq, ids)) > 25.0
+    assert sqnr(before, logits(fq, ids)) > 25.0
 
 
 def test_onnx_refuses_the_transform_naming_the_layer(w4a4):
@@ -140,53 +97,27 @@ def test_folded_float_model_is_unchanged(odd_llama_dir):
         torch.testing.assert_close(prog.call(ids).logits, ref, rtol=1e-4, atol=2e-5)
 
 
-def test_idempotent_and_deterministic(model):
-    from lowc.backends.registry import get_target
-
-    tgt = get_target("ref-w4a16")
-    prog = model[1].clone()
-    calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False, seed=7)
-    p2 = prog.clone()
-    assert run_passes(prog, [FlatQuant(epochs=1)], ctx)[0].result.changed
-    assert run_passes(prog, [FlatQuant(epochs=1)], ctx)[0].result.changed is False
-    run_passes(p2, [FlatQuant(epochs=1)], PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False, seed=7))
-    for name in ("model.layers.1.mlp.down_proj.qweight", "model.layers.0.self_attn.q_proj.flat_p1"):
-        assert torch.equal(prog.attr(name), p2.attr(name))
+def test_idempotent_and_deterministic(wt2_llama):
+    check_idempotent_and_deterministic(wt2_llama.program.clone(), FlatQuant(epochs=1), "ref-w4a16", seed=7,
+                                       names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.self_attn.q_proj.flat_p1"))
 
 
 def test_options_round_trip():
-    from lowc.passes.options import from_json, parse_pass
+    from lowc.passes.options import parse_pass
 
     p = parse_pass("flatquant{bits=3,group_size=64,epochs=3,lr=0.001,alpha=0.25,lac=false,batch_size=2}")
     assert (p.bits, p.group_size, p.epochs, p.lr, p.alpha, p.lac, p.batch_size) == (3, 64, 3, 0.001, 0.25, False, 2)
-    assert from_json(p.to_json()) == p
-    assert parse_pass(p.spelling()) == p
-    assert parse_pass("flatquant") == FlatQuant()
-    for bad, msg in (("flatquant{bits=9}", "bits=9 cannot be packed"), ("flatquant{group_size=12}", "group_size=12 cannot be packed"),
-                     ("flatquant{epochs=-1}", "epochs=-1"), ("flatquant{alpha=2}", "alpha=2"), ("flatquant{lr=0}", "lr=0")):
-        with pytest.raises(PassOptionError, match=msg):
-            parse_pass(bad)
+    check_options_round_trip(p, {"flatquant{bits=9}": "bits=9 cannot be packed",
+                                 "flatquant{group_size=12}": "group_size=12 cannot be packed", "flatquant{epochs=-1}": "epochs=-1",
+                                 "flatquant{alpha=2}": "alpha=2", "flatquant{lr=0}": "lr=0"})
 
 
 def test_bad_calibration():
-    from lowc.frontend.presets import tiny_llama
-
-    m, _ = tiny_llama(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(CalibrationError, match="pass 'flatquant' needs calibration data"):
-        lowc.compile(m, target="ref-w4a16", passes=["flatquant"])
-    with torch.no_grad():
-        m.model.embed_tokens.weight[7] = float("nan")
-    prog = lowc.trace(m)
-    with pytest.raises(CalibrationError, match="pass 'flatquant' needs calibration data"):
-        FlatQuant().run(prog, PassContext())
-    calib = load_calibration([torch.tensor([[1, 7, 9, 11]])])
-    with pytest.raises((CalibrationError, PassError), match="flatquant.*non-finite"):
-        run_passes(prog, [FlatQuant(epochs=1)], PassContext(calib=calib, progress=False))
+    check_needs_finite_calibration(FlatQuant(epochs=1), "ref-w4a16", float("nan"))
 
 
-def test_cli(model, tmp_path):
-    d = model[0]
+def test_cli(wt2_llama, tmp_path):
+    d = wt2_llama.dir
     out = tmp_path / "cli"
     r = run_lowc("compile", d, "--target", "ref-w4a16", "-o", out, "--pass", "flatquant{epochs=1,bits=3}", "--calib", VALID,
                  "--calib-samples", "2", "--seq-len", "32", "-q")
@@ -197,27 +128,18 @@ def test_cli(model, tmp_path):
 
 
 def test_minilm_post_norm():
-    from lowc import evaluate as ev
-
-    with open(TEST, encoding="utf-8") as fh:
-        sentences = [l.strip() for l in fh if len(l.split()) >= 8][:16]
-    f = lowc.compile("minilm", target="ref-fp32")
-    batches = ev.text_batches(f.tokenizer, sentences)
-    cm = lowc.compile("minilm", target="ref-w8a8", passes=["flatquant{epochs=1}"], calib=VALID, calib_samples=2,
-                      seq_len=32, progress=False)
-    assert ev.compare(f, cm, batches, "encoder").cosine > 0.98  # W8A8
+    cm = minilm_w8a8("flatquant{epochs=1}")
     text = printer.format_program(cm.program)
     assert text.count("lowc.kron_transform.default") == 24  # q/k/v, o heads, intermediate, output per layer
     assert cm.program.attr("encoder.layer.0.attention.self.query.flat_scale").shape == (384,)  # d stays online
     assert any("also feed the residual" in l for l in cm.manifest["log"])
 
 
-def test_gptq_weights(model):
+def test_gptq_weights(wt2_llama):
     """gptq=true: the transformed, clipped weights are quantized by GPTQ on the transformed inputs."""
-    d, prog, ids, ref, calib = model
-    fq, _ = run_target(prog, "ref-w4a16", ["flatquant{bits=3,epochs=1,gptq=true}"], calib)
-    plain, _ = run_target(prog, "ref-w4a16", ["flatquant{bits=3,epochs=1}"], calib)
-    s_g, s_p = _sqnr(ref, logits(fq, ids)), _sqnr(ref, logits(plain, ids))
+    fq, _ = wt2_llama.run("ref-w4a16", "flatquant{bits=3,epochs=1,gptq=true}")
+    plain, _ = wt2_llama.run("ref-w4a16", "flatquant{bits=3,epochs=1}")
+    s_g, s_p = wt2_llama.sqnr(fq), wt2_llama.sqnr(plain)
     assert s_g > s_p + 3.0, (s_g, s_p)  # measured 13.8 vs 7.0 dB
     assert printer.format_program(fq).count("lowc.kron_transform.default") == 8
     rows = [r for r in layer_table(fq) if r["block"] is not None]

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_llama_dir, run_lowc
+from conftest import TwoLinears, make_llama_dir, run_lowc, two_linears_program
 from lowc.backends.triton import autotune, layout, op
 from lowc.errors import KernelError
 from lowc.ir.dialect import ops, packing, quant
@@ -132,27 +132,8 @@ def test_op_checks_operands():
 
 
 # ---- the lowering pass ---------------------------------------------------------------------------------
-class TwoLinears(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(72, 50)
-        self.b = torch.nn.Linear(50, 33, bias=False)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 def _program(bits=(4, 8), group_size=32):
-    from lowc.frontend.trace import trace
-    from lowc.passes.quant.common import linear_weight, rewrite_linear
-
-    torch.manual_seed(0)
-    prog = trace(TwoLinears(), (torch.randn(3, 72),))
-    for node, b in zip(prog.linears(), bits):
-        qw = quant.rtn_quantize(linear_weight(prog, node), b, group_size, b == 8)
-        rewrite_linear(prog, node, qw, {"method": "rtn", "w_bits": b, "group_size": group_size})
-    prog.remove_dead()
-    return prog
+    return two_linears_program(bits, group_size, symmetric=tuple(b == 8 for b in bits))
 
 
 def test_triton_lower_pass():
