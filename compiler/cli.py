@@ -302,7 +302,7 @@ def generate(artifact, prompt, max_new_tokens, check, device, as_json):
 
     import lowc
     from lowc.errors import LowcError
-    from lowc.passes.linearize.decode import RecurrentDecoder, generate as rec_generate, parallel_generate
+    from lowc.passes.linearize.decode import generate as rec_generate, parallel_generate
 
     cm = lowc.load(artifact, device=device)
     tok = cm.tokenizer
@@ -310,10 +310,17 @@ def generate(artifact, prompt, max_new_tokens, check, device, as_json):
         raise LowcError(f"{artifact}: the model has no tokenizer, so a text prompt cannot be encoded")
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     sizes: list[int] = []
+    decoders: list = []  # the decoder that generated, for its layer counts
+
+    def on_token(i, d):
+        sizes.append(d.state_bytes() + d.kv_cache_bytes())
+        if not decoders:
+            decoders.append(d)
+
     t0 = time.perf_counter()
-    out = rec_generate(cm, ids, max_new_tokens, on_token=lambda i, d: sizes.append(d.state_bytes() + d.kv_cache_bytes()))
+    out = rec_generate(cm, ids, max_new_tokens, on_token=on_token)
     dt = time.perf_counter() - t0
-    dec = RecurrentDecoder(cm)
+    dec = decoders[0]
     result = {"text": tok.decode(out[0, ids.shape[1]:]), "prompt_tokens": int(ids.shape[1]),
               "new_tokens": max_new_tokens, "seconds": round(dt, 3), "tokens_per_s": round(max_new_tokens / dt, 2),
               "linear_layers": dec.linear_layers, "softmax_layers": dec.softmax_layers,
