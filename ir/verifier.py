@@ -68,16 +68,27 @@ def verify(program, shapes: bool = True) -> None:
         _propagate(program)
 
 
+class _TrackingProp(FakeTensorProp):
+    """FakeTensorProp that remembers the node it is running, to name it when propagation fails."""
+
+    current = None
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)
+
+
 def _propagate(program) -> None:
     gm = program.gm
     saved = {n: n.meta.pop("val", None) for n in gm.graph.nodes}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fake_inputs = [mode.from_tensor(t) for t in program.example_inputs()]
+    prop = _TrackingProp(gm, mode)
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        prop.propagate_dont_convert_inputs(*fake_inputs)
     except Exception as e:
-        failing = next((n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output") and "val" not in n.meta), None)
+        failing = prop.current if prop.current is not None and prop.current.op not in ("placeholder", "get_attr", "output") else None
         for n, v in saved.items():  # restore what was recorded before this run
             if v is not None:
                 n.meta["val"] = v

@@ -249,21 +249,23 @@ def test_kv_graph_after_rope_before_gqa_repeat(llama_prog):
     assert recs[0].result.stats == {"quantized": 4, "attentions": 2, "bits": 4, "group_size": -1, "symmetric": False}
     verifier.verify(p)
     nodes = _kv_nodes(p)
-    assert [nodemeta.get(n).role for n in nodes] == ["v_cache", "k_cache", "v_cache", "k_cache"]
+    # one K and one V per block; their order in the graph follows the transformers version's code
+    assert sorted((nodemeta.get(n).block, nodemeta.get(n).role) for n in nodes) == \
+        [(0, "k_cache"), (0, "v_cache"), (1, "k_cache"), (1, "v_cache")]
     from lowc.ir.analysis import attention_subgraphs
 
     for a in attention_subgraphs(p):
         k = next(n for n in nodes if nodemeta.get(n).role == "k_cache" and nodemeta.get(n).block == a.block)
         assert k.args[0] is a.k_rope[-1]  # the rotated keys
-        assert [u.target for u in k.users] == [torch.ops.aten.unsqueeze.default]  # then the GQA repeat
+        # then the GQA repeat (unsqueeze+expand, or expand alone, by transformers version)
+        assert [u.target for u in k.users] in ([torch.ops.aten.unsqueeze.default], [torch.ops.aten.expand.default])
         assert tuple(k.meta["val"].shape)[1] == a.num_kv_heads == 2
         v = next(n for n in nodes if nodemeta.get(n).role == "v_cache" and nodemeta.get(n).block == a.block)
         assert v.args[0].target == torch.ops.aten.transpose.int
     text = printer.format_program(p)
-    FileCheck().check("lowc.fake_quant_kv.default(%transpose_2, 4, -1, False)").check("role=v_cache block=0") \
-        .check("lowc.fake_quant_kv.default(%add_6, 4, -1, False)").check("role=k_cache block=0") \
-        .check("aten.unsqueeze.default(%fake_quant_kv").check("aten.expand.default") \
-        .check("aten.scaled_dot_product_attention.default").run(text)
+    FileCheck().check_count("lowc.fake_quant_kv.default(", 2).check("aten.expand.default").check("aten.scaled_dot_product_attention.default").run(text)
+    for n in nodes:
+        assert f"lowc.fake_quant_kv.default(%{n.args[0].name}, 4, -1, False)" in text
 
 
 def test_kv_sqnr_floors_and_options(llama_prog, ids, ref):

@@ -4,6 +4,8 @@ linear taps against an eager model, propagation of a block rewritten with rtn, b
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.fx
@@ -81,15 +83,19 @@ def test_block_module_printed(eager_and_program):
     """Block 1 of tiny-llama reads the prefix values and block 0's output and returns its residual."""
     program = eager_and_program["tiny-llama"][1]
     runner = BlockwiseRunner(program, calib(1), progress=False)
+    outputs = {}
     for block in runner:
+        outputs[block.index] = block.output_names
         if block.index == 1:
-            assert block.input_names == ["sym_size_int_20", "sym_size_int_21", "expand", "to_5", "to_6", "add_9"]
-            assert block.output_names == ["add_15"]
+            # node names vary by torch version: the shape symbols, the mask, cos/sin, then block 0's output
+            names = block.input_names
+            assert len(names) == 6 and all(re.fullmatch(r"sym_size_int_\d+", n) for n in names[:2]), names
+            assert names[-1:] == outputs[0] and len(block.output_names) == 1
             assert block.layer_prefix == "model.layers.1"
             code = block.module().code
-            FileCheck().check("def forward(self, sym_size_int_20, sym_size_int_21, expand, to_5, to_6, add_9)") \
+            FileCheck().check(f"def forward(self, {', '.join(names)})") \
                 .check("torch.ops.aten.scaled_dot_product_attention.default(") \
-                .check("return (add_15,)").run(code)
+                .check(f"return ({block.output_names[0]},)").run(code)
             FileCheck().check_count("torch.ops.aten.linear.default(", 7, exactly=True).run(code)
             assert [layer_name(n) for n in block.linears()] == [
                 f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",

@@ -127,3 +127,62 @@ def test_compile_records_calibration(tmp_path):
     f.write_text("some calibration text for the tiny model. " * 100)
     cm = lowc.compile("tiny-llama", target="ref-w4a16", calib=str(f), calib_samples=3, seq_len=24)
     assert cm.manifest["calibration"]["samples"] == 3 and cm.manifest["calibration"]["seq_len"] == 24
+
+
+class FixesSeq(torch.nn.Module):
+    def forward(self, input_ids, attention_mask):
+        if input_ids.shape[1] == 16:  # specializes the sequence length
+            return input_ids * 2
+        return input_ids * attention_mask
+
+
+class ExpandsKV(torch.nn.Module):
+    def forward(self, input_ids, attention_mask):
+        x = (input_ids * attention_mask).float()
+        return x[:, :, None].expand(-1, -1, 3) + x[:, None, :].sum()
+
+
+def _hf_kwargs(seq=16):
+    ids = torch.randint(0, 100, (2, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_dynamic_export_refuses_a_model_that_fixes_a_dim():
+    """The Dim.DYNAMIC retry (for torch versions whose solver rejects true guards) must not hide a
+    real specialization: it fails naming the dimension and the input."""
+    from lowc.frontend.trace import _export_dynamic
+
+    with pytest.raises(CaptureError, match=r"cannot capture FixesSeq: .*seq") as e:
+        _export_dynamic(FixesSeq(), _hf_kwargs(), {"batch": (0, 64), "seq": (1, 512)}, "FixesSeq")
+    assert "16" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_dynamic_export_keeps_both_dims_symbolic():
+    from lowc.frontend.trace import _export_dynamic
+
+    ep = _export_dynamic(ExpandsKV(), _hf_kwargs(), {"batch": (0, 64), "seq": (1, 512)}, "ExpandsKV")
+    gm = ep.module()
+    kw = _hf_kwargs(seq=7)
+    assert torch.equal(gm(**kw), ExpandsKV()(**kw))
+
+
+def test_identity_slices_are_canonicalized_away():
+    """`x[:, :, None]` exports with full-range aten.slice on some torch versions; lowc drops them."""
+    from lowc.frontend.canonicalize import canonicalize
+
+    kw = _hf_kwargs()
+    # build the slices explicitly, as torch 2.11's export leaves them
+    g = torch.fx.Graph()
+    ids, mask = g.placeholder("input_ids"), g.placeholder("attention_mask")
+    x = g.call_function(torch.ops.aten.mul.Tensor, (ids, mask))
+    s0 = g.call_function(torch.ops.aten.slice.Tensor, (x, 0, 0, 2**63 - 1))
+    u = g.call_function(torch.ops.aten.unsqueeze.default, (s0, 2))
+    s1 = g.call_function(torch.ops.aten.slice.Tensor, (u, 3, 0, 2**63 - 1, 1))
+    part = g.call_function(torch.ops.aten.slice.Tensor, (u, 1, 0, 4))  # a real slice stays
+    g.output((s1, part))
+    m = canonicalize(torch.fx.GraphModule(torch.nn.Module(), g))
+    slices = [n for n in m.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
+    assert [n.args[1:] for n in slices] == [(1, 0, 4)]
+    out, kept = m(**kw)
+    assert torch.equal(out, (kw["input_ids"] * kw["attention_mask"])[:, :, None])
+    assert torch.equal(kept, (kw["input_ids"] * kw["attention_mask"])[:, :4, None])

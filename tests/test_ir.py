@@ -139,8 +139,10 @@ def test_printer_after_rtn(prog):
     wq = [l for l in text.splitlines() if "lowc.linear_wq.default" in l]
     assert len(wq) == 28
     assert re.match(r"%linear_wq\w* = ", wq[0]), wq[0]
+    q = next(n for n in prog.graph.nodes if n.target == torch.ops.lowc.linear_wq.default)
+    assert q.args[0].target == torch.ops.aten.mul.Tensor  # the RMSNorm output (its name varies by torch version)
     assert wq[0].split(" = ", 1)[1].startswith(
-        "lowc.linear_wq.default(%mul_4, @model.layers.0.self_attn.q_proj.qweight, "
+        f"lowc.linear_wq.default(%{q.args[0].name}, @model.layers.0.self_attn.q_proj.qweight, "
         "@model.layers.0.self_attn.q_proj.scales, @model.layers.0.self_attn.q_proj.zeros, None, 4, 128, 256)"
     ), wq[0]
     assert wq[0].endswith(

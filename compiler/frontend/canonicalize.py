@@ -7,6 +7,8 @@
   segmentation;
 * drop ``aten._assert_tensor_metadata`` checks (they pin the capture device and dtype) and export's
   ``_guards_fn`` input-guard module (a Python callable; lowc validates inputs in ``Program.call``);
+* drop identity slices (``aten.slice(x, dim, 0, INT64_MAX)``, from ``x[:, :, None]``: some torch
+  versions keep them in exported graphs, others do not), so passes see the same graph either way;
 * :func:`retarget_device` rewrites device constants baked in by export (``arange(device=cpu)``)
   so a program captured on one device runs on another.
 """
@@ -19,6 +21,18 @@ import torch.fx
 from lowc.ir import known
 
 _ASSERT = torch.ops.aten._assert_tensor_metadata.default
+_SLICE = torch.ops.aten.slice.Tensor
+_INT64_MAX = 2**63 - 1
+
+
+def _is_identity_slice(node: torch.fx.Node) -> bool:
+    if node.op != "call_function" or node.target != _SLICE:
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start = node.kwargs.get("start", args[2])
+    end = node.kwargs.get("end", args[3])
+    step = node.kwargs.get("step", args[4])
+    return start in (None, 0) and (end is None or (isinstance(end, int) and end >= _INT64_MAX)) and step in (None, 1)
 
 
 def _inline_hops(gm: torch.fx.GraphModule) -> int:
@@ -74,6 +88,9 @@ def canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             # export's input guard module; lowc checks inputs itself (Program.call)
             gm.graph.erase_node(node)
             delattr(gm, "_guards_fn")
+        elif _is_identity_slice(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

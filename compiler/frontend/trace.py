@@ -49,6 +49,9 @@ def _user_frame(e: BaseException) -> str:
 def _capture_error(e: Exception, what: str) -> CaptureError:
     msg = str(e).strip()
     first = next((l.strip() for l in msg.splitlines() if l.strip()), type(e).__name__)
+    if first.startswith("Constraints violated"):  # the reason is on the next "- " line
+        reason = next((l.strip()[2:] for l in msg.splitlines() if l.strip().startswith("- ")), "")
+        first = f"{first.split('!')[0]}: {reason}" if reason else first
     op = re.search(r"(aten\.\w+(\.\w+)?|torch\.ops\.\w+\.\w+)", msg)
     where = f" in op {op.group(1)}" if op else ""
     return CaptureError(f"cannot capture {what}{where}: {type(e).__name__}: {first[:300]}{_user_frame(e)}")
@@ -60,6 +63,43 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, w
             return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
         raise _capture_error(e, what) from e
+
+
+def _export_dynamic(model: torch.nn.Module, kwargs: dict, dims: dict[str, tuple[int, int]], what: str):
+    """Export ``model(**kwargs)`` with dims ``{name: (axis, max)}`` dynamic on every input.
+
+    Named ``Dim``s come first: export then proves every guard over the whole range, and a model that
+    specializes a dim fails here, naming it. Older torch (2.11, with transformers 5.17's mask code)
+    cannot prove some true guards (``Min(16*s, 32*s) == 16*s``) and reports them as violations; then
+    export is retried with ``Dim.DYNAMIC`` ranges, and every dim must still be symbolic afterwards.
+    """
+    def spec(make):
+        return {k: {axis: make(n, mx) for n, (axis, mx) in dims.items()} for k in kwargs}
+
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (), kwargs, strict=False,
+                                       dynamic_shapes=spec(lambda n, mx: torch.export.Dim(n, min=1, max=mx)))
+    except Exception as e:
+        first = e
+    hint = getattr(torch.export.Dim, "DYNAMIC", None)
+    if hint is None or "Constraints violated" not in str(first):
+        raise _capture_error(first, what) from first
+    make = (lambda n, mx: hint(min=1, max=mx)) if callable(hint) else (lambda n, mx: hint)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=spec(make), strict=False)
+    except Exception:
+        raise _capture_error(first, what) from first  # the named-Dim error says which guard failed
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for name in ep.graph_signature.user_inputs:
+        shape = placeholders[name].meta["val"].shape
+        for dim, (axis, _) in dims.items():
+            if not isinstance(shape[axis], torch.SymInt):
+                raise CaptureError(f"cannot capture {what}: the model fixes the {dim} dimension of {name} "
+                                   f"to {shape[axis]} (torch {torch.__version__}); first export error: "
+                                   f"{str(first).strip().splitlines()[0][:200]}")
+    return ep
 
 
 def _finish(ep, info: ModelInfo, tokenizer=None) -> Program:
@@ -87,11 +127,9 @@ def trace_hf_model(model, tokenizer=None, *, kind: str | None = None, source: di
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
     mask = torch.ones_like(ids)
-    bdim = torch.export.Dim("batch", min=1, max=4096)
-    sdim = torch.export.Dim("seq", min=1, max=max_pos)
-    ep = _export(model, (), {"input_ids": ids, "attention_mask": mask},
-                 {"input_ids": {0: bdim, 1: sdim}, "attention_mask": {0: bdim, 1: sdim}},
-                 (source or {}).get("name") or type(model).__name__)
+    what = (source or {}).get("name") or type(model).__name__
+    ep = _export_dynamic(model, {"input_ids": ids, "attention_mask": mask},
+                         {"batch": (0, 4096), "seq": (1, max_pos)}, what)
     info = ModelInfo(
         kind=kind,
         source=source or {"type": "module", "name": type(model).__name__, "sha256": hf.fingerprint_module(model)},
