@@ -57,10 +57,14 @@ def _capture_error(e: Exception, what: str) -> CaptureError:
     return CaptureError(f"cannot capture {what}{where}: {type(e).__name__}: {first[:300]}{_user_frame(e)}")
 
 
+def _export_raw(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes):
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes, what: str):
     try:
-        with torch.no_grad():
-            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return _export_raw(model, args, kwargs, dynamic_shapes)
     except Exception as e:
         raise _capture_error(e, what) from e
 
@@ -77,9 +81,7 @@ def _export_dynamic(model: torch.nn.Module, kwargs: dict, dims: dict[str, tuple[
         return {k: {axis: make(n, mx) for n, (axis, mx) in dims.items()} for k in kwargs}
 
     try:
-        with torch.no_grad():
-            return torch.export.export(model, (), kwargs, strict=False,
-                                       dynamic_shapes=spec(lambda n, mx: torch.export.Dim(n, min=1, max=mx)))
+        return _export_raw(model, (), kwargs, spec(lambda n, mx: torch.export.Dim(n, min=1, max=mx)))
     except Exception as e:
         first = e
     hint = getattr(torch.export.Dim, "DYNAMIC", None)
@@ -87,8 +89,7 @@ def _export_dynamic(model: torch.nn.Module, kwargs: dict, dims: dict[str, tuple[
         raise _capture_error(first, what) from first
     make = (lambda n, mx: hint(min=1, max=mx)) if callable(hint) else (lambda n, mx: hint)
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=spec(make), strict=False)
+        ep = _export_raw(model, (), kwargs, spec(make))
     except Exception:
         raise _capture_error(first, what) from first  # the named-Dim error says which guard failed
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
