@@ -42,7 +42,11 @@ def tokenizer_of(program):
     if tok is None and program.info.tokenizer_dir:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(program.info.tokenizer_dir, local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(program.info.tokenizer_dir, local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{program.info.tokenizer_dir}: cannot load the tokenizer: {first}") from None
         program.tokenizer = tok
     return tok
 
@@ -96,7 +100,9 @@ class CompiledModel:
         if self.target.emit is not None:
             def emit(d, _p=self.program):
                 self.target.emit(_p, d)
-        return write_artifact(os.fspath(path), self.program, manifest, force=force, emit=emit)
+        src = self.program.info.source
+        protect = [src["path"]] if isinstance(src.get("path"), str) else []
+        return write_artifact(os.fspath(path), self.program, manifest, force=force, emit=emit, protect=protect)
 
 
 def layer_table(program) -> list[dict[str, Any]]:
@@ -133,28 +139,33 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
             passes: Iterable[Any] | None = None, *, recipe: str | None = None, device: str = "cpu",
             dtype: str | torch.dtype | None = None, seed: int = 0, calib_samples: int = DEFAULT_CALIB_SAMPLES,
             seq_len: int = DEFAULT_SEQ_LEN, print_after: Sequence[str] = (), progress: bool = True,
-            verify: bool = True, dynamic_shapes=None) -> CompiledModel:
+            verify: bool = True, dynamic_shapes=None, allow_nonfinite: bool = False) -> CompiledModel:
     """Trace ``model`` and run ``target``'s pipeline on it.
 
     ``model``: an nn.Module (with ``example_inputs`` unless it is a transformers model), a Hugging
     Face directory, a preset name (``tiny-llama``, ``minilm``) or ``package.module:factory``.
     ``calib``: token-id tensors, strings, or a text file path. ``passes``: spellings or Pass objects
     replacing the target's default method passes (``recipe``: a YAML/JSON file of them).
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (checked before anything runs). Weights with NaN or
+    inf fail the compile, naming the tensor, unless ``allow_nonfinite``.
     """
     from lowc.backends.registry import get_target
     from lowc.backends.target import CompileOptions
-    from lowc.frontend.trace import trace
+    from lowc.frontend.trace import check_finite, resolve_device, trace
     from lowc.passes.base import PassContext
     from lowc.passes.calibration import load_calibration
     from lowc.passes.options import load_recipe
     from lowc.passes.pipeline import Pipeline
 
+    device = str(resolve_device(device))
     tgt = get_target(target)
     user = _as_passes(passes)
     if recipe is not None:
         user = (user or []) + load_recipe(os.fspath(recipe))
     torch.manual_seed(seed)
     program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes)
+    if not allow_nonfinite:
+        check_finite(program)
     calib_data = None
     if calib is not None:
         vocab = next((s.vocab_size for s in program.info.inputs if s.vocab_size), None)
@@ -212,23 +223,24 @@ def _version() -> str:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", check_hashes: bool = True) -> CompiledModel:
-    """Load an artifact written by :meth:`CompiledModel.save` (in any process)."""
+    """Load an artifact written by :meth:`CompiledModel.save` (in any process).
+
+    The artifact is untrusted input: nothing in it is executed or imported, every file must be in
+    the manifest's hash table (``check_hashes=False`` skips only the sha256 of each file, not the
+    listing or the sizes), and any malformed content is an :class:`ArtifactError` naming the file."""
     from lowc.artifact import check_files, read_manifest, read_program
     from lowc.backends.registry import get_target
+    from lowc.frontend.trace import resolve_device
     from lowc.ir import verifier
 
     path = os.fspath(path)
+    device = str(resolve_device(device))
     manifest = read_manifest(path)
-    if check_hashes:
-        check_files(path, manifest)
+    check_files(path, manifest, hashes=check_hashes)
     try:
         tgt = get_target(manifest["target"])
     except LowcError as e:
         raise ArtifactError(f"{path}: {e}") from None
-    except KeyError:
-        raise ArtifactError(f"{path}/manifest.json is corrupt: no target") from None
-    if "model" not in manifest:
-        raise ArtifactError(f"{path}/manifest.json is corrupt: no model section")
     program = read_program(path, manifest, device=device)
     try:
         verifier.verify(program)

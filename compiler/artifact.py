@@ -9,38 +9,66 @@ Layout::
     tokenizer/           the model's tokenizer, if it has one (Hugging Face files)
     backend/             whatever the target's backend emits (generated code, ONNX, ...)
 
-Saving writes into a temporary sibling directory and renames it into place, so a failure leaves
-nothing half-written; an existing output needs ``force=True``. Loading checks the format version,
-each file's sha256, and every tensor's dtype and shape against the tensor table, and fails with an
-:class:`ArtifactError` naming the file. No pickle anywhere: JSON + safetensors only, and graph ops
-resolve through a whitelist (:mod:`lowc.ir.serialize`).
+**Writing.** Everything goes into a temporary sibling directory (``.NAME.tmp-PID-XXXX``) that is
+then put at the output path in one step: ``renameat2(RENAME_NOREPLACE)`` for a new output,
+``renameat2(RENAME_EXCHANGE)`` to swap with an existing one (Linux), so at every instant the path
+holds either the complete old artifact or the complete new one; elsewhere, a rename-aside fallback
+that restores the old artifact on any error. An existing output is replaced only with ``force``,
+and never when it is (or contains) the current directory or the input model, or is a non-empty
+directory that is not a lowc artifact. Leftover ``.tmp-``/``.old-`` siblings of dead lowc processes
+are removed. File-system failures (read-only, disk full) are an :class:`ArtifactError` naming the
+path.
+
+**Loading** treats the directory as untrusted input (hashes are integrity, not authenticity):
+the manifest is parsed strictly (known keys, typed values, :func:`validate_manifest`); every file in
+the directory except the manifest must be listed in its hash table with the right size and sha256,
+and nothing may be a symlink or a path outside the directory; the graph is rebuilt by
+:mod:`lowc.ir.serialize` (strict grammar for every string that reaches generated code, ops through
+a whitelist); every tensor's dtype and shape must match the tensor table. No pickle, no import of
+anything the artifact names.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from lowc.errors import ArtifactError
+from lowc.ir import untrusted as U
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 WEIGHTS = "weights.safetensors"
+TOKENIZER = "tokenizer"
+BACKEND = "backend"
+
+#: tensor dtypes an artifact may store
+DTYPES = {str(d).replace("torch.", ""): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
 
 
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---- writing ----------------------------------------------------------------------------------------
 
 
 def _tensor_table(program) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -61,23 +89,161 @@ def _tensor_table(program) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return store, table
 
 
+def _within(inner: str, outer: str) -> bool:
+    """Whether real path ``inner`` equals ``outer`` or lies under it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_output(path: str, protect: Iterable[str] = ()) -> None:
+    """Refuse (ArtifactError) to replace ``path`` when that could destroy what it should not: the
+    current directory or a parent of it, an input (``protect``: the source model's directory) or a
+    directory holding one, a symlink, a file, or a non-empty directory that is not a lowc artifact."""
+    real = os.path.realpath(path)
+    if _within(os.path.realpath(os.getcwd()), real):
+        raise ArtifactError(f"output {path} is the current directory or one of its parents; refusing to replace it")
+    for p in protect:
+        if p and _within(os.path.realpath(p), real):
+            raise ArtifactError(f"output {path} would replace the input model {p}; choose another output directory")
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path):
+        raise ArtifactError(f"output {path} is a symbolic link; refusing to replace it")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"output {path} exists and is not a directory; refusing to replace it")
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ArtifactError(f"output {path} is a non-empty directory that is not a lowc artifact (no {MANIFEST}); "
+                            "refusing to replace it")
+
+
+def check_file_output(path: str, protect: Iterable[str] = ()) -> None:
+    """Refuse (ArtifactError) to write the single file ``path`` over a directory, a symlink, or a
+    file inside ``protect`` (the artifact being exported)."""
+    if os.path.islink(path):
+        raise ArtifactError(f"output {path} is a symbolic link; refusing to replace it")
+    if os.path.isdir(path):
+        raise ArtifactError(f"output {path} is a directory; give a file name")
+    real = os.path.realpath(path)
+    for p in protect:
+        if p and _within(real, os.path.realpath(p)):
+            raise ArtifactError(f"output {path} is inside {p}; write it outside the artifact")
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+
+
+class _NoRenameat2(Exception):
+    pass
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    """Linux ``renameat2``; raises OSError from the call, _NoRenameat2 where it does not exist."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        raise _NoRenameat2() from None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        e = ctypes.get_errno()
+        if e in (errno.ENOSYS, errno.EINVAL):  # kernel or file system without the flag
+            raise _NoRenameat2()
+        raise OSError(e, os.strerror(e), dst)
+
+
+def _swap_in(tmp: str, path: str, aside: str) -> str | None:
+    """Put directory ``tmp`` at ``path``. Returns the directory now holding the replaced artifact
+    (to delete), or None. Each step leaves either the old or the new artifact at ``path``."""
+    for _ in range(16):  # a concurrent writer may create or swap ``path`` between two calls
+        try:
+            try:
+                _renameat2(tmp, path, _RENAME_NOREPLACE)
+                return None
+            except FileExistsError:
+                pass
+            try:
+                _renameat2(tmp, path, _RENAME_EXCHANGE)
+                return tmp  # tmp now holds the old artifact
+            except FileNotFoundError:
+                continue
+        except _NoRenameat2:
+            return _swap_in_fallback(tmp, path, aside)
+    raise ArtifactError(f"cannot put the new artifact at {path}: it keeps changing (another lowc writing it?)")
+
+
+def _swap_in_fallback(tmp: str, path: str, aside: str) -> str | None:
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return None
+    os.rename(path, aside)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(aside, path)  # put the old artifact back
+        raise
+    return aside
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(path: str) -> list[str]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings of ``path`` that lowc processes,
+    no longer running, left behind when they were killed; returns what was removed."""
+    parent, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-[A-Za-z0-9_]+\Z")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for n in names:
+        m = pattern.match(n)
+        full = os.path.join(parent, n)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))) \
+                and os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(full)
+    return removed
+
+
+def _env_error(e: BaseException, path: str) -> ArtifactError:
+    if isinstance(e, OSError):
+        where = e.filename or path
+        return ArtifactError(f"cannot write {path}: {e.strerror or e} ({where})")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ArtifactError(f"cannot write {path}: {first}")
+
+
 def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = False,
-                   emit: Callable[[str], None] | None = None) -> str:
-    """Write ``program`` + ``manifest`` to ``path`` atomically; ``emit(dir)`` adds backend files."""
+                   emit: Callable[[str], None] | None = None, protect: Iterable[str] = ()) -> str:
+    """Write ``program`` + ``manifest`` to ``path`` atomically; ``emit(dir)`` adds backend files.
+    ``protect``: paths (the input model) the output must never replace."""
     from safetensors.torch import save_file
 
+    from lowc.errors import LowcError
     from lowc.ir import serialize
 
     path = os.path.abspath(path)
-    if os.path.exists(path) and not force:
+    if os.path.lexists(path) and not force:
         raise ArtifactError(f"output {path} already exists (use --force / force=True to replace it)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    check_output(path, protect)
+    parent, base = os.path.split(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
+    except OSError as e:
+        raise _env_error(e, path) from None
+    clean_leftovers(path)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)
         store, table = _tensor_table(program)
         save_file(store, os.path.join(tmp, WEIGHTS), metadata={"format": "lowc", "format_version": str(FORMAT_VERSION)})
         os.chmod(os.path.join(tmp, WEIGHTS), 0o666 & ~umask)  # safetensors writes it 0600
@@ -87,30 +253,171 @@ def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = F
             json.dump(graph, f)
         tok = getattr(program, "tokenizer", None)
         if tok is not None:
-            tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+            tok.save_pretrained(os.path.join(tmp, TOKENIZER))
         if emit is not None:
-            os.makedirs(os.path.join(tmp, "backend"), exist_ok=True)
-            emit(os.path.join(tmp, "backend"))
+            os.makedirs(os.path.join(tmp, BACKEND), exist_ok=True)
+            emit(os.path.join(tmp, BACKEND))
         files = {}
         for root, _, names in os.walk(tmp):
             for n in sorted(names):
                 full = os.path.join(root, n)
-                rel = os.path.relpath(full, tmp)
+                rel = os.path.relpath(full, tmp).replace(os.sep, "/")
                 files[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
+        manifest["model"] = {**manifest["model"], "tokenizer_dir": None}  # a path of this machine: never stored
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, default=str)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
+        old = _swap_in(tmp, path, os.path.join(parent, f".{base}.old-{os.getpid()}-{os.urandom(4).hex()}"))
+    except LowcError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except (KeyboardInterrupt, SystemExit):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise _env_error(e, path) from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+# ---- loading: the manifest --------------------------------------------------------------------------
+
+
+def _scalars(d: Any, what: str, depth: int = 0) -> Any:
+    """Plain JSON (objects, lists, scalars) of bounded depth: fields lowc only displays."""
+    if depth > 8:
+        raise ArtifactError(f"{what}: nested too deeply")
+    if isinstance(d, dict):
+        for k, v in d.items():
+            _scalars(v, f"{what}.{k}", depth + 1)
+    elif isinstance(d, list):
+        for v in d:
+            _scalars(v, what, depth + 1)
+    elif not (d is None or isinstance(d, (str, int, float, bool))):
+        raise ArtifactError(f"{what}: unexpected {type(d).__name__}")
+    return d
+
+
+def _str(v, what):
+    return U.typed(v, str, what)
+
+
+def _opt_str(v, what):
+    return U.typed(v, (str, type(None)), what)
+
+
+def _flat(v, what):
+    """An object of scalars (scheme, source, calibration), or null."""
+    if v is None:
+        return v
+    for k, x in U.typed(v, dict, what).items():
+        U.typed(x, (str, int, float, bool, type(None)), f"{what}.{k}")
+    return v
+
+
+def _passes(v, what):
+    for i, p in enumerate(U.typed(v, list, what)):
+        w = f"{what}[{i}]"
+        U.fields(p, w, ("name", "options", "phase", "changed", "seconds", "stats"), ("name",))
+        _str(p["name"], f"{w}.name")
+        _scalars(p.get("options", {}), f"{w}.options")
+        _scalars(p.get("stats", {}), f"{w}.stats")
+        U.typed(p.get("phase", ""), str, f"{w}.phase")
+        U.typed(p.get("changed", False), bool, f"{w}.changed")
+        U.typed(p.get("seconds", 0), (int, float), f"{w}.seconds")
+    return v
+
+
+_LAYER_KEYS = ("layer", "role", "block", "scheme", "out_features", "in_features", "bytes", "float_bytes")
+
+
+def _layers(v, what):
+    for i, r in enumerate(U.typed(v, list, what)):
+        w = f"{what}[{i}]"
+        U.fields(r, w, _LAYER_KEYS, _LAYER_KEYS)
+        _str(r["layer"], f"{w}.layer")
+        U.typed(r["role"], (str, type(None)), f"{w}.role")
+        U.typed(r["block"], (int, type(None)), f"{w}.block")
+        _flat(r["scheme"], f"{w}.scheme")
+        for k in ("out_features", "in_features", "bytes", "float_bytes"):
+            U.int_in(r[k], 0, 1 << 50, f"{w}.{k}")
+    return v
+
+
+def _size(v, what):
+    U.fields(v, what, ("bytes", "float_bytes"), ("bytes", "float_bytes"))
+    for k in ("bytes", "float_bytes"):
+        U.int_in(v[k], 0, 1 << 50, f"{what}.{k}")
+    return v
+
+
+def _files(v, what):
+    for rel, info in U.typed(v, dict, what).items():
+        U.rel_path(rel, f"{what} entry")
+        U.fields(info, f"{what}[{rel!r}]", ("bytes", "sha256"), ("bytes", "sha256"))
+        U.int_in(info["bytes"], 0, 1 << 50, f"{what}[{rel!r}].bytes")
+        U.sha256_hex(info["sha256"], f"{what}[{rel!r}].sha256")
+    for required in (GRAPH, WEIGHTS):
+        if required not in v:
+            raise ArtifactError(f"{what}: {required} is not in the hash table")
+    return v
+
+
+def _model(v, what):
+    from lowc.ir.program import ModelInfo
+
+    ModelInfo.from_json(v, what)
+    return v
+
+
+def _dtype(v, what):
+    return v if v is None else U.choice(v, DTYPES, what)
+
+
+#: every key a manifest may hold, with its check; the manifest is refused on any other key
+MANIFEST_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "format_version": lambda v, w: v,
+    "lowc_version": _str,
+    "torch_version": _str,
+    "created": _str,
+    "machine": _str,
+    "target": _str,
+    "backend": _str,
+    "scheme": _flat,
+    "passes": _passes,
+    "source": _flat,
+    "model": _model,
+    "calibration": _flat,
+    "seed": lambda v, w: U.typed(v, int, w),
+    "dtype": _dtype,
+    "log": lambda v, w: [_str(x, w) for x in U.typed(v, list, w)],
+    "metrics": lambda v, w: _scalars(U.typed(v, dict, w), w),
+    "layers": _layers,
+    "size": _size,
+    "files": _files,
+}
+REQUIRED = ("format_version", "target", "model", "files")
+
+
+def validate_manifest(manifest: Any, what: str = MANIFEST) -> dict[str, Any]:
+    """``manifest`` if every key is known and every value has its type, else an ArtifactError."""
+    U.fields(manifest, what, MANIFEST_FIELDS, ())
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{what}: format version {version!r} is not supported by this lowc (expects {FORMAT_VERSION}); "
+            "recompile the model with this version"
+        )
+    for k in REQUIRED:
+        if k not in manifest:
+            raise ArtifactError(f"{what} is corrupt: no {k!r}")
+    for k, v in manifest.items():
+        MANIFEST_FIELDS[k](v, f"{what}: {k}")
+    return manifest
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -119,33 +426,86 @@ def read_manifest(path: str) -> dict[str, Any]:
     if not os.path.isdir(path):
         raise ArtifactError(f"artifact {path} is not a directory")
     mpath = os.path.join(path, MANIFEST)
+    if os.path.islink(mpath):
+        raise ArtifactError(f"{mpath} is a symbolic link; an artifact holds only plain files")
     if not os.path.isfile(mpath):
         raise ArtifactError(f"{path} is not a lowc artifact (no {MANIFEST})")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is corrupt: {e}") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{mpath} is corrupt: not a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{mpath}: format version {version!r} is not supported by this lowc (expects {FORMAT_VERSION}); "
-            "recompile the model with this version"
-        )
-    return manifest
+    return validate_manifest(U.load_json(mpath), mpath)
 
 
-def check_files(path: str, manifest: dict[str, Any]) -> None:
-    for rel, info in manifest.get("files", {}).items():
+def check_files(path: str, manifest: dict[str, Any], hashes: bool = True) -> None:
+    """Every file in ``path`` (but the manifest) is in the manifest's hash table with its size and
+    (``hashes``) sha256, and every listed file exists; no symlinks, nothing but files and folders."""
+    listed = manifest["files"]
+    present = set()
+    for root, dirs, names in os.walk(path):
+        for n in dirs + names:
+            full = os.path.join(root, n)
+            rel = os.path.relpath(full, path).replace(os.sep, "/")
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                raise ArtifactError(f"{path}: {rel} is a symbolic link; an artifact holds only plain files")
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise ArtifactError(f"{path}: {rel} is not a regular file")
+            if rel != MANIFEST:
+                present.add(rel)
+                if rel not in listed:
+                    raise ArtifactError(f"{path}: {rel} is not in the manifest's hash table")
+    for rel, info in listed.items():
         full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise ArtifactError(f"{full} is missing")
-        if os.path.getsize(full) != info.get("bytes"):
-            raise ArtifactError(f"{full} is truncated or corrupt: {os.path.getsize(full)} bytes, manifest says {info.get('bytes')}")
-        if info.get("sha256") and sha256_file(full) != info["sha256"]:
+        if rel not in present:
+            raise ArtifactError(f"{path}: {rel} is missing")
+        size = os.path.getsize(full)
+        if size != info["bytes"]:
+            raise ArtifactError(f"{full} is truncated or corrupt: {size} bytes, manifest says {info['bytes']}")
+        if hashes and sha256_file(full) != info["sha256"]:
             raise ArtifactError(f"{full} is corrupt: sha256 does not match the manifest")
+
+
+# ---- loading: the program -----------------------------------------------------------------------
+
+
+def _check_table(table: Any, what: str) -> dict[str, Any]:
+    U.typed(table, dict, what)
+    for name, entry in table.items():
+        w = f"{what}: tensor {U._show(name)}"
+        U.attr_path(name, w)
+        U.fields(entry, w, ("dtype", "shape", "parameter", "alias_of"), ("dtype", "shape"))
+        U.choice(entry["dtype"], DTYPES, f"{w}.dtype")
+        for s in U.typed(entry["shape"], list, f"{w}.shape"):
+            U.int_in(s, 0, 1 << 40, f"{w}.shape")
+        U.typed(entry.get("parameter", False), bool, f"{w}.parameter")
+        if "alias_of" in entry:
+            src = U.typed(entry["alias_of"], str, f"{w}.alias_of")
+            if src not in table or "alias_of" in table[src]:
+                raise ArtifactError(f"{what}: tensor {name!r} is an alias of {U._show(src)}, which is not stored")
+            if table[src]["dtype"] != entry["dtype"] or table[src]["shape"] != entry["shape"]:
+                raise ArtifactError(f"{w}: differs in dtype or shape from {src!r}, which it aliases")
+    return table
+
+
+def _module_tree(table: dict[str, Any], tensors: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    root = torch.nn.Module()
+    for name, entry in table.items():
+        t = tensors[entry.get("alias_of", name)]
+        mod = root
+        *parents, leaf = name.split(".")
+        try:
+            for part in parents:
+                if not hasattr(mod, part):
+                    mod.add_module(part, torch.nn.Module())
+                mod = getattr(mod, part)
+                if not isinstance(mod, torch.nn.Module):
+                    raise KeyError(part)
+            if entry.get("parameter"):
+                mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+            else:
+                mod.register_buffer(leaf, t)
+        except (KeyError, TypeError, AttributeError):
+            raise ArtifactError(f"{what}: tensor {name!r} clashes with another tensor or module of that name") from None
+    return root
 
 
 def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
@@ -156,21 +516,18 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
     from lowc.ir import serialize
     from lowc.ir.program import ModelInfo, Program
 
+    info = ModelInfo.from_json(manifest["model"], f"{MANIFEST}: model")
     gpath = os.path.join(path, GRAPH)
-    try:
-        with open(gpath) as f:
-            graph = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{gpath} is corrupt: {e}") from None
-    table = graph.get("tensors")
-    if not isinstance(table, dict):
-        raise ArtifactError(f"{gpath} is corrupt: no tensor table")
+    graph = U.typed(U.load_json(gpath), dict, gpath)
+    table = _check_table(graph.get("tensors"), gpath)
     wpath = os.path.join(path, WEIGHTS)
-    root = torch.nn.Module()
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(wpath, framework="pt", device="cpu") as f:
             stored = set(f.keys())
+            extra = sorted(stored - set(table))
+            if extra:
+                raise ArtifactError(f"{wpath}: stored tensor {extra[0]!r} is not in the tensor table")
             for name, entry in table.items():
                 if "alias_of" in entry:
                     continue
@@ -186,27 +543,11 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
         raise
     except Exception as e:
         raise ArtifactError(f"{wpath} is corrupt or truncated: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    for name, entry in table.items():
-        src = entry.get("alias_of", name)
-        if src not in tensors:
-            raise ArtifactError(f"{gpath}: tensor {name!r} is an alias of {src!r}, which is not stored")
-        t = tensors[src]
-        mod = root
-        *parents, leaf = name.split(".")
-        for part in parents:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        if entry.get("parameter"):
-            mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
-        else:
-            mod.register_buffer(leaf, t)
-    gm = serialize.graph_from_json(graph, root)
+    root = _module_tree(table, tensors, gpath)
+    gm = serialize.graph_from_json(graph, root, tensors=set(table), inputs=[s.name for s in info.inputs], what=gpath)
     retarget_device(gm, device)  # device constants baked in at capture (arange(device=...))
-    info = ModelInfo.from_json(manifest["model"])
     program = Program(gm, info)
-    tok_dir = os.path.join(path, "tokenizer")
+    tok_dir = os.path.join(path, TOKENIZER)
     program.tokenizer = None
-    if os.path.isdir(tok_dir):
-        info.tokenizer_dir = tok_dir
+    info.tokenizer_dir = tok_dir if os.path.isdir(tok_dir) else None  # never a path from the manifest
     return program

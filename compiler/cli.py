@@ -25,6 +25,10 @@ def _scheme_label(s: dict | None) -> str:
     return f"{s.get('method', '?')} W{s.get('w_bits')}A{s.get('a_bits', 16)} {g}{' sym' if s.get('symmetric') else ''}"
 
 
+AGAINST_HELP = ("float model to compare with; default: the artifact's source when it is a preset or an HF "
+                "directory that has not changed (a factory is never imported from an artifact: name it here)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lowc", prog_name="lowc")
 def cli() -> None:
@@ -46,31 +50,36 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True, help="device to trace and calibrate on (cpu, cuda, cuda:1)")
 @click.option("--dtype", default="auto", show_default=True, help="float32, float16, bfloat16, or auto (fp32 on CPU, fp16 on CUDA)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for calibration sampling and passes")
-@click.option("--force", is_flag=True, help="replace an existing output directory")
+@click.option("--force", is_flag=True, help="replace an existing output directory (only a previous lowc artifact or an empty directory)")
+@click.option("--allow-nonfinite", is_flag=True, help="compile even if the source weights hold NaN or inf")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS", help="print the IR after this pass (repeatable)")
 @click.option("--no-verify", is_flag=True, help="skip IR verification between passes")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe, device, dtype, seed, force,
-            print_after, no_verify, quiet):
+            allow_nonfinite, print_after, no_verify, quiet):
     """Compile MODEL (HF directory, preset, or package.module:factory) for TARGET into OUTPUT."""
     import lowc
+    from lowc.artifact import check_output
     from lowc.backends.registry import get_target
     from lowc.errors import ArtifactError, CalibrationError
+    from lowc.frontend.trace import resolve_device
     from lowc.passes.options import load_recipe, parse_pass
 
     get_target(target)  # fail fast on an unknown target, before loading anything
+    resolve_device(device)
     user = [parse_pass(p) for p in passes] if passes else None
     if recipe:
         user = (user or []) + load_recipe(recipe)
-    if os.path.exists(output) and not force:
+    if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
+    check_output(output, protect=[model] if os.path.exists(model) else [])
     if calib is not None and not os.path.isfile(calib):
         raise CalibrationError(f"calibration file {calib!r} does not exist")
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
     say(f"lowc: compiling {model} for {target}")
     cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
                       calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
-                      progress=not quiet, verify=not no_verify)
+                      progress=not quiet, verify=not no_verify, allow_nonfinite=allow_nonfinite)
     for r in cm.manifest["passes"]:
         stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, (list, dict)))
         say(f"  {r['phase']:>8} {r['name']:<22} {r['seconds'] * 1000:8.1f} ms  {'changed' if r['changed'] else 'no change'}  {stats}")
@@ -164,7 +173,7 @@ def inspect(artifact, as_json):
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
 @click.option("--data", type=click.Path(), default=None, help="text file: perplexity (causal LMs) / sentences (encoders)")
-@click.option("--against", default=None, help="float model to compare with (default: the artifact's source)")
+@click.option("--against", default=None, help=AGAINST_HELP)
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="perplexity window")
 @click.option("--max-windows", type=click.IntRange(min=1), default=64, show_default=True, help="perplexity windows at most")
 @click.option("--max-sentences", type=click.IntRange(min=1), default=256, show_default=True, help="encoder sentences at most")
@@ -222,7 +231,7 @@ def torch_ones(w, device):
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--against", default=None, help="float model to compare with (default: the artifact's source)")
+@click.option("--against", default=None, help=AGAINST_HELP)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seq-len", "seq_lens", type=click.IntRange(min=1), multiple=True, default=(1, 128), show_default=True,
               help="sequence lengths to time (repeatable)")
@@ -274,8 +283,11 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
 
     if fmt != "onnx":
         raise LowcError(f"unknown export format '{fmt}'; known formats: onnx")
-    if os.path.exists(output) and not force:
+    if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
+    from lowc.artifact import check_file_output
+
+    check_file_output(output, protect=[artifact])
     import lowc
     from lowc.backends.onnx import export_onnx
 

@@ -48,3 +48,7 @@ class ArtifactError(LowcError):
 
 class KernelError(LowcError):
     """A kernel cannot take the given shapes or dtypes."""
+
+
+class DeviceError(LowcError):
+    """A device this machine does not have (CUDA without a GPU) or an unknown device string."""

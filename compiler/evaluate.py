@@ -10,6 +10,7 @@ summary, the benchmarks and the tests.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -147,27 +148,48 @@ def perplexity(fn: Callable, windows: torch.Tensor, batch_size: int = 4, device:
     return math.exp(nll / count)
 
 
+def source_spelling(manifest: dict[str, Any]) -> str:
+    """The model spelling to rebuild an artifact's float source from, when that is safe.
+
+    The manifest is untrusted, so it may name only what loads without running code from it: a
+    built-in preset, or a Hugging Face directory whose fingerprint still matches the one recorded
+    at compile time (weights are safetensors; transformers never runs remote code here). A factory
+    (``package.module:factory``) or an in-memory module is never rebuilt from the manifest: the user
+    names it with ``--against``."""
+    from lowc.frontend import hf, presets
+
+    src = manifest.get("source") or {}
+    kind, name, path = src.get("type"), src.get("name"), src.get("path")
+    if kind == "preset" and name in presets.PRESETS:
+        return name
+    if kind == "hf-dir" and isinstance(path, str) and os.path.isabs(path):
+        if not hf.is_hf_dir(path):
+            raise ModelLoadError(f"the artifact's source model {path} is not there any more: pass --against MODEL")
+        if hf.fingerprint_dir(path) != src.get("sha256"):
+            raise ModelLoadError(f"the artifact's source model {path} has changed since it was compiled "
+                                 "(fingerprint differs): pass --against MODEL")
+        return path
+    if kind == "factory":
+        raise ModelLoadError(f"the artifact was compiled from the factory {name!r}; lowc never imports code an artifact "
+                             f"names: pass --against {name if isinstance(name, str) else 'MODEL'} to rebuild the float model")
+    raise ModelLoadError("the artifact's source model cannot be rebuilt here: pass --against MODEL")
+
+
 def float_reference(manifest: dict[str, Any], against: str | None, device: str = "cpu"):
-    """(eager float model callable, tokenizer) for the source model or ``against``."""
+    """(eager float model callable, tokenizer) for ``against`` (any model spelling the user gives),
+    else for the artifact's source when :func:`source_spelling` allows it."""
     from lowc.frontend.trace import load_source, resolve_dtype
 
     dtype = resolve_dtype(manifest.get("dtype"), device) if manifest.get("dtype") else torch.float32
-    spec = against
-    if spec is None:
-        src = manifest.get("source", {})
-        if src.get("type") == "preset":
-            spec = src["name"]
-        elif src.get("type") in ("hf-dir", "factory"):
-            spec = src.get("path") or src.get("name")
-        if not spec:
-            raise ModelLoadError("the artifact's source model cannot be rebuilt here: pass --against MODEL")
+    spec = against if against is not None else source_spelling(manifest)
     try:
         model, tok, _, _ = load_source(spec, dtype)
     except ModelLoadError as e:
         raise ModelLoadError(f"float reference: {e} (pass --against MODEL)") from None
     model = model.to(device).eval()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
 
     def fn(**kw):
         return model(**kw)

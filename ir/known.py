@@ -4,6 +4,7 @@ verifier and the artifact loader share one whitelist (the loader resolves nothin
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Callable
 
 import torch
@@ -37,10 +38,26 @@ def callable_name(target: Any) -> str | None:
     return None
 
 
+#: ops a graph may never contain, whatever their namespace: they reach outside the tensors (files,
+#: stdout, warnings) or exist only to test torch. Checked on load and by the verifier.
+DENIED_OPS = re.compile(r"(from_file|save|load|_print|print|warn|_test_\w*|_use_\w+|sleep|_set_item|Delete|setdefault|pop)\Z")
+
+_PART = re.compile(r"_?[A-Za-z][A-Za-z0-9_]*\Z")
+_DUNDER_OP = re.compile(r"__[a-z]+__\Z")  # aten.__and__.Tensor (``a & b`` in HF mask code)
+
+
 def resolve_op(qualname: str) -> torch._ops.OpOverload:
-    """``aten.linear.default`` -> the OpOverload; raises KeyError for anything not allowed."""
-    parts = qualname.split(".")
-    if len(parts) != 3 or parts[0] not in OP_NAMESPACES:
+    """``aten.linear.default`` -> the OpOverload; raises KeyError for anything not allowed.
+
+    ``qualname`` may come from an untrusted file: each part must be a plain name (the op name may
+    be an operator dunder such as ``__and__``), the namespace one of :data:`OP_NAMESPACES`, the op
+    not in :data:`DENIED_OPS`, and the result an OpOverload of exactly that name (never some other
+    attribute of the namespace object)."""
+    parts = qualname.split(".") if isinstance(qualname, str) else []
+    if (len(parts) != 3 or parts[0] not in OP_NAMESPACES or not _PART.match(parts[2])
+            or not (_PART.match(parts[1]) or _DUNDER_OP.match(parts[1]))):
+        raise KeyError(qualname)
+    if DENIED_OPS.match(parts[1]):
         raise KeyError(qualname)
     if parts[0] == "lowc":
         from lowc.ir.dialect import ensure_registered
@@ -49,12 +66,17 @@ def resolve_op(qualname: str) -> torch._ops.OpOverload:
     ns = getattr(torch.ops, parts[0])
     try:
         packet = getattr(ns, parts[1])
-        return getattr(packet, parts[2])
+        op = getattr(packet, parts[2])
     except (AttributeError, RuntimeError) as e:
         raise KeyError(qualname) from e
+    if not isinstance(op, torch._ops.OpOverload) or op_qualname(op) != qualname:
+        raise KeyError(qualname)
+    return op
 
 
 def op_qualname(target: Any) -> str | None:
-    if isinstance(target, torch._ops.OpOverload) and target.namespace in OP_NAMESPACES:
+    """``aten.linear.default`` for an allowed OpOverload, None for anything else (a denied op too)."""
+    if (isinstance(target, torch._ops.OpOverload) and target.namespace in OP_NAMESPACES
+            and not DENIED_OPS.match(target._opname)):
         return f"{target.namespace}.{target._opname}.{target._overloadname}"
     return None

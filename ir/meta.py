@@ -13,6 +13,9 @@ from typing import Any
 
 import torch.fx
 
+from lowc.errors import ArtifactError
+from lowc.ir import untrusted as U
+
 KEY = "lowc"
 
 # module-name suffix -> role; first match wins. Covers Llama/Mistral/Qwen, BERT-style and GPT-2-style names.
@@ -47,8 +50,24 @@ class NodeInfo:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "NodeInfo":
-        return NodeInfo(**{k: d[k] for k in ("layer", "role", "block", "scheme") if k in d})
+    def from_json(d: Any, what: str = "lowc") -> "NodeInfo":
+        """Parse :meth:`to_json` output strictly (it may come from an untrusted artifact)."""
+        U.fields(d, what, ("layer", "role", "block", "scheme"))
+        layer = U.typed(d.get("layer", ""), str, f"{what}.layer")
+        if len(layer) > 1000 or not re.fullmatch(r"[\w.]*", layer):
+            raise ArtifactError(f"{what}.layer: {U._show(layer)} is not a module path")
+        role = U.typed(d.get("role", ""), str, f"{what}.role")
+        if not re.fullmatch(r"\w{0,32}", role):
+            raise ArtifactError(f"{what}.role: {U._show(role)} is not a role name")
+        block = d.get("block")
+        if block is not None:
+            U.int_in(block, 0, 1 << 20, f"{what}.block")
+        scheme = d.get("scheme")
+        if scheme is not None:
+            for k, v in U.typed(scheme, dict, f"{what}.scheme").items():
+                U.identifier(k, f"{what}.scheme key")
+                U.typed(v, (str, int, float, bool, type(None)), f"{what}.scheme.{k}")
+        return NodeInfo(layer=layer, role=role, block=block, scheme=scheme)
 
     def with_scheme(self, scheme: dict[str, Any]) -> "NodeInfo":
         return replace(self, scheme=dict(scheme))

@@ -13,6 +13,8 @@ Checks, in order (the first failure raises :class:`VerificationError` naming the
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -85,6 +87,9 @@ def _propagate(program) -> None:
     with mode:
         fake_inputs = [mode.from_tensor(t) for t in program.example_inputs()]
     prop = _TrackingProp(gm, mode)
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # it logs each failing meta kernel; the error below names it in one line
     try:
         prop.propagate_dont_convert_inputs(*fake_inputs)
     except Exception as e:
@@ -95,6 +100,8 @@ def _propagate(program) -> None:
         name = f"node {failing.name} ({known.op_qualname(failing.target) or failing.target})" if failing is not None else "graph"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VerificationError(f"shape propagation failed at {name}: {first}") from e
+    finally:
+        log.setLevel(level)
     for node in gm.graph.nodes:
         old, new = saved.get(node), node.meta.get("val")
         if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and not _same(old, new):

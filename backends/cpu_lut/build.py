@@ -1,10 +1,15 @@
 """Compile generated C with the system compiler into a content-addressed cache and load it (ctypes).
 
-Cache: ``$LOWC_CACHE_DIR/cpu_lut/<sha256(source, compiler, flags)[:20]>/liblowc_lut.so`` (default
-``~/.cache/lowc``). A library is compiled once per distinct source and flags, written under a
-temporary name and renamed into place, so concurrent processes never load a half-written file.
-The compiler is ``$CC`` or ``cc``/``gcc``/``clang`` from ``PATH``; a missing or failing compiler is a
-:class:`CpuLutBuildError` naming it.
+Cache: ``$LOWC_CACHE_DIR/cpu_lut/<sha256(source, flags, machine)[:20]>/liblowc_lut.so`` (default
+``~/.cache/lowc``), with ``liblowc_lut.so.sha256`` beside it. A library is compiled once per
+distinct source and flags, written under a temporary name and renamed into place, so concurrent
+processes never load a half-written file. The cache is untrusted like any file lowc reads: before a
+library is loaded (``dlopen`` runs its constructors) it must be a regular file owned by this user,
+not writable by others, in a directory that is not writable by others, and its sha256 must match
+the digest recorded when lowc built it; an entry that fails is rebuilt, never loaded. A warm cache
+needs no compiler. The compiler is ``$CC`` or ``cc``/``gcc``/``clang`` from ``PATH``; a missing or
+failing compiler, or a cache directory that cannot be written, is a :class:`CpuLutBuildError`
+naming it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 
@@ -46,36 +53,61 @@ def find_compiler() -> str:
     raise CpuLutBuildError("no C compiler found (tried $CC, cc, gcc, clang): the cpu-lut backend needs one to build its kernels")
 
 
-def _compiler_id(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
-        return out.stdout.splitlines()[0] if out.stdout else cc
-    except (OSError, subprocess.SubprocessError):
-        return cc
-
-
-def library_key(source: str, cc: str, flags: tuple[str, ...]) -> str:
+def library_key(source: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for part in (source, _compiler_id(cc), " ".join(flags)):
+    for part in (source, " ".join(flags), platform.machine()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _private(st: os.stat_result) -> bool:
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def verified(lib: str) -> bool:
+    """Whether the cached ``lib`` may be loaded: a regular file owned by this user and writable by
+    no one else, in such a directory, whose sha256 is the one recorded at build time."""
+    try:
+        st, dst = os.lstat(lib), os.lstat(os.path.dirname(lib))
+        if not (stat.S_ISREG(st.st_mode) and _private(st) and stat.S_ISDIR(dst.st_mode) and _private(dst)):
+            return False
+        with open(lib + ".sha256") as f:
+            recorded = f.read().strip()
+        return recorded == _sha256(lib)
+    except OSError:
+        return False
+
+
 def build(source: str, flags: tuple[str, ...] = BASE_FLAGS) -> str:
-    """Path of the shared library for ``source`` (compiling it unless the cache already has it)."""
-    cc = find_compiler()
-    d = os.path.join(cache_root(), library_key(source, cc, flags))
+    """Path of the shared library for ``source`` (compiling it unless the cache already has a
+    verified copy)."""
+    d = os.path.join(cache_root(), library_key(source, flags))
     lib = os.path.join(d, LIB_NAME)
-    if os.path.exists(lib):
+    if verified(lib):
         return lib
-    os.makedirs(d, exist_ok=True)
-    src = os.path.join(d, "kernels.c")
-    with open(src + ".tmp", "w") as f:
-        f.write(source)
-    os.replace(src + ".tmp", src)
-    fd, tmp = tempfile.mkstemp(prefix=".lib-", suffix=".so", dir=d)
-    os.close(fd)
+    cc = find_compiler()
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, stat.S_IMODE(os.lstat(d).st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+        src = os.path.join(d, "kernels.c")
+        with open(src + ".tmp", "w") as f:
+            f.write(source)
+        os.replace(src + ".tmp", src)
+        fd, tmp = tempfile.mkstemp(prefix=".lib-", suffix=".so", dir=d)
+        os.close(fd)
+    except OSError as e:
+        raise CpuLutBuildError(f"cannot write the kernel cache {e.filename or d}: {e.strerror or e} "
+                               "(set LOWC_CACHE_DIR to a writable directory)") from None
     try:
         proc = subprocess.run([cc, *flags, src, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=600)
     except OSError as e:
@@ -85,7 +117,14 @@ def build(source: str, flags: tuple[str, ...] = BASE_FLAGS) -> str:
         os.unlink(tmp)
         first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
         raise CpuLutBuildError(f"C compiler {cc} failed on {src}: {first}")
-    os.replace(tmp, lib)
+    try:
+        os.chmod(tmp, 0o755)
+        with open(tmp + ".sha256", "w") as f:
+            f.write(_sha256(tmp) + "\n")
+        os.replace(tmp + ".sha256", lib + ".sha256")
+        os.replace(tmp, lib)
+    except OSError as e:
+        raise CpuLutBuildError(f"cannot write the kernel cache {e.filename or d}: {e.strerror or e}") from None
     return lib
 
 
@@ -93,8 +132,11 @@ _loaded: dict[str, ctypes.CDLL] = {}
 
 
 def load(path: str) -> ctypes.CDLL:
-    """Load a built library once per process."""
+    """Load a built library once per process, after checking it is the one lowc built."""
     if path not in _loaded:
+        if not verified(path):
+            raise CpuLutBuildError(f"{path} is not the library lowc built (its sha256, owner or permissions changed); "
+                                   "delete it to rebuild")
         try:
             _loaded[path] = ctypes.CDLL(path)
         except OSError as e:

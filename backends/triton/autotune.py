@@ -29,7 +29,7 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 #: SMs assumed when the device cannot be asked (the interpreter)
 DEFAULT_SMS = 132
@@ -52,6 +52,16 @@ class Config:
 
     @staticmethod
     def from_json(d: dict) -> "Config":
+        """A config from the autotune cache, which is untrusted like any file lowc reads: exactly the
+        known fields, each an int in its range (block sizes powers of two); TypeError otherwise."""
+        names = [f.name for f in fields(Config)]
+        if not isinstance(d, dict) or set(d) != set(names) or d["kernel"] not in ("gemv", "gemm"):
+            raise TypeError("not an autotune config")
+        for k in names[1:]:
+            v = d[k]
+            lo, hi = _RANGES[k]
+            if not (type(v) is int and lo <= v <= hi) or (k.startswith("block") and v & (v - 1)):
+                raise TypeError(f"autotune config field {k}={v!r} out of range")
         return Config(**d)
 
     @property
@@ -60,6 +70,11 @@ class Config:
             return f"gemv n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps}"
         return (f"gemm m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} u{self.unpack} "
                 f"w{self.num_warps} st{self.num_stages}")
+
+
+#: the range of each integer field a cached config may hold
+_RANGES = {"block_n": (16, 1024), "block_k": (16, 1024), "block_m": (1, 256), "split_k": (0, 64), "group_m": (1, 64),
+           "unpack": (0, 1), "num_warps": (1, 32), "num_stages": (1, 8)}
 
 
 # split_k=0 means "pick for the grid" (see split_for)

@@ -61,7 +61,7 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
     from transformers.utils import logging as hf_logging
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"{cfg_path}: {str(e).splitlines()[0]}") from None
     archs = getattr(config, "architectures", None) or []
@@ -74,7 +74,7 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # a per-tensor bar for small local loads is noise
     try:
-        model = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = cls.from_pretrained(path, local_files_only=True, dtype=dtype, trust_remote_code=False)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: cannot load weights: {msg}") from None
@@ -88,7 +88,7 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer, kind

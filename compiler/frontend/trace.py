@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lowc.errors import CaptureError, ModelLoadError
+from lowc.errors import CaptureError, DeviceError, ModelLoadError
 from lowc.frontend import canonicalize as canon
 from lowc.frontend import hf, presets
 from lowc.ir.program import InputSpec, ModelInfo, Program
@@ -35,6 +35,34 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)}, auto)") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device if this machine can run on it, else a one-line DeviceError."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r} (expected cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise DeviceError(f"CUDA is not available ({why}): use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise DeviceError(f"device {device!r} is not supported (expected cpu, cuda or cuda:N)")
+    return d
+
+
+def check_finite(program: Program) -> None:
+    """Fail naming the first parameter or buffer that holds NaN or inf: compressing it would only
+    give an artifact whose outputs are NaN."""
+    for name, t in program.state_tensors().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelLoadError(f"weight {name} has {bad} NaN/inf value(s) of {t.numel()}: the source model is broken "
+                                 "(pass --allow-nonfinite / allow_nonfinite=True to compile it anyway)")
 
 
 def _user_frame(e: BaseException) -> str:
