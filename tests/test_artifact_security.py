@@ -680,9 +680,20 @@ def test_leftovers_of_dead_runs_are_cleaned(small_cm, tmp_path):
     assert live.exists() and other.exists()
 
 
-def test_concurrent_forced_saves(small_cm, tmp_path):
+def test_concurrent_forced_saves(small_cm, tmp_path, monkeypatch):
+    """Several writers replacing one output at once (renames slowed down to widen any window
+    between two steps of a non-atomic replace) all succeed, and a complete artifact remains."""
+    import time
+
     out = tmp_path / "out"
     errors = []
+    real_rename = os.rename
+
+    def slow_rename(src, dst):
+        time.sleep(0.02)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", slow_rename)
 
     def worker():
         try:
@@ -691,7 +702,7 @@ def test_concurrent_forced_saves(small_cm, tmp_path):
         except Exception as e:  # pragma: no cover - the failure being tested
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
