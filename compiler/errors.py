@@ -22,6 +22,11 @@ class CaptureError(LowcError):
     """torch.export could not capture the model."""
 
 
+class InputError(LowcError, TypeError):
+    """A compiled model was called with inputs it does not take (also a TypeError, as Python's own
+    complaint about call arguments is)."""
+
+
 class UnknownTargetError(LowcError):
     """A target name that no backend provides."""
 
