@@ -47,6 +47,10 @@ class CalibrationError(LowcError):
     """Calibration data is missing or unusable."""
 
 
+class DataError(LowcError):
+    """A text argument (calibration or evaluation text) is neither a file nor a built-in text name."""
+
+
 class ArtifactError(LowcError):
     """An artifact directory is missing, corrupt, of another format version, or would be overwritten."""
 

@@ -18,7 +18,7 @@ import torch
 from torch.testing import FileCheck
 
 import lowc
-from conftest import make_llama_dir, run_lowc
+from conftest import VALID, make_llama_dir, run_lowc
 from lowc import evaluate as ev
 from lowc.errors import CalibrationError, PassOptionError
 from lowc.ir import meta as nodemeta
@@ -30,7 +30,6 @@ from lowc.passes.pipeline import run_passes
 from lowc.passes.quant.activations import QuantizeActivations, threshold
 from lowc.passes.quant.kv import QuantizeKV
 
-VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 CALIB = dict(calib=VALID, calib_samples=4, seq_len=64)
 
 

@@ -10,8 +10,6 @@ import pytest
 
 from conftest import run_lowc
 
-WIKI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
-
 
 def assert_clean_error(res, *needles):
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
@@ -77,6 +75,49 @@ def test_eval_and_bench(compiled, tmp_path):
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["rows"]
     assert rows[0]["float_ms"] > 0 and rows[0]["lowc_ms"] > 0
+
+
+def test_eval_of_a_causal_lm_defaults_to_the_shipped_wikitext2_test_and_says_so(compiled):
+    """No --data: perplexity on the WikiText-2 test split lowc ships, named in the report and the
+    JSON; the same numbers as naming the split or its file explicitly."""
+    from lowc import data
+
+    out, _ = compiled
+    args = ("--seq-len", "64", "--max-windows", "2")
+    res = run_lowc("eval", out, *args, "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["data"] == "wikitext-2-test" and r["tokens"] == 128 and r["ppl"] > 1
+    assert "evaluating ref-w4a16 (causal-lm) on wikitext-2-test" in res.stderr
+    res = run_lowc("eval", out, *args, "--data", data.wikitext2("test"))  # the file itself, plain report
+    assert res.returncode == 0, res.stderr
+    assert f"on {data.wikitext2('test')}, 128 tokens" in res.stdout
+    assert f"ppl         {r['ppl']:.4f}" in res.stdout and f"kl          {r['kl']:.4f}" in res.stdout
+    res = run_lowc("eval", out, *args)
+    assert "on wikitext-2-test (WikiText-2 test split" in res.stdout and "128 tokens" in res.stdout
+
+
+def test_calib_takes_a_builtin_text_name(tmp_path, odd_llama_dir):
+    out = tmp_path / "g"
+    res = run_lowc("compile", odd_llama_dir, "-t", "ref-w4a16", "-o", out, "--pass", "gptq{group_size=32}",
+                   "--calib", "wikitext-2-valid", "--calib-samples", "2", "--seq-len", "32", "-q")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"] == {"source": "wikitext-2-valid", "samples": 2, "seq_len": 32, "tokens": 64}
+    assert_clean_error(run_lowc("compile", odd_llama_dir, "-t", "ref-w4a16", "-o", tmp_path / "o", "--calib", "wikitext-3"),
+                       "--calib 'wikitext-3' does not exist", "wikitext-2-valid, wikitext-2-test")
+    assert_clean_error(run_lowc("eval", out, "--data", "nope.txt"), "--data 'nope.txt' does not exist", "wikitext-2-test")
+
+
+def test_data_lists_the_builtin_texts():
+    from lowc import data
+
+    res = run_lowc("data")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert [l.split()[0] for l in lines] == ["wikitext-2-valid", "wikitext-2-test"]
+    assert data.wikitext2("test") in lines[1]
+    assert "wikitext-2-valid" in run_lowc("compile", "--help").stdout and "wikitext-2-test" in run_lowc("eval", "--help").stdout
 
 
 def test_recipe(tmp_path, odd_llama_dir):

@@ -4,19 +4,17 @@ idempotence, determinism, missing/non-finite calibration)."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
 
 import lowc
+from conftest import TEST, VALID
 from lowc.errors import CalibrationError, PassError
 from lowc.ir.dialect import quant
 from lowc.passes.quant.gptq import gptq_quantize
 
-VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
-TEST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
 
 
 def _sentences(path, n, skip=0):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lowc
-from conftest import make_llama_dir, run_lowc
+from conftest import VALID, make_llama_dir, run_lowc
 from lowc.errors import CalibrationError, PassError, PassOptionError
 from lowc.ir import printer, verifier
 from lowc.passes.base import PassContext
@@ -24,7 +24,6 @@ from lowc.passes.linearize.linearize import Linearize
 from lowc.passes.options import parse_pass
 from lowc.passes.pipeline import run_passes
 
-VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LA = "lowc.linear_attention.default"
 
