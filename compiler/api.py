@@ -133,7 +133,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
             passes: Iterable[Any] | None = None, *, recipe: str | None = None, device: str = "cpu",
             dtype: str | torch.dtype | None = None, seed: int = 0, calib_samples: int = DEFAULT_CALIB_SAMPLES,
             seq_len: int = DEFAULT_SEQ_LEN, print_after: Sequence[str] = (), progress: bool = True,
-            verify: bool = True, dynamic_shapes=None) -> CompiledModel:
+            verify: bool = True, dynamic_shapes=None, tokenizer=None) -> CompiledModel:
     """Trace ``model`` and run ``target``'s pipeline on it.
 
     ``model``: an nn.Module (with ``example_inputs`` unless it is a transformers model), a Hugging
@@ -141,7 +141,8 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     ``example_inputs`` of a transformers model: token ids, ``(ids, mask)`` or a tokenizer's output
     (any batch and length, 1 included); they seed the output check, and capture keeps batch and
     sequence dynamic. ``calib``: token-id tensors, strings, a text file path, or a built-in text
-    name (``wikitext-2-valid``, see :mod:`lowc.data`). ``passes``: spellings or Pass objects
+    name (``wikitext-2-valid``, see :mod:`lowc.data`); text needs a tokenizer: a model given as an
+    nn.Module takes it as ``tokenizer`` (directories and presets bring their own). ``passes``: spellings or Pass objects
     replacing the target's default method passes (``recipe``: a YAML/JSON file of them).
     """
     from lowc.backends.registry import get_target
@@ -157,7 +158,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     if recipe is not None:
         user = (user or []) + load_recipe(os.fspath(recipe))
     torch.manual_seed(seed)
-    program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes)
+    program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes, tokenizer=tokenizer)
     calib_data = None
     if calib is not None:
         vocab = next((s.vocab_size for s in program.info.inputs if s.vocab_size), None)

@@ -285,3 +285,14 @@ def test_bad_example_and_call_inputs_are_one_line_errors():
         p.call(input_ids=[[1, 2], [3]])
     with pytest.raises(InputError, match="missing input 'input_ids'"):
         p.call(attention_mask=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_compile_takes_the_tokenizer_of_a_module_for_text_calibration():
+    from lowc.frontend.presets import tiny_llama
+
+    model, tok = tiny_llama(num_hidden_layers=1)
+    kw = dict(target="ref-w8a16", calib="wikitext-2-valid", calib_samples=2, seq_len=16, passes=["gptq"], progress=False)
+    with pytest.raises(CalibrationError, match="needs the model's tokenizer"):
+        lowc.compile(model, **kw)
+    cm = lowc.compile(model, tokenizer=tok, **kw)
+    assert cm.manifest["calibration"]["source"] == "wikitext-2-valid" and cm.tokenizer is tok

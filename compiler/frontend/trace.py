@@ -226,7 +226,7 @@ def trace(model: Any, example_inputs: Sequence[Any] | None = None, *, dynamic_sh
             if example_inputs is None:
                 raise CaptureError(f"model {model!r} is not a transformers model: pass example_inputs")
             return trace_module(m.to(device), example_inputs, dynamic_shapes)
-        return trace_hf_model(m, tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
+        return trace_hf_model(m, tokenizer or tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"cannot trace a {type(model).__name__}: expected an nn.Module, a path or a preset name")
     if example_inputs is None and _is_hf_model(model):
