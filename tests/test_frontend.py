@@ -122,6 +122,7 @@ def test_calibration_forms(tmp_path):
         load_calibration(str(empty), tok)
 
 
+@pytest.mark.slow
 def test_compile_records_calibration(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("some calibration text for the tiny model. " * 100)
@@ -194,7 +195,8 @@ def _float_logits(model, ids):
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
 
-@pytest.mark.parametrize("example_shape", [(1, 32), (1, 1), (3, 1)])
+@pytest.mark.parametrize("example_shape", [(1, 32), pytest.param((1, 1), marks=pytest.mark.slow),
+                                           pytest.param((3, 1), marks=pytest.mark.slow)])
 def test_hf_example_of_batch_one_or_one_token_compiles_and_runs_at_any_size(example_shape):
     """torch.export specializes dims of size 1: capture must use a size that keeps batch and
     sequence dynamic, and the program must then run batch 1 and one token, matching the model."""
@@ -287,6 +289,7 @@ def test_bad_example_and_call_inputs_are_one_line_errors():
         p.call(attention_mask=torch.ones(1, 4, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_compile_takes_the_tokenizer_of_a_module_for_text_calibration():
     from lowc.frontend.presets import tiny_llama
 

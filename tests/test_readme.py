@@ -32,6 +32,18 @@ def test_ci_runs_the_readme_test_command():
     assert any("torch==2.13.0" in l for l in ci_lines)
 
 
+def test_readme_quick_subset_is_the_ci_pytest_command_without_slow_tests():
+    """The quick command (in prose, so the check above still finds one test block) is CI's pytest
+    call with `-m "not slow"` before the test path, and that marker is registered."""
+    readme = _read("README.md")
+    (test_cmd,) = [b for b in re.findall(r"```bash\n(.*?)\n```", readme, re.S) if "pytest" in b]
+    pytest_call = test_cmd.split("&&")[-1].strip()
+    assert pytest_call.startswith("python -m pytest ") and pytest_call.endswith(" tests"), pytest_call
+    quick = pytest_call[: -len(" tests")] + ' -m "not slow" tests'
+    assert f"`{quick}`" in readme, f"README must give the quick subset as `{quick}`"
+    assert 'markers = ["slow: ' in _read("pyproject.toml")
+
+
 def test_readme_tables_list_every_target_and_pass():
     import lowc
     from lowc.passes.registry import PASSES
