@@ -41,7 +41,7 @@ DATA = os.path.dirname(data.wikitext2("valid"))
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="models/tiny-llama-wt2", help="output Hugging Face directory")
-    p.add_argument("--data", default=DATA, help="folder holding valid.txt (train) and test.txt (eval); default: the copy lowc ships")
+    p.add_argument("--data", default=DATA, help="folder holding valid.txt (train) and test.txt (eval), by default lowc's own copy")
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
