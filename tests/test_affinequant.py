@@ -89,6 +89,7 @@ def test_folded_float_model_is_unchanged(odd_llama_dir):
         torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_idempotent_and_deterministic(wt2_llama):
     check_idempotent_and_deterministic(wt2_llama.program.clone(), AffineQuant(epochs=1), "ref-w4a4", seed=3,
                                        names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.input_layernorm.weight"))

@@ -102,6 +102,7 @@ def test_folded_float_model_is_unchanged(odd_llama_dir):
         torch.testing.assert_close(prog.call(ids).logits, ref, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_idempotent_and_deterministic(wt2_llama):
     check_idempotent_and_deterministic(wt2_llama.program.clone(), FlatQuant(epochs=1), "ref-w4a16", seed=7,
                                        names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.self_attn.q_proj.flat_p1"))
