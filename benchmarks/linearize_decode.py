@@ -23,8 +23,9 @@ import time
 
 import torch
 
+from lowc import data
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2"))
 MODEL = os.path.normpath(os.path.join(HERE, "..", "models", "tiny-llama-wt2"))
 
 
@@ -74,9 +75,9 @@ def main() -> None:
     base = lowc.trace(args.model)
     tok = tokenizer_of(base)
     lin = base.clone()
-    calib = load_calibration(os.path.join(DATA, "valid.txt"), tok, 16, 256, seed=0)
+    calib = load_calibration("wikitext-2-valid", tok, 16, 256, seed=0)
     run_passes(lin, [Linearize(method="lolcats", lora_rank=0, epochs=1)], PassContext(calib=calib, progress=False))
-    with open(os.path.join(DATA, "test.txt"), encoding="utf-8") as f:
+    with open(data.wikitext2("test"), encoding="utf-8") as f:
         prompt = tok(f.read(4000), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :32]
     same = bool(torch.equal(generate(lin, prompt, 64), parallel_generate(lin, prompt, 64)))
     checkpoints = {c for c in (1, 64, 128, 256, 512, 1024, 2048, 4096) if c <= args.new_tokens} | {args.new_tokens}

@@ -30,8 +30,9 @@ import time
 
 import torch
 
+from lowc import data
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2"))
 MODEL = os.path.normpath(os.path.join(HERE, "..", "models", "tiny-llama-wt2"))
 
 #: (label, pass spelling, label of the step-1 row a LoRA row is compared with). The first rows use the
@@ -91,8 +92,8 @@ def causal_rows(args) -> tuple[list[dict], dict]:
 
     program = lowc.trace(args.model)
     tok = tokenizer_of(program)
-    calib = load_calibration(os.path.join(DATA, "valid.txt"), tok, args.calib_samples, args.seq_len, seed=args.seed)
-    with open(os.path.join(DATA, "test.txt"), encoding="utf-8") as f:
+    calib = load_calibration("wikitext-2-valid", tok, args.calib_samples, args.seq_len, seed=args.seed)
+    with open(data.wikitext2("test"), encoding="utf-8") as f:
         windows = ev.token_windows(tok, f.read(), args.eval_len, args.eval_windows)
     batches = [{"input_ids": w.unsqueeze(0), "attention_mask": torch.ones(1, w.shape[0], dtype=torch.int64)} for w in windows[:8]]
     float_fn = lambda **kw: program.call(**kw)  # noqa: E731
@@ -134,9 +135,9 @@ def encoder_rows(args) -> tuple[list[dict], dict]:
     program = lowc.trace("minilm")
     tok = program.tokenizer
     cal = [tok(s, truncation=True, max_length=128, return_tensors="pt")["input_ids"]
-           for s in _sentences(os.path.join(DATA, "valid.txt"), args.minilm_calib)]
+           for s in _sentences(data.wikitext2("valid"), args.minilm_calib)]
     calib = CalibrationData(cal, source=f"{len(cal)} valid.txt sentences with [CLS]/[SEP]")
-    test = _sentences(os.path.join(DATA, "test.txt"), args.minilm_sentences)
+    test = _sentences(data.wikitext2("test"), args.minilm_sentences)
     batches = [{k: v for k, v in b.items()} for b in ev.text_batches(tok, test, batch_size=16)]
     float_fn = lambda **kw: program.call(**kw)  # noqa: E731
     rows = []

@@ -43,7 +43,6 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "wikitext-2"))
 DEFAULT_LLAMA = os.path.join(ROOT, "models", "tiny-llama-wt2")
 
 #: method -> passes (the weight-quantizing pass is the last one; it gets ``bits=`` for W3)
@@ -104,7 +103,10 @@ def cell_id(model: str, method: str, scheme: str) -> str:
 
 def settings(args) -> dict:
     """What a cell's numbers depend on (cells with other settings are stale)."""
-    return {"llama": os.path.abspath(args.llama), "calib": os.path.abspath(args.calib), "eval": os.path.abspath(args.eval),
+    from lowc import data
+
+    # texts by data.identify: a built-in name stays a name, so those cells stay current on any machine
+    return {"llama": os.path.abspath(args.llama), "calib": data.identify(args.calib), "eval": data.identify(args.eval),
             "calib_samples": args.calib_samples, "seq_len": args.seq_len, "eval_windows": args.eval_windows,
             "eval_seq_len": args.eval_seq_len, "sentences": args.sentences, "seed": args.seed}
 
@@ -158,10 +160,10 @@ def _reset_peak() -> bool:
 
 
 def _eval_data(args, model: str, tok):
+    from lowc import data
     from lowc import evaluate as ev
 
-    with open(args.eval, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    text = data.read(args.eval, "--eval")
     if model == "llama":
         return ev.token_windows(tok, text, args.eval_seq_len, args.eval_windows)
     return [l.strip() for l in text.splitlines() if len(l.split()) >= 5][: args.sentences]
@@ -481,8 +483,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", type=_csv(MODELS), default=list(MODELS), help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--methods", type=_csv(tuple(METHODS)), default=list(METHODS), help="comma-separated: " + ", ".join(METHODS))
     ap.add_argument("--schemes", type=_csv(tuple(SCHEMES)), default=list(SCHEMES), help="comma-separated: " + ", ".join(SCHEMES))
-    ap.add_argument("--calib", default=os.path.join(DATA, "valid.txt"), help="calibration text")
-    ap.add_argument("--eval", default=os.path.join(DATA, "test.txt"), help="evaluation text")
+    ap.add_argument("--calib", default="wikitext-2-valid", help="calibration text: a file or a built-in text name (lowc.data)")
+    ap.add_argument("--eval", default="wikitext-2-test", help="evaluation text: a file or a built-in text name (lowc.data)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     ap.add_argument("--eval-windows", type=int, default=128, help="perplexity windows (causal LM)")

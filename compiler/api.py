@@ -139,12 +139,16 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
             passes: Iterable[Any] | None = None, *, recipe: str | None = None, device: str = "cpu",
             dtype: str | torch.dtype | None = None, seed: int = 0, calib_samples: int = DEFAULT_CALIB_SAMPLES,
             seq_len: int = DEFAULT_SEQ_LEN, print_after: Sequence[str] = (), progress: bool = True,
-            verify: bool = True, dynamic_shapes=None, allow_nonfinite: bool = False) -> CompiledModel:
+            verify: bool = True, dynamic_shapes=None, tokenizer=None, allow_nonfinite: bool = False) -> CompiledModel:
     """Trace ``model`` and run ``target``'s pipeline on it.
 
     ``model``: an nn.Module (with ``example_inputs`` unless it is a transformers model), a Hugging
     Face directory, a preset name (``tiny-llama``, ``minilm``) or ``package.module:factory``.
-    ``calib``: token-id tensors, strings, or a text file path. ``passes``: spellings or Pass objects
+    ``example_inputs`` of a transformers model: token ids, ``(ids, mask)`` or a tokenizer's output
+    (any batch and length, 1 included); they seed the output check, and capture keeps batch and
+    sequence dynamic. ``calib``: token-id tensors, strings, a text file path, or a built-in text
+    name (``wikitext-2-valid``, see :mod:`lowc.data`); text needs a tokenizer: a model given as an
+    nn.Module takes it as ``tokenizer`` (directories and presets bring their own). ``passes``: spellings or Pass objects
     replacing the target's default method passes (``recipe``: a YAML/JSON file of them).
     ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (checked before anything runs). Weights with NaN or
     inf fail the compile, naming the tensor, unless ``allow_nonfinite``.
@@ -163,7 +167,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     if recipe is not None:
         user = (user or []) + load_recipe(os.fspath(recipe))
     torch.manual_seed(seed)
-    program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes)
+    program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes, tokenizer=tokenizer)
     if not allow_nonfinite:
         check_finite(program)
     calib_data = None
@@ -177,7 +181,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
         if "calibration" in p.requirements() and calib_data is None:
             raise CalibrationError(f"pass '{p.name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)")
     ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib_data, device=device, seed=seed, progress=progress)
-    check_inputs = program.example_inputs(seed=1)
+    check_inputs = _check_inputs(program, example_inputs)
     with torch.inference_mode():
         float_out = program.call(*check_inputs)
     records = Pipeline(steps, verify=verify, print_after=tuple(print_after)).run(program, ctx)
@@ -202,6 +206,23 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
         "metrics": {"check": check},
     }
     return CompiledModel(program, tgt, manifest)
+
+
+def _check_inputs(program, example_inputs) -> list:
+    """The inputs of the compile-time output check, in graph-input order: the user's example (a
+    batch of 1 included: capture used a size that keeps the dims dynamic, the program runs at any),
+    else seeded random ones of the captured shape."""
+    if example_inputs is None:
+        return program.example_inputs(seed=1)
+    if program.info.call_by_name:
+        from lowc.frontend.trace import hf_example
+
+        example = hf_example(example_inputs, program.info.source.get("name", "the model"))
+        if example is None:
+            return program.example_inputs(seed=1)
+        return [t.to(program.device) for t in program.bind(**example).values()]
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return [a.to(program.device) for a in args]
 
 
 def _output_check(program, inputs: list, float_out) -> dict[str, Any]:

@@ -42,7 +42,8 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="compilation target (see `lowc targets`)")
 @click.option("--output", "-o", "output", required=True, type=click.Path(), help="artifact directory to write")
-@click.option("--calib", type=click.Path(), default=None, help="calibration text file (e.g. wikitext-2 valid.txt)")
+@click.option("--calib", metavar="TEXT", default=None,
+              help="calibration text: a file, or a built-in text (wikitext-2-valid; see `lowc data`)")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True, help="calibration sequences")
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="tokens per calibration sequence")
 @click.option("--pass", "passes", multiple=True, metavar="'name{k=v,...}'", help="method pass replacing the target's default (repeatable)")
@@ -59,6 +60,7 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
             allow_nonfinite, print_after, no_verify, quiet):
     """Compile MODEL (HF directory, preset, or package.module:factory) for TARGET into OUTPUT."""
     import lowc
+    from lowc import data
     from lowc.artifact import check_output
     from lowc.backends.registry import get_target
     from lowc.errors import ArtifactError, CalibrationError
@@ -73,8 +75,8 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
     if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
     check_output(output, protect=[model] if os.path.exists(model) else [])
-    if calib is not None and not os.path.isfile(calib):
-        raise CalibrationError(f"calibration file {calib!r} does not exist")
+    if calib is not None:
+        data.resolve(calib, "--calib", CalibrationError)
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
     say(f"lowc: compiling {model} for {target}")
     cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
@@ -172,41 +174,47 @@ def inspect(artifact, as_json):
 
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--data", type=click.Path(), default=None, help="text file: perplexity (causal LMs) / sentences (encoders)")
+@click.option("--data", "text", metavar="TEXT", default=None,
+              help="a text file or a built-in text (see `lowc data`): perplexity windows (causal LMs, default "
+                   "wikitext-2-test) / sentences of five or more words (encoders, default: lowc's built-in sentences)")
 @click.option("--against", default=None, help=AGAINST_HELP)
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="perplexity window")
 @click.option("--max-windows", type=click.IntRange(min=1), default=64, show_default=True, help="perplexity windows at most")
 @click.option("--max-sentences", type=click.IntRange(min=1), default=256, show_default=True, help="encoder sentences at most")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
-def eval_cmd(artifact, data, against, seq_len, max_windows, max_sentences, device, as_json):
+def eval_cmd(artifact, text, against, seq_len, max_windows, max_sentences, device, as_json):
     """Quality of ARTIFACT vs the float model: perplexity, KL, top-1 (causal LMs); cosine (encoders)."""
     import lowc
+    from lowc import data
     from lowc import evaluate as ev
     from lowc.errors import LowcError
 
-    if data is not None and not os.path.isfile(data):
-        raise LowcError(f"--data {data!r} does not exist")
+    if text is not None:
+        data.resolve(text, "--data")
     cm = lowc.load(artifact, device=device)
     ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
     tok = cm.tokenizer or ref_tok
     if tok is None:
         raise LowcError(f"{artifact}: the model has no tokenizer, so text evaluation is not possible")
-    text = open(data, encoding="utf-8", errors="replace").read() if data else None
-    result: dict = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "kind": cm.kind}
+    if text is None and cm.kind == "causal-lm":
+        text = data.DEFAULT_EVAL_TEXT
+    used = _text_label(text)
+    click.echo(f"lowc: evaluating {cm.target.name} ({cm.kind}) on {used}", err=True)
+    content = data.read(text, "--data") if text is not None else None
+    result: dict = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "kind": cm.kind,
+                    "data": data.identify(text) if text is not None else "built-in sentences"}
     if cm.kind == "causal-lm":
-        if text is None:
-            raise LowcError("perplexity needs a text: pass --data FILE (e.g. wikitext-2 test.txt)")
-        windows = ev.token_windows(tok, text, seq_len, max_windows)
+        windows = ev.token_windows(tok, content, seq_len, max_windows)
         result["tokens"] = int(windows.numel())
         result["ppl_float"] = ev.perplexity(ref_fn, windows, device=device, progress=True)
         result["ppl"] = ev.perplexity(cm, windows, device=device, progress=True)
         batches = [{"input_ids": w.unsqueeze(0).to(device), "attention_mask": torch_ones(w, device)} for w in windows[:8]]
         result.update(ev.compare(ref_fn, cm, batches, "causal-lm").to_json())
     else:
-        sentences = [l.strip() for l in text.splitlines() if len(l.split()) >= 5][:max_sentences] if text else ev.SENTENCES
+        sentences = [l.strip() for l in content.splitlines() if len(l.split()) >= 5][:max_sentences] if content else ev.SENTENCES
         if not sentences:
-            raise LowcError(f"--data {data}: no sentences of five or more words")
+            raise LowcError(f"--data {text}: no sentences of five or more words")
         batches = ev.text_batches(tok, sentences, device=device)
         result["sentences"] = len(sentences)
         result.update(ev.compare(ref_fn, cm, batches, cm.kind).to_json())
@@ -215,12 +223,33 @@ def eval_cmd(artifact, data, against, seq_len, max_windows, max_sentences, devic
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{cm.target.name} vs float ({cm.kind}):")
+    amount = f"{result['tokens']} tokens" if "tokens" in result else f"{result['sentences']} sentences"
+    click.echo(f"{cm.target.name} vs float ({cm.kind}) on {used}, {amount}:")
     for k in ("ppl_float", "ppl", "kl", "top1", "cosine", "min_cosine", "sqnr_db"):
         if k in result:
             v = result[k]
             click.echo(f"  {k:<11} {v:.4f}" if isinstance(v, float) else f"  {k:<11} {v}")
     click.echo(f"  size        {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")
+
+
+def _text_label(text: str | None) -> str:
+    """How ``lowc eval`` names the text it used: a built-in name with what it is, or the file."""
+    from lowc import data
+
+    if text is None:
+        return "lowc's built-in sentences (pass --data for another text)"
+    name = data.identify(text)
+    return f"{name} ({data.TEXTS[name][1].split(':')[0]}, shipped with lowc)" if name in data.TEXTS else name
+
+
+@cli.command(name="data")
+def data_cmd():
+    """List the built-in texts (usable wherever a text file is taken: --calib, --data, calib=)."""
+    from lowc import data
+
+    w = max(len(n) for n in data.names())
+    for name in data.names():
+        click.echo(f"{name:<{w}}  {data.TEXTS[name][1]}  ({data.path(name)})")
 
 
 def torch_ones(w, device):

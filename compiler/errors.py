@@ -22,6 +22,11 @@ class CaptureError(LowcError):
     """torch.export could not capture the model."""
 
 
+class InputError(LowcError, TypeError):
+    """A compiled model was called with inputs it does not take (also a TypeError, as Python's own
+    complaint about call arguments is)."""
+
+
 class UnknownTargetError(LowcError):
     """A target name that no backend provides."""
 
@@ -40,6 +45,10 @@ class VerificationError(LowcError):
 
 class CalibrationError(LowcError):
     """Calibration data is missing or unusable."""
+
+
+class DataError(LowcError):
+    """A text argument (calibration or evaluation text) is neither a file nor a built-in text name."""
 
 
 class ArtifactError(LowcError):

@@ -19,7 +19,7 @@ It saves a Hugging Face directory (``config.json``, ``model.safetensors``, token
 
     python examples/train_tiny_llama.py --out models/tiny-llama-wt2
     lowc compile models/tiny-llama-wt2 --target ref-w4a16 -o out/tl-w4 && \\
-        lowc eval out/tl-w4 --data ../shared/data/wikitext-2/test.txt
+        lowc eval out/tl-w4 --data wikitext-2-test
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ import platform
 import sys
 import time
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext-2")
+from lowc import data
+
+#: the WikiText-2 folder lowc ships (lowc.data): valid.txt and test.txt
+DATA = os.path.dirname(data.wikitext2("valid"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="models/tiny-llama-wt2", help="output Hugging Face directory")
-    p.add_argument("--data", default=os.path.normpath(DATA), help="folder holding valid.txt (train) and test.txt (eval)")
+    p.add_argument("--data", default=DATA, help="folder holding valid.txt (train) and test.txt (eval), by default lowc's own copy")
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

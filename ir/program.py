@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -30,6 +31,23 @@ LINEAR = torch.ops.aten.linear.default
 INPUT_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "bool", "float32", "float16", "bfloat16", "float64")
 MAX_EXAMPLE_DIM = 1 << 16
 MAX_EXAMPLE_NUMEL = 1 << 22
+
+
+def as_input_tensor(name: str, value: Any, error: type[Exception], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` (tensor, array, rectangular list) as a tensor; an integer or bool one is cast to the
+    integer ``dtype`` if given (token ids and masks). ``error`` (a LowcError class) names ``name``."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise error(f"input {name!r}: cannot make a tensor of {type(value).__name__} ({str(e).splitlines()[0]}); "
+                        "give tensors, e.g. a tokenizer called with padding=True, return_tensors='pt'") from None
+    if dtype is not None and value.dtype != dtype and not dtype.is_floating_point:
+        if value.is_floating_point() or value.is_complex():
+            raise error(f"input {name!r} is {str(value.dtype).replace('torch.', '')}; the model takes integer "
+                        f"{str(dtype).replace('torch.', '')} (token ids / masks)")
+        value = value.to(dtype)
+    return value
 
 
 @dataclass
@@ -253,28 +271,51 @@ class Program:
             out.append(spec.example(shape, seed))
         return out
 
+    def bind(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The named graph inputs of a call like the original model's (programs called by name).
+
+        Takes positional inputs in order, keywords, or one mapping such as a tokenizer's
+        ``BatchEncoding``; values may be tensors, arrays or (rectangular) lists. Integer inputs are
+        cast to the dtype they were captured with (tokenizers may give int32), inputs with a default
+        (``ones_like:X``) are filled in, and ``token_type_ids`` that are all zero (what a tokenizer
+        returns for single sentences) are dropped when the program was captured without them: they
+        are what the model uses when they are absent. Anything else raises :class:`InputError`."""
+        from lowc.errors import InputError
+
+        names = [s.name for s in self.info.inputs]
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            args, kwargs = (), dict(args[0])
+        if len(args) > len(names):
+            raise InputError(f"expected at most {len(names)} positional inputs ({', '.join(names)}), got {len(args)}")
+        kw = dict(zip(names, args))
+        for k in kwargs:
+            if k in kw:
+                raise InputError(f"input {k!r} given twice")
+        kw.update(kwargs)
+        if "token_type_ids" in kw and "token_type_ids" not in names:
+            tt = as_input_tensor("token_type_ids", kw.pop("token_type_ids"), InputError)
+            if bool((tt != 0).any()):
+                raise InputError("input 'token_type_ids' holds segment ids other than 0 (a sentence pair?); this "
+                                 "program was captured without token_type_ids, so every token is segment 0: "
+                                 "encode one sentence per row")
+        unknown = set(kw) - set(names)
+        if unknown:
+            raise InputError(f"unknown input(s) {sorted(unknown)}; this model takes {names}")
+        for spec in self.info.inputs:
+            if spec.name in kw:
+                kw[spec.name] = as_input_tensor(spec.name, kw[spec.name], InputError, getattr(torch, spec.dtype))
+        for spec in self.info.inputs:
+            if spec.name not in kw:
+                if spec.default and spec.default.startswith("ones_like:") and spec.default.split(":", 1)[1] in kw:
+                    kw[spec.name] = torch.ones_like(kw[spec.default.split(":", 1)[1]], dtype=getattr(torch, spec.dtype))
+                else:
+                    raise InputError(f"missing input {spec.name!r}; this model takes {names}")
+        return {n: kw[n] for n in names}
+
     def call(self, *args, **kwargs):
-        """Run the graph like the original model (missing defaulted inputs are filled in)."""
+        """Run the graph like the original model (see :meth:`bind` for what a by-name call accepts)."""
         if self.info.call_by_name:
-            names = [s.name for s in self.info.inputs]
-            if len(args) > len(names):
-                raise TypeError(f"expected at most {len(names)} positional inputs ({', '.join(names)}), got {len(args)}")
-            kw = dict(zip(names, args))
-            for k in kwargs:
-                if k in kw:
-                    raise TypeError(f"input {k!r} given twice")
-            kw.update(kwargs)
-            unknown = set(kw) - set(names)
-            if unknown:
-                raise TypeError(f"unknown input(s) {sorted(unknown)}; this model takes {names}")
-            for spec in self.info.inputs:
-                if spec.name not in kw:
-                    if spec.default and spec.default.startswith("ones_like:"):
-                        ref = kw[spec.default.split(":", 1)[1]]
-                        kw[spec.name] = torch.ones_like(ref)
-                    else:
-                        raise TypeError(f"missing input {spec.name!r}")
-            return self.gm(**kw)
+            return self.gm(**self.bind(*args, **kwargs))
         return self.gm(*args, **kwargs)
 
     def clone(self) -> "Program":

@@ -1,7 +1,8 @@
 """Calibration data: what method passes calibrate on.
 
 ``load_calibration`` accepts a list of token-id tensors, a list of strings (tokenized with the
-model's tokenizer), or a path to a text file, and returns :class:`CalibrationData`: ``n_samples``
+model's tokenizer), or a text file: a path or a built-in text name such as ``wikitext-2-valid``
+(:mod:`lowc.data`), and returns :class:`CalibrationData`: ``n_samples``
 sequences of ``seq_len`` tokens. Text is tokenized as one stream and cut into windows at random
 offsets drawn from ``seed`` (as GPTQ's reference code samples its calibration set), so the same seed
 gives the same samples. Block-by-block execution over these samples lives in
@@ -61,14 +62,12 @@ def load_calibration(calib: Any, tokenizer=None, n_samples: int = 128, seq_len: 
     if isinstance(calib, CalibrationData):
         return calib
     if isinstance(calib, (str, os.PathLike)):
-        path = os.fspath(calib)
-        if not os.path.isfile(path):
-            raise CalibrationError(f"calibration file {path!r} does not exist")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        from lowc import data
+
+        text = data.read(calib, "calibration file", CalibrationError)
         if not text.strip():
-            raise CalibrationError(f"calibration file {path!r} is empty")
-        return _from_text([text], tokenizer, n_samples, seq_len, seed, source=path)
+            raise CalibrationError(f"calibration file {os.fspath(calib)!r} is empty")
+        return _from_text([text], tokenizer, n_samples, seq_len, seed, source=os.fspath(calib))
     if isinstance(calib, torch.Tensor):
         calib = [calib]
     if isinstance(calib, Sequence) and calib and all(isinstance(c, str) for c in calib):

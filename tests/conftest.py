@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: small Llama-style Hugging Face directories that no other test data
-depends on, the wikitext-2 files, a seeded Llama with real-text calibration and evaluation tokens
+depends on, the wikitext-2 files (shipped in the package, :mod:`lowc.data`), a seeded Llama with real-text calibration and evaluation tokens
 (``wt2_llama``), running a target's pipeline with other method passes, logits SQNR, a two-linear
 model quantized per layer, and the installed ``lowc`` command."""
 
@@ -15,8 +15,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
-VALID, TEST = os.path.join(DATA, "valid.txt"), os.path.join(DATA, "test.txt")
+from lowc import data  # noqa: E402  (the texts lowc ships: the tests need nothing outside the repository)
+
+VALID, TEST = data.wikitext2("valid"), data.wikitext2("test")
 #: ``lowc.compile`` keywords: 4 calibration samples of 64 tokens from wikitext-2 valid
 CALIB = dict(calib=VALID, calib_samples=4, seq_len=64, progress=False)
 

@@ -18,7 +18,7 @@ import torch
 from torch.testing import FileCheck
 
 import lowc
-from conftest import make_llama_dir, run_lowc
+from conftest import VALID, make_llama_dir, run_lowc
 from lowc import evaluate as ev
 from lowc.errors import CalibrationError, PassOptionError
 from lowc.ir import meta as nodemeta
@@ -30,7 +30,6 @@ from lowc.passes.pipeline import run_passes
 from lowc.passes.quant.activations import QuantizeActivations, threshold
 from lowc.passes.quant.kv import QuantizeKV
 
-VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 CALIB = dict(calib=VALID, calib_samples=4, seq_len=64)
 
 
@@ -88,6 +87,7 @@ def static_w8a8(llama):
                         progress=False, **CALIB)
 
 
+@pytest.mark.slow
 def test_static_graph_and_target_lowering_is_a_no_op(static_w8a8):
     cm = static_w8a8
     steps = [(r["phase"], r["name"], r["changed"]) for r in cm.manifest["passes"]]
@@ -108,6 +108,7 @@ def test_static_graph_and_target_lowering_is_a_no_op(static_w8a8):
     assert sum(1 for r in cm.layers() if r["scheme"]) == 14
 
 
+@pytest.mark.slow
 def test_static_minmax_scale_is_the_calibration_absmax(llama, llama_prog, calib):
     from lowc.passes.quant.rtn import RTN
 
@@ -126,6 +127,7 @@ def test_static_minmax_scale_is_the_calibration_absmax(llama, llama_prog, calib)
     torch.testing.assert_close(p.attr("model.layers.0.self_attn.q_proj.act_scale"), expected.reshape(1))
 
 
+@pytest.mark.slow
 def test_static_accuracy_floors(llama_prog, calib, ids, ref, static_w8a8):
     from lowc.passes.quant.rtn import RTN
 
@@ -152,6 +154,7 @@ def test_threshold_observers():
     assert threshold("mse", 0.0, torch.zeros(2048), 4) == 0.0  # a dead input
 
 
+@pytest.mark.slow
 def test_static_idempotent_round_trip_and_onnx(static_w8a8, calib, ids, tmp_path):
     prog = static_w8a8.program.clone()
     r = run_passes(prog, [QuantizeActivations(bits=8, static=True)], PassContext(calib=calib, progress=False))
@@ -174,6 +177,7 @@ def test_static_idempotent_round_trip_and_onnx(static_w8a8, calib, ids, tmp_path
     torch.testing.assert_close(torch.from_numpy(out), static_w8a8(ids).logits, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_static_bad_input(llama, llama_prog, calib):
     with pytest.raises(CalibrationError, match=r"pass 'quantize-activations' needs calibration data"):
         lowc.compile(llama, target="ref-w8a8", passes=["rtn", "quantize-activations{static=true}"], progress=False)
@@ -192,6 +196,7 @@ def test_static_bad_input(llama, llama_prog, calib):
     assert QuantizeActivations(static=True).requirements() == frozenset({"calibration"})
 
 
+@pytest.mark.slow
 def test_static_nonfinite_calibration_names_the_layer(llama_prog, calib):
     from lowc.passes.quant.rtn import RTN
 
@@ -203,6 +208,7 @@ def test_static_nonfinite_calibration_names_the_layer(llama_prog, calib):
         _lowered(p, "ref-w8a8", [RTN(), QuantizeActivations(static=True)], calib)
 
 
+@pytest.mark.slow
 def test_static_cli(llama, tmp_path):
     out = tmp_path / "static"
     res = run_lowc("compile", llama, "-t", "ref-w4a4", "-o", out, "--calib", VALID, "--calib-samples", "2",
@@ -289,6 +295,7 @@ def test_kv_sqnr_floors_and_options(llama_prog, ids, ref):
         QuantizeKV(bits=1)
 
 
+@pytest.mark.slow
 def test_kv_minilm_encoder():
     prog = lowc.trace("minilm")
     from transformers import AutoTokenizer
@@ -306,6 +313,7 @@ def test_kv_minilm_encoder():
     assert cos[8] > 0.9995 and cos[4] > 0.99, cos  # measured 0.99999, 0.9973
 
 
+@pytest.mark.slow
 def test_kv_with_gptq_artifact_and_onnx_refusal(llama, ids, tmp_path):
     cm = lowc.compile(llama, target="ref-w4a16", passes=["gptq", "quantize-kv{bits=4}"], progress=False, **CALIB)
     assert [r["name"] for r in cm.manifest["passes"]] == ["gptq", "quantize-kv", "remove-dead"]

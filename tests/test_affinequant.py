@@ -32,6 +32,7 @@ def test_gradual_mask():
     torch.testing.assert_close(m, want)
 
 
+@pytest.mark.slow
 def test_graph_w4a4_folds_everything(w4a4):
     text = printer.format_program(w4a4.program)
     assert "kron_transform" not in text  # diagonals in the norms, v/o blocks in the weights: no extra op
@@ -44,6 +45,7 @@ def test_graph_w4a4_folds_everything(w4a4):
                for l in w4a4.manifest["log"])
 
 
+@pytest.mark.slow
 def test_beats_rtn_w4a4_and_artifact_round_trip(wt2_llama, w4a4, tmp_path):
     ids = wt2_llama.ids
     rtn, _ = wt2_llama.run("ref-w4a4", "rtn", calib=False)
@@ -54,6 +56,7 @@ def test_beats_rtn_w4a4_and_artifact_round_trip(wt2_llama, w4a4, tmp_path):
     torch.testing.assert_close(back(ids).logits, w4a4(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
     aq, ctx = wt2_llama.run("ref-w4a16", "affinequant{bits=3,epochs=2}")
     rtn, _ = wt2_llama.run("ref-w4a16", "rtn{bits=3}", calib=False)
@@ -65,6 +68,7 @@ def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
     assert {r["scheme"]["w_bits"] for r in layer_table(aq) if r["scheme"]} == {3}
 
 
+@pytest.mark.slow
 def test_folded_float_model_is_unchanged(odd_llama_dir):
     """GQA (3 query heads on 1 KV head: one v/o block shared by 3 heads), hidden 96, intermediate
     200: folded transforms without quantization leave the float model's output unchanged."""
@@ -85,6 +89,7 @@ def test_folded_float_model_is_unchanged(odd_llama_dir):
         torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_idempotent_and_deterministic(wt2_llama):
     check_idempotent_and_deterministic(wt2_llama.program.clone(), AffineQuant(epochs=1), "ref-w4a4", seed=3,
                                        names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.input_layernorm.weight"))
@@ -101,10 +106,12 @@ def test_options_round_trip():
                                  "affinequant{alpha=-1}": "alpha=-1", "affinequant{batch_size=0}": "batch_size=0"})
 
 
+@pytest.mark.slow
 def test_bad_calibration():
     check_needs_finite_calibration(AffineQuant(epochs=1), "ref-w4a4", float("inf"))
 
 
+@pytest.mark.slow
 def test_minilm_post_norm():
     cm = minilm_w8a8("affinequant{epochs=1}")
     text = printer.format_program(cm.program)
@@ -113,6 +120,7 @@ def test_minilm_post_norm():
     assert any("outside transformer blocks quantized with RTN" in l for l in cm.manifest["log"])  # the pooler
 
 
+@pytest.mark.slow
 def test_cli(wt2_llama, tmp_path):
     out = tmp_path / "cli"
     r = run_lowc("compile", wt2_llama.dir, "--target", "ref-w4a4", "-o", out, "--pass", "affinequant{epochs=1}", "--calib", VALID,

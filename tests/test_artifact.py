@@ -91,6 +91,7 @@ def test_round_trip(cm, saved, ref):
     assert cm2.tokenizer is not None and cm2.tokenizer("hi")["input_ids"] == cm.tokenizer("hi")["input_ids"]
 
 
+@pytest.mark.slow
 def test_round_trip_in_fresh_process(saved, ref, tmp_path):
     out = tmp_path / "out.safetensors"
     code = textwrap.dedent(f"""
@@ -148,6 +149,7 @@ def test_files_follow_umask(saved):
             assert os.stat(os.path.join(root, n)).st_mode & 0o777 == 0o666 & ~umask, n
 
 
+@pytest.mark.slow
 def test_tied_weights_stored_once(tmp_path):
     from lowc.frontend.presets import tiny_llama
 

@@ -10,7 +10,9 @@ import pytest
 
 from conftest import run_lowc
 
-WIKI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
+
+#: each case runs the CLI in a fresh process (~2.5 s): two stay in the quick subset
+SLOW = pytest.mark.slow
 
 
 def assert_clean_error(res, *needles):
@@ -42,6 +44,7 @@ def compiled(tmp_path_factory, odd_llama_dir):
     return out, res
 
 
+@pytest.mark.slow
 def test_compile_writes_artifact_and_prints(compiled):
     out, res = compiled
     assert (out / "manifest.json").is_file() and (out / "weights.safetensors").is_file()
@@ -56,6 +59,7 @@ def test_compile_writes_artifact_and_prints(compiled):
     assert not any(os.path.basename(p).startswith(".w4") for p in os.listdir(out.parent))  # no temp dirs left
 
 
+@pytest.mark.slow
 def test_inspect(compiled):
     out, _ = compiled
     res = run_lowc("inspect", out)
@@ -65,6 +69,7 @@ def test_inspect(compiled):
     assert "size:" in res.stdout
 
 
+@pytest.mark.slow
 def test_eval_and_bench(compiled, tmp_path):
     out, _ = compiled
     data = tmp_path / "text.txt"
@@ -79,6 +84,52 @@ def test_eval_and_bench(compiled, tmp_path):
     assert rows[0]["float_ms"] > 0 and rows[0]["lowc_ms"] > 0
 
 
+@pytest.mark.slow
+def test_eval_of_a_causal_lm_defaults_to_the_shipped_wikitext2_test_and_says_so(compiled):
+    """No --data: perplexity on the WikiText-2 test split lowc ships, named in the report and the
+    JSON; the same numbers as naming the split or its file explicitly."""
+    from lowc import data
+
+    out, _ = compiled
+    args = ("--seq-len", "64", "--max-windows", "2")
+    res = run_lowc("eval", out, *args, "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["data"] == "wikitext-2-test" and r["tokens"] == 128 and r["ppl"] > 1
+    assert "evaluating ref-w4a16 (causal-lm) on wikitext-2-test" in res.stderr
+    res = run_lowc("eval", out, *args, "--data", data.wikitext2("test"))  # the file itself, plain report
+    assert res.returncode == 0, res.stderr
+    assert f"on {data.wikitext2('test')}, 128 tokens" in res.stdout
+    assert f"ppl         {r['ppl']:.4f}" in res.stdout and f"kl          {r['kl']:.4f}" in res.stdout
+    res = run_lowc("eval", out, *args)
+    assert "on wikitext-2-test (WikiText-2 test split" in res.stdout and "128 tokens" in res.stdout
+
+
+@pytest.mark.slow
+def test_calib_takes_a_builtin_text_name(tmp_path, odd_llama_dir):
+    out = tmp_path / "g"
+    res = run_lowc("compile", odd_llama_dir, "-t", "ref-w4a16", "-o", out, "--pass", "gptq{group_size=32}",
+                   "--calib", "wikitext-2-valid", "--calib-samples", "2", "--seq-len", "32", "-q")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"] == {"source": "wikitext-2-valid", "samples": 2, "seq_len": 32, "tokens": 64}
+    assert_clean_error(run_lowc("compile", odd_llama_dir, "-t", "ref-w4a16", "-o", tmp_path / "o", "--calib", "wikitext-3"),
+                       "--calib 'wikitext-3' does not exist", "wikitext-2-valid, wikitext-2-test")
+    assert_clean_error(run_lowc("eval", out, "--data", "nope.txt"), "--data 'nope.txt' does not exist", "wikitext-2-test")
+
+
+def test_data_lists_the_builtin_texts():
+    from lowc import data
+
+    res = run_lowc("data")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert [l.split()[0] for l in lines] == ["wikitext-2-valid", "wikitext-2-test"]
+    assert data.wikitext2("test") in lines[1]
+    assert "wikitext-2-valid" in run_lowc("compile", "--help").stdout and "wikitext-2-test" in run_lowc("eval", "--help").stdout
+
+
+@pytest.mark.slow
 def test_recipe(tmp_path, odd_llama_dir):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- rtn:\n    bits: 8\n    group_size: -1\n    symmetric: true\n")
@@ -92,16 +143,16 @@ def test_recipe(tmp_path, odd_llama_dir):
 @pytest.mark.parametrize(
     "args,needles",
     [
-        (["compile", "/nonexistent/model", "-t", "ref-w4a16", "-o", "{tmp}/o"], ["/nonexistent/model", "does not exist"]),
+        pytest.param(["compile", "/nonexistent/model", "-t", "ref-w4a16", "-o", "{tmp}/o"], ["/nonexistent/model", "does not exist"], marks=SLOW),
         (["compile", "tiny-llama", "-t", "ref-w3a99", "-o", "{tmp}/o"], ["unknown target 'ref-w3a99'"]),
-        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{bitz=4}"], ["rtn", "bitz"]),
-        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{bits=9}"], ["rtn", "bits=9"]),
-        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{group_size=100}"], ["group_size=100"]),
-        (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "nosuch"], ["unknown pass 'nosuch'"]),
+        pytest.param(["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{bitz=4}"], ["rtn", "bitz"], marks=SLOW),
+        pytest.param(["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{bits=9}"], ["rtn", "bits=9"], marks=SLOW),
+        pytest.param(["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "rtn{group_size=100}"], ["group_size=100"], marks=SLOW),
+        pytest.param(["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--pass", "nosuch"], ["unknown pass 'nosuch'"], marks=SLOW),
         (["compile", "tiny-llama", "-t", "ref-w4a16", "-o", "{tmp}/o", "--calib", "{tmp}/missing.txt"], ["missing.txt"]),
-        (["compile", "{tmp}", "-t", "ref-w4a16", "-o", "{tmp}/o"], ["config.json"]),
-        (["inspect", "{tmp}/nothing"], ["does not exist"]),
-        (["eval", "{tmp}"], ["not a lowc artifact"]),
+        pytest.param(["compile", "{tmp}", "-t", "ref-w4a16", "-o", "{tmp}/o"], ["config.json"], marks=SLOW),
+        pytest.param(["inspect", "{tmp}/nothing"], ["does not exist"], marks=SLOW),
+        pytest.param(["eval", "{tmp}"], ["not a lowc artifact"], marks=SLOW),
     ],
 )
 def test_bad_input(tmp_path, args, needles):
@@ -112,6 +163,7 @@ def test_bad_input(tmp_path, args, needles):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_existing_output_needs_force(compiled):
     out, _ = compiled
     before = (out / "manifest.json").read_bytes()
@@ -120,6 +172,7 @@ def test_existing_output_needs_force(compiled):
     assert (out / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_corrupt_artifacts(compiled, tmp_path):
     import shutil
 
@@ -138,6 +191,7 @@ def test_corrupt_artifacts(compiled, tmp_path):
     assert_clean_error(run_lowc("inspect", bad), "format version 99")
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(tmp_path):
     res = run_lowc("--debug", "compile", "tiny-llama", "-t", "nope", "-o", tmp_path / "o")
     assert res.returncode != 0 and "Traceback" in res.stderr

@@ -102,12 +102,14 @@ def _check_kernel(bits, gs, sym, m, n=70, k=200, seed=0):
     return outs[False], ref, bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits, gs, sym", list(itertools.product(BITS, GROUPS, (False, True))))
 def test_kernel_matches_reference_within_bound(lib, bits, gs, sym):
     for m in (1, 5):
         _check_kernel(bits, gs, sym, m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gs", [256, 200, -1])
 def test_groups_wider_than_a_chunk(lib, gs):
     # 256: two table-scale chunks per group; 200: chunks of 40; -1: per channel (K_pad = 400 -> chunks of 80)
@@ -118,17 +120,20 @@ def test_groups_wider_than_a_chunk(lib, gs):
         _check_kernel(3, gs, sym, 3, n=40, k=400)
 
 
+@pytest.mark.slow
 def test_tile_edges(lib):
     # N below, at and above one 32-row tile; K with padding inside the last group
     for n, k in [(1, 8), (31, 40), (32, 64), (33, 136), (97, 130)]:
         _check_kernel(2, 32, False, 2, n=n, k=k)
 
 
+@pytest.mark.slow
 def test_avx2_path_is_the_one_taken_here(lib):
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     assert runtime.has_avx2() == (" avx2" in flags and " fma" in flags)
 
 
+@pytest.mark.slow
 def test_threads_do_not_change_results(lib):
     qw = _quantized(100, 256, 4, 64, False)
     lw = layout.from_reference(qw.qweight, qw.scales, qw.zeros, 4, 64, 256)
@@ -152,6 +157,7 @@ def test_thread_count_option(monkeypatch):
         runtime.set_num_threads(0)
 
 
+@pytest.mark.slow
 def test_bad_shapes_are_clear_errors(lib):
     qw = _quantized(40, 64, 2, 32, False)
     lw = layout.from_reference(qw.qweight, qw.scales, qw.zeros, 2, 32, 64)
@@ -168,6 +174,7 @@ def _mixed_program(bits_a=2, bits_b=4):
     return two_linears_program((bits_a, bits_b), 32, symmetric=(bits_a == 4, bits_b == 4))
 
 
+@pytest.mark.slow
 def test_lut_lower_mixed_precision(lib):
     from lowc.ir import verifier
     from lowc.passes.base import PassContext
@@ -212,6 +219,7 @@ def small_llama(tmp_path_factory):
                           num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 4])
 def test_compiled_model_matches_reference_backend(small_llama, tmp_path, bits):
     import lowc
@@ -236,6 +244,7 @@ def test_compiled_model_matches_reference_backend(small_llama, tmp_path, bits):
     assert (F.cosine_similarity(y.flatten(1), r.flatten(1)) > 0.999).all()
 
 
+@pytest.mark.slow
 def test_cli_compile_and_bench(tmp_path):
     res = run_lowc("compile", "tiny-llama", "--target", "cpu-lut-w2", "-o", tmp_path / "w2", "-q")
     assert res.returncode == 0, res.stderr
@@ -252,6 +261,7 @@ def test_other_devices_are_refused():
 
 
 # ---- build cache and compiler ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cache_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWC_CACHE_DIR", str(tmp_path))
     src = codegen.generate([KernelConfig(1, 32, True)])

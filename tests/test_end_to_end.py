@@ -15,6 +15,9 @@ import torch
 from conftest import make_llama_dir, run_lowc
 from lowc import evaluate as ev
 
+#: real-model compiles and fresh-process reloads (~2 min): `-m "not slow"` leaves them to CI
+pytestmark = pytest.mark.slow
+
 # (min SQNR dB of logits, max mean KL) vs float, measured on this fixture with margin: see README
 FLOORS = {
     "ref-fp32": (float("inf"), 0.0),

@@ -11,6 +11,9 @@ import sys
 
 import pytest
 
+#: trains a model in a subprocess: `-m "not slow"` leaves it to CI
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_tiny_llama.py")
 TINY = ["--vocab", "320", "--hidden", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--intermediate", "128",

@@ -27,6 +27,7 @@ def w4a4(wt2_llama):
     return lowc.compile(d, target="ref-w4a4", passes=["flatquant{epochs=2}"], **CALIB)
 
 
+@pytest.mark.slow
 def test_graph(w4a4):
     text = printer.format_program(w4a4.program)
     assert text.count("lowc.kron_transform.default") == 8  # q/k/v, o heads, gate/up, down in 2 blocks
@@ -43,6 +44,7 @@ def test_graph(w4a4):
     assert any("smoothing folded into 2 norm(s) and 1 up projection(s)" in l for l in w4a4.manifest["log"])
 
 
+@pytest.mark.slow
 def test_beats_rtn_w4a4_and_artifact_round_trip(wt2_llama, w4a4, tmp_path):
     ids = wt2_llama.ids
     rtn, _ = wt2_llama.run("ref-w4a4", "rtn", calib=False)
@@ -54,6 +56,7 @@ def test_beats_rtn_w4a4_and_artifact_round_trip(wt2_llama, w4a4, tmp_path):
     torch.testing.assert_close(back(ids).logits, w4a4(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_w3_weight_only_beats_rtn(wt2_llama):
     ids = wt2_llama.ids
     fq, ctx = wt2_llama.run("ref-w4a16", "flatquant{bits=3,epochs=2}")
@@ -71,6 +74,7 @@ def test_w3_weight_only_beats_rtn(wt2_llama):
     assert sqnr(before, logits(fq, ids)) > 25.0
 
 
+@pytest.mark.slow
 def test_onnx_refuses_the_transform_naming_the_layer(w4a4):
     from lowc.backends.onnx.check import OnnxCheck
 
@@ -78,6 +82,7 @@ def test_onnx_refuses_the_transform_naming_the_layer(w4a4):
         run_passes(w4a4.program.clone(), [OnnxCheck()], PassContext(progress=False))
 
 
+@pytest.mark.slow
 def test_folded_float_model_is_unchanged(odd_llama_dir):
     """GQA (3 query heads on 1 KV head), hidden 96 = 8 x 12, intermediate 200 = 10 x 20: with the
     trained transforms folded and no quantization, the program computes the float model."""
@@ -97,6 +102,7 @@ def test_folded_float_model_is_unchanged(odd_llama_dir):
         torch.testing.assert_close(prog.call(ids).logits, ref, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_idempotent_and_deterministic(wt2_llama):
     check_idempotent_and_deterministic(wt2_llama.program.clone(), FlatQuant(epochs=1), "ref-w4a16", seed=7,
                                        names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.self_attn.q_proj.flat_p1"))
@@ -112,10 +118,12 @@ def test_options_round_trip():
                                  "flatquant{alpha=2}": "alpha=2", "flatquant{lr=0}": "lr=0"})
 
 
+@pytest.mark.slow
 def test_bad_calibration():
     check_needs_finite_calibration(FlatQuant(epochs=1), "ref-w4a16", float("nan"))
 
 
+@pytest.mark.slow
 def test_cli(wt2_llama, tmp_path):
     d = wt2_llama.dir
     out = tmp_path / "cli"
@@ -127,6 +135,7 @@ def test_cli(wt2_llama, tmp_path):
     assert printer.format_program(cm.program).count("lowc.kron_transform.default") == 8
 
 
+@pytest.mark.slow
 def test_minilm_post_norm():
     cm = minilm_w8a8("flatquant{epochs=1}")
     text = printer.format_program(cm.program)
@@ -135,6 +144,7 @@ def test_minilm_post_norm():
     assert any("also feed the residual" in l for l in cm.manifest["log"])
 
 
+@pytest.mark.slow
 def test_gptq_weights(wt2_llama):
     """gptq=true: the transformed, clipped weights are quantized by GPTQ on the transformed inputs."""
     fq, _ = wt2_llama.run("ref-w4a16", "flatquant{bits=3,epochs=1,gptq=true}")

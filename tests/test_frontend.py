@@ -122,6 +122,7 @@ def test_calibration_forms(tmp_path):
         load_calibration(str(empty), tok)
 
 
+@pytest.mark.slow
 def test_compile_records_calibration(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("some calibration text for the tiny model. " * 100)
@@ -186,3 +187,115 @@ def test_identity_slices_are_canonicalized_away():
     out, kept = m(**kw)
     assert torch.equal(out, (kw["input_ids"] * kw["attention_mask"])[:, :, None])
     assert torch.equal(kept, (kw["input_ids"] * kw["attention_mask"])[:, :4, None])
+
+
+# ---- batch 1, one token, tokenizer outputs (issue 15, item 1) ---------------------------------------------
+def _float_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+
+@pytest.mark.parametrize("example_shape", [(1, 32), pytest.param((1, 1), marks=pytest.mark.slow),
+                                           pytest.param((3, 1), marks=pytest.mark.slow)])
+def test_hf_example_of_batch_one_or_one_token_compiles_and_runs_at_any_size(example_shape):
+    """torch.export specializes dims of size 1: capture must use a size that keeps batch and
+    sequence dynamic, and the program must then run batch 1 and one token, matching the model."""
+    from lowc.frontend.presets import tiny_llama
+
+    model, _ = tiny_llama(num_hidden_layers=1)
+    ids = torch.randint(0, 259, example_shape, generator=torch.Generator().manual_seed(0))
+    cm = lowc.compile(model, target="ref-fp32", example_inputs=(ids,), progress=False)
+    spec = cm.program.info.inputs[0]
+    assert spec.dynamic == {0: "batch", 1: "seq"} and min(spec.shape) >= 2, spec
+    assert cm.manifest["metrics"]["check"]["top1"] == 1.0  # checked on the user's example
+    for shape in ((1, 1), (1, 9), (4, 1), example_shape):
+        x = torch.randint(0, 259, shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(cm(x).logits, _float_logits(model, x), rtol=1e-5, atol=1e-5)
+    q = lowc.compile(model, target="ref-w8a16", example_inputs=(ids,), progress=False)
+    x = torch.randint(0, 259, (1, 1))
+    assert torch.nn.functional.cosine_similarity(q(x).logits.flatten(), _float_logits(model, x).flatten(), dim=0) > 0.999
+
+
+def test_tokenizer_output_as_example_and_as_call_inputs():
+    """A BatchEncoding (int32 ids, a bool mask) is accepted by lowc.compile and by the compiled model,
+    as keywords and as one mapping."""
+    from transformers import BatchEncoding
+
+    from lowc.frontend.presets import tiny_llama
+
+    model, tok = tiny_llama(num_hidden_layers=1)
+    enc = tok(["a tokenized sentence"], return_tensors="pt")
+    assert isinstance(enc, BatchEncoding) and enc["input_ids"].shape[0] == 1
+    enc32 = BatchEncoding({"input_ids": enc["input_ids"].int(), "attention_mask": enc["attention_mask"].bool()})
+    cm = lowc.compile(model, target="ref-fp32", example_inputs=enc32, progress=False)
+    assert min(cm.program.info.inputs[0].shape) >= 2
+    ref = _float_logits(model, enc["input_ids"])
+    torch.testing.assert_close(cm(**enc32).logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cm(enc32).logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cm(dict(enc)).logits, ref, rtol=1e-5, atol=1e-5)
+    lists = tok(["a tokenized sentence"])  # no return_tensors: python lists
+    torch.testing.assert_close(cm(**lists).logits, ref, rtol=1e-5, atol=1e-5)
+    cm2 = lowc.compile(model, target="ref-fp32", example_inputs=(dict(enc),), progress=False)
+    torch.testing.assert_close(cm2(**enc).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def _small_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    return BertModel(cfg).eval()
+
+
+def test_bert_token_type_ids_of_single_sentences_are_accepted():
+    """What a BERT tokenizer returns for single sentences (token_type_ids all 0) works as example
+    and as call input; segment ids other than 0 are refused naming the input, not silently dropped."""
+    from lowc.errors import InputError
+
+    bert = _small_bert()
+    ids = torch.randint(0, 120, (1, 7), generator=torch.Generator().manual_seed(0))
+    enc = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)}
+    cm = lowc.compile(bert, target="ref-fp32", example_inputs=enc, progress=False)
+    with torch.no_grad():
+        ref = bert(**enc).last_hidden_state
+    torch.testing.assert_close(cm(**enc).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    pair = {**enc, "token_type_ids": torch.tensor([[0, 0, 0, 1, 1, 1, 1]])}
+    with pytest.raises(InputError, match="token_type_ids"):
+        cm(**pair)
+    with pytest.raises(CaptureError, match="token_type_ids"):
+        lowc.trace(bert, pair)
+
+
+def test_bad_example_and_call_inputs_are_one_line_errors():
+    from lowc.errors import InputError, LowcError
+    from lowc.frontend.presets import tiny_llama
+
+    model, _ = tiny_llama(num_hidden_layers=1)
+    ids = torch.randint(0, 259, (1, 4))
+    with pytest.raises(CaptureError, match="no 'input_ids'"):
+        lowc.trace(model, {"attention_mask": torch.ones(1, 4, dtype=torch.long)})
+    with pytest.raises(CaptureError, match=r"attention_mask .*shape \[1, 3\]"):
+        lowc.trace(model, (ids, torch.ones(1, 3, dtype=torch.long)))
+    with pytest.raises(CaptureError, match="position_ids"):
+        lowc.trace(model, {"input_ids": ids, "position_ids": ids})
+    p = lowc.trace(model, (ids,))
+    with pytest.raises(InputError, match="'input_ids' is float32") as e:
+        p.call(ids.float())
+    assert isinstance(e.value, LowcError) and isinstance(e.value, TypeError)
+    with pytest.raises(InputError, match="'input_ids': cannot make a tensor"):
+        p.call(input_ids=[[1, 2], [3]])
+    with pytest.raises(InputError, match="missing input 'input_ids'"):
+        p.call(attention_mask=torch.ones(1, 4, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_compile_takes_the_tokenizer_of_a_module_for_text_calibration():
+    from lowc.frontend.presets import tiny_llama
+
+    model, tok = tiny_llama(num_hidden_layers=1)
+    kw = dict(target="ref-w8a16", calib="wikitext-2-valid", calib_samples=2, seq_len=16, passes=["gptq"], progress=False)
+    with pytest.raises(CalibrationError, match="needs the model's tokenizer"):
+        lowc.compile(model, **kw)
+    cm = lowc.compile(model, tokenizer=tok, **kw)
+    assert cm.manifest["calibration"]["source"] == "wikitext-2-valid" and cm.tokenizer is tok

@@ -4,19 +4,17 @@ idempotence, determinism, missing/non-finite calibration)."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
 
 import lowc
+from conftest import TEST, VALID
 from lowc.errors import CalibrationError, PassError
 from lowc.ir.dialect import quant
 from lowc.passes.quant.gptq import gptq_quantize
 
-VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
-TEST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
 
 
 def _sentences(path, n, skip=0):
@@ -117,6 +115,7 @@ def tiny_gptq():
     return cm, calib
 
 
+@pytest.mark.slow
 def test_pass_rewrites_every_block_linear(tiny_gptq):
     cm, _ = tiny_gptq
     assert cm.manifest["passes"][0]["name"] == "gptq"  # the default method when calibration is given
@@ -131,6 +130,7 @@ def test_pass_rewrites_every_block_linear(tiny_gptq):
     assert text.count("lowc.linear_wq.default") == 28
 
 
+@pytest.mark.slow
 def test_pass_is_idempotent_and_deterministic(tiny_gptq):
     cm, calib = tiny_gptq
     from lowc.passes.base import PassContext
@@ -146,6 +146,7 @@ def test_pass_is_idempotent_and_deterministic(tiny_gptq):
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_minilm_gptq_closer_to_float_than_rtn():
     from lowc import evaluate as ev
 
@@ -161,6 +162,7 @@ def test_minilm_gptq_closer_to_float_than_rtn():
     assert any("outside transformer blocks" in l for l in g.manifest["log"])  # the pooler: RTN, logged
 
 
+@pytest.mark.slow
 def test_missing_and_non_finite_calibration():
     with pytest.raises(CalibrationError, match="pass 'gptq' needs calibration data"):
         lowc.compile("tiny-llama", target="ref-w4a16", passes=["gptq"])

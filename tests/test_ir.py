@@ -105,6 +105,7 @@ def test_verifier_checks_dtype_against_recorded(prog):
 # ---- printer -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_printer_is_stable_across_traces(base):
     again = trace("tiny-llama")
     a, b = printer.format_program(base), printer.format_program(again)
@@ -271,6 +272,7 @@ def test_print_after(prog):
     assert "lowc.linear_wq.default" in out[0]
 
 
+@pytest.mark.slow
 def test_print_after_to_stdout(prog, capsys):
     Pipeline([("finalize", RemoveDead())], print_after=("remove-dead",)).run(prog, PassContext())
     assert "// ----- IR after remove-dead -----" in capsys.readouterr().out

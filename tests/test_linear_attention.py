@@ -364,6 +364,7 @@ def kernel_results():
     return json.loads(line[len("RESULT"):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, tol", [
     ("w0_gqa_L100", 2e-6), ("w64_gqa_L130", 2e-6), ("w64_mha_L200_mask", 2e-6), ("w5_gqa_L70_mask", 2e-6),
     ("w1_L65", 2e-6), ("w64_odd_dims", 2e-6), ("w64_bf16", 1.6e-2), ("w0_fp16", 2e-3),
@@ -374,6 +375,7 @@ def test_triton_kernel_matches_oracle_interpreted(kernel_results, case, tol):
     assert r["err"] <= tol, (case, r)
 
 
+@pytest.mark.slow
 def test_triton_kernel_dtypes_and_registration(kernel_results):
     assert kernel_results["w64_bf16"]["dtype"] == "torch.bfloat16"
     assert kernel_results["w0_fp16"]["dtype"] == "torch.float16"
@@ -383,6 +385,7 @@ def test_triton_kernel_dtypes_and_registration(kernel_results):
     assert reg["kernel_error"].startswith("KernelError: lowc::linear_attention Triton kernel: fq (1, 2, 10, 300)")
 
 
+@pytest.mark.slow
 def test_triton_kernel_stable_interpreted(kernel_results):
     assert kernel_results["stable_L1024_w0"]["finite"] and kernel_results["stable_L1024_w64"]["finite"]
 
@@ -425,6 +428,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernel_imports_triton_lazily_and_compiles_for_sm90():
     """No GPU needed: Triton compiles the LoLCATs configuration (bf16, F = D = 128, window 64, key_mask)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lowc
-from conftest import make_llama_dir, run_lowc
+from conftest import VALID, make_llama_dir, run_lowc
 from lowc.errors import CalibrationError, PassError, PassOptionError
 from lowc.ir import printer, verifier
 from lowc.passes.base import PassContext
@@ -24,7 +24,6 @@ from lowc.passes.linearize.linearize import Linearize
 from lowc.passes.options import parse_pass
 from lowc.passes.pipeline import run_passes
 
-VALID = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LA = "lowc.linear_attention.default"
 
@@ -243,6 +242,7 @@ def test_lora_distill_objective(llama):
 
 
 # ---- MiniLM: bidirectional, padding ---------------------------------------------------------------
+@pytest.mark.slow
 def test_minilm_bidirectional_with_padding(minilm):
     from lowc import evaluate as ev
 
@@ -265,6 +265,7 @@ def test_minilm_bidirectional_with_padding(minilm):
     assert c.cosine > 0.8, c  # measured 0.887 (untrained maps: 0.537); 3 x 64 tokens, 2 epochs
 
 
+@pytest.mark.slow
 def test_minilm_lolcats_lora_self_distillation(minilm):
     p, res, _ = _run(minilm, "linearize{window=16,lora_rank=2,lora_epochs=1,epochs=1}", _calib(minilm, 2, 48))
     assert res.stats["lora_loss"] == "hidden-state mse"
@@ -296,6 +297,7 @@ def test_recurrent_decode_matches_parallel(llama, spelling):
         assert {kv for _, kv in sizes} == {0}
 
 
+@pytest.mark.slow
 def test_decode_state_size_and_errors(llama, minilm):
     p, _, _ = _run(llama, "linearize{window=8,lora_rank=0,epochs=1}")
     q, _, _ = _run(llama, "linearize{window=8,kv_head_maps=true,lora_rank=0,epochs=1}")
@@ -315,6 +317,7 @@ def test_decode_state_size_and_errors(llama, minilm):
 
 
 # ---- artifact, composition, CLI ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compile_linearize_then_gptq_roundtrip(llama_dir, tmp_path):
     cm = lowc.compile(llama_dir, target="ref-w4a16", calib=VALID, calib_samples=2, seq_len=48, progress=False,
                       passes=["linearize{window=16,lora_rank=2,lora_epochs=1,epochs=1}", "gptq{group_size=32}"])
@@ -332,6 +335,7 @@ def test_compile_linearize_then_gptq_roundtrip(llama_dir, tmp_path):
     assert torch.equal(generate(cm2, ids[:, :5], 24), parallel_generate(cm2, ids[:, :5], 24))
 
 
+@pytest.mark.slow
 def test_cli_compile_and_generate(llama_dir, tmp_path):
     out = tmp_path / "lin"
     res = run_lowc("compile", llama_dir, "--target", "ref-w4a16", "-o", out, "--calib", VALID, "--calib-samples", 2,
@@ -374,6 +378,7 @@ def test_options_round_trip_and_validation():
             parse_pass(spelling)
 
 
+@pytest.mark.slow
 def test_bad_input(llama, llama_dir):
     with pytest.raises(CalibrationError, match="pass 'linearize' needs calibration data"):
         lowc.compile(llama_dir, passes=["linearize"], progress=False)

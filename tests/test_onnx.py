@@ -22,6 +22,9 @@ from lowc.backends.onnx import OnnxExportError, export_onnx
 from lowc.evaluate import main_tensor
 from test_cli import assert_clean_error
 
+#: every test here exports or compiles a model (~4 min in all): `-m "not slow"` leaves them to CI
+pytestmark = pytest.mark.slow
+
 CAUSAL_SHAPES = [(1, 1), (2, 7), (3, 33)]
 ENCODER_SHAPES = [(1, 4), (2, 9), (4, 40)]
 

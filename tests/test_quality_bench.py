@@ -15,6 +15,9 @@ import pytest
 
 from conftest import make_llama_dir
 
+#: runs the benchmark harness in subprocesses: `-m "not slow"` leaves it to CI
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
 

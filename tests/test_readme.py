@@ -1,12 +1,20 @@
-"""README.md and .ci/run stay in agreement: CI runs exactly the README's test command, and the
-README's tables name every registered target and pass."""
+"""README.md and .ci/run stay in agreement: CI runs exactly the README's test command, the quick
+subset is that command restricted to `-m "not slow"`, the README's tables name every registered
+target and pass, and every ```python block in the README runs (each in a fresh interpreter in an
+empty directory; a block whose first line is ``# needs: cuda`` is skipped without a GPU)."""
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+#: what a README python block may declare on its first line (``# needs: cuda``)
+NEEDS = {"cuda"}
 
 
 def _read(p):
@@ -24,6 +32,18 @@ def test_ci_runs_the_readme_test_command():
     assert any("torch==2.13.0" in l for l in ci_lines)
 
 
+def test_readme_quick_subset_is_the_ci_pytest_command_without_slow_tests():
+    """The quick command (in prose, so the check above still finds one test block) is CI's pytest
+    call with `-m "not slow"` before the test path, and that marker is registered."""
+    readme = _read("README.md")
+    (test_cmd,) = [b for b in re.findall(r"```bash\n(.*?)\n```", readme, re.S) if "pytest" in b]
+    pytest_call = test_cmd.split("&&")[-1].strip()
+    assert pytest_call.startswith("python -m pytest ") and pytest_call.endswith(" tests"), pytest_call
+    quick = pytest_call[: -len(" tests")] + ' -m "not slow" tests'
+    assert f"`{quick}`" in readme, f"README must give the quick subset as `{quick}`"
+    assert 'markers = ["slow: ' in _read("pyproject.toml")
+
+
 def test_readme_tables_list_every_target_and_pass():
     import lowc
     from lowc.passes.registry import PASSES
@@ -33,3 +53,39 @@ def test_readme_tables_list_every_target_and_pass():
         assert f"`{name}`" in readme, f"target {name} missing from README"
     for name in PASSES:
         assert f"`{name}`" in readme, f"pass {name} missing from README"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", _read("README.md"), re.S | re.M)
+
+
+def _needs(block: str) -> set[str]:
+    m = re.match(r"#\s*needs:\s*(.+)", block.splitlines()[0]) if block.strip() else None
+    return {n.strip() for n in m.group(1).split(",")} if m else set()
+
+
+def test_readme_python_blocks_are_found_and_declare_known_needs():
+    blocks = _python_blocks()
+    assert blocks, "README has no ```python block"
+    assert any("lowc.compile(" in b for b in blocks)
+    for b in blocks:
+        assert _needs(b) <= NEEDS, f"unknown '# needs:' in README block: {b.splitlines()[0]}"
+    assert _needs("# needs: cuda\nimport torch\n") == {"cuda"} and _needs("import torch\n") == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_readme_python_block_runs(index, tmp_path):
+    """The block runs as written (fresh interpreter, cwd an empty temporary directory, so its
+    ``out/...`` paths stay out of the repository)."""
+    block = _python_blocks()[index]
+    if "cuda" in _needs(block):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("README block needs CUDA")
+    script = tmp_path / f"readme_block_{index}.py"
+    script.write_text(block)
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, f"README python block {index} failed:\n{block}\n--- stderr ---\n{r.stderr[-3000:]}"

@@ -25,6 +25,7 @@ def outlier_model():
     return m, ids, calib, ref
 
 
+@pytest.mark.slow
 def test_exact_in_float_and_model_untouched(outlier_model):
     m, ids, calib, ref = outlier_model
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -39,6 +40,7 @@ def test_exact_in_float_and_model_untouched(outlier_model):
     assert len(cm.program.graph.nodes) == len(lowc.trace(m).graph.nodes)
 
 
+@pytest.mark.slow
 def test_improves_w8a8_over_rtn(outlier_model):
     m, ids, calib, ref = outlier_model
     res = {}
@@ -51,6 +53,7 @@ def test_improves_w8a8_over_rtn(outlier_model):
     assert res["sq"] > res["rtn"] + 1.0, res  # measured 35.3 vs 32.2 dB
 
 
+@pytest.mark.slow
 def test_idempotent_and_errors(outlier_model):
     m, ids, calib, _ = outlier_model
     from lowc.passes.base import PassContext
@@ -68,6 +71,7 @@ def test_idempotent_and_errors(outlier_model):
         lowc.compile(m, target="ref-w8a8", passes=["smoothquant{alpha=1.5}"])
 
 
+@pytest.mark.slow
 def test_post_norm_encoder_groups_are_skipped_and_logged():
     calib = [torch.randint(1000, 2000, (2, 32), generator=torch.Generator().manual_seed(0))]
     cm = lowc.compile("minilm", target="ref-w8a8", passes=["smoothquant", "rtn"], calib=calib, progress=False)

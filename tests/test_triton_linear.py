@@ -232,6 +232,7 @@ def test_autotune_cache_round_trip(tmp_path, monkeypatch):
         autotune.clear_memory()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Ahead-of-time compile (triton's bundled ptxas) of one GEMV and one tl.dot GEMM for Hopper: catches
@@ -281,6 +282,7 @@ def w4(small_llama, tmp_path_factory):
 IDS = torch.randint(0, 259, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow
 def test_targets_and_cli_compile(w4):
     import lowc
 
@@ -342,6 +344,7 @@ def test_devices_and_missing_triton_are_clear_errors(tmp_path, monkeypatch):
         wq.require_triton()
 
 
+@pytest.mark.slow
 def test_generation_rebuild_matches_recompute(w4):
     import lowc
     from lowc.backends.triton import decode
@@ -445,6 +448,7 @@ def test_kernel_shapes_and_heuristic_config():
         wq.linear(torch.zeros(2, 64, dtype=torch.float64).to(KDEV), *args, 4, 32, 64, 24)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_kernel_end_to_end_model(small_llama, w4, tmp_path):
     """A compiled cuda-w4a16 model loaded on the kernel device runs every linear through the kernels and
@@ -488,6 +492,7 @@ def test_gpu_autotune(monkeypatch):
 
 
 # ---- the interpreter run ---------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(INTERP or not HAS_TRITON, reason="this is the parent of the interpreter run (needs triton)")
 def test_kernels_under_interpreter(w4, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "LOWC_CACHE_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore",
@@ -500,6 +505,7 @@ def test_kernels_under_interpreter(w4, tmp_path):
 
 
 # ---- benchmark harness --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmark_script_parses_and_refuses_without_cuda(tmp_path):
     script = os.path.join(REPO, "benchmarks", "triton_linear.py")
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)

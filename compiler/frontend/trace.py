@@ -5,6 +5,12 @@ model directory, a preset name (``tiny-llama``, ``minilm``) or ``package.module:
 uses ``torch.export.export(..., strict=False)`` (transformers models are exported with
 ``use_cache=False``); batch and sequence dims of HF inputs are dynamic. The exported program is
 unlifted to a GraphModule, canonicalized, and annotated with lowc node metadata.
+
+Example inputs of a transformers model (token ids, ``(ids, mask)``, or what a tokenizer returns:
+a ``BatchEncoding``/dict with ``input_ids``, ``attention_mask``, ``token_type_ids``) fix only the
+capture size, and only where it keeps batch and sequence dynamic: torch.export specializes dims of
+size 0 or 1, so an example of batch 1 or one token is captured at size 2 (:data:`MIN_DYNAMIC`), and
+the program then runs at any size, 1 included.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import importlib
 import os
 import re
 import traceback
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -20,7 +27,13 @@ import torch
 from lowc.errors import CaptureError, DeviceError, ModelLoadError
 from lowc.frontend import canonicalize as canon
 from lowc.frontend import hf, presets
-from lowc.ir.program import InputSpec, ModelInfo, Program
+from lowc.ir.program import InputSpec, ModelInfo, Program, as_input_tensor
+
+#: the smallest size a dynamic dim is captured at (torch.export specializes sizes 0 and 1)
+MIN_DYNAMIC = 2
+
+#: what a transformers model's token inputs are called, in its positional order
+HF_TOKEN_INPUTS = ("input_ids", "attention_mask")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -241,7 +254,7 @@ def trace(model: Any, example_inputs: Sequence[Any] | None = None, *, dynamic_sh
             if example_inputs is None:
                 raise CaptureError(f"model {model!r} is not a transformers model: pass example_inputs")
             return trace_module(m.to(device), example_inputs, dynamic_shapes)
-        return trace_hf_model(m, tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
+        return trace_hf_model(m, tokenizer or tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"cannot trace a {type(model).__name__}: expected an nn.Module, a path or a preset name")
     if example_inputs is None and _is_hf_model(model):
@@ -250,9 +263,51 @@ def trace(model: Any, example_inputs: Sequence[Any] | None = None, *, dynamic_sh
         return trace_hf_model(model, tokenizer, batch=batch, seq_len=seq_len, device=device)
     if example_inputs is None:
         raise CaptureError(f"{type(model).__name__} is a plain nn.Module: pass example_inputs")
+    if _is_hf_model(model) and dynamic_shapes is None:
+        example = hf_example(example_inputs, type(model).__name__)
+        if example is not None:
+            b, s = example["input_ids"].shape
+            return trace_hf_model(model, tokenizer, batch=max(b, MIN_DYNAMIC), seq_len=max(s, MIN_DYNAMIC), device=device)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if _is_hf_model(model) and len(example_inputs) == 1 and not example_inputs[0].is_floating_point():
-        ids = example_inputs[0]
-        return trace_hf_model(model, tokenizer, batch=ids.shape[0], seq_len=ids.shape[1], device=device)
     return trace_module(model, example_inputs, dynamic_shapes)
+
+
+def hf_example(example_inputs: Any, what: str) -> dict[str, torch.Tensor] | None:
+    """A transformers model's example token inputs as ``{name: tensor}`` (``input_ids`` and maybe
+    ``attention_mask``, integer ``[batch, seq]``), or None when they are not token inputs (e.g. a
+    vision model's float ``pixel_values``, traced as a plain module).
+
+    Accepts ids, ``(ids,)``, ``(ids, mask)``, a mapping such as a tokenizer's ``BatchEncoding`` (or a
+    tuple holding one). ``token_type_ids`` must be all zero: lowc captures without them (segment 0),
+    which is what a tokenizer gives for single sentences."""
+    if isinstance(example_inputs, tuple) and len(example_inputs) == 1 and isinstance(example_inputs[0], Mapping):
+        example_inputs = example_inputs[0]
+    if isinstance(example_inputs, Mapping):
+        given = dict(example_inputs)
+        if "input_ids" not in given:
+            if any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in given.values()):
+                return None
+            raise CaptureError(f"example inputs for {what} have no 'input_ids' (keys: {', '.join(map(str, given)) or 'none'})")
+    else:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        args = tuple(example_inputs)
+        if not args or len(args) > len(HF_TOKEN_INPUTS) or not isinstance(args[0], torch.Tensor) or args[0].is_floating_point():
+            return None
+        given = dict(zip(HF_TOKEN_INPUTS, args))
+    tt = given.pop("token_type_ids", None)
+    if tt is not None and bool((as_input_tensor("token_type_ids", tt, CaptureError) != 0).any()):
+        raise CaptureError(f"example token_type_ids for {what} hold segment ids other than 0; lowc captures "
+                           "transformers models without token_type_ids (every token segment 0)")
+    extra = sorted(set(given) - set(HF_TOKEN_INPUTS))
+    if extra:
+        raise CaptureError(f"example inputs for {what}: lowc captures transformers models with "
+                           f"{', '.join(HF_TOKEN_INPUTS)} only, not {', '.join(map(str, extra))}")
+    out = {k: as_input_tensor(k, v, CaptureError, torch.int64) for k, v in given.items()}
+    for k, v in out.items():
+        if v.dim() != 2 or v.numel() == 0:
+            raise CaptureError(f"example {k} for {what} must be [batch, seq] token ids, got shape {list(v.shape)}")
+        if v.shape != out["input_ids"].shape:
+            raise CaptureError(f"example {k} for {what} has shape {list(v.shape)}, input_ids {list(out['input_ids'].shape)}")
+    return out
