@@ -544,7 +544,8 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
     except Exception as e:
         raise ArtifactError(f"{wpath} is corrupt or truncated: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     root = _module_tree(table, tensors, gpath)
-    gm = serialize.graph_from_json(graph, root, tensors=set(table), inputs=[s.name for s in info.inputs], what=gpath)
+    gm = serialize.graph_from_json(graph, root, tensors=set(table), inputs=[s.name for s in info.inputs],
+                                   by_name=info.call_by_name, what=gpath)
     retarget_device(gm, device)  # device constants baked in at capture (arange(device=...))
     program = Program(gm, info)
     tok_dir = os.path.join(path, TOKENIZER)

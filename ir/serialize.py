@@ -269,12 +269,13 @@ def _node_meta(m: Any, what: str) -> tuple[dict | None, nodemeta.NodeInfo | None
 
 
 def graph_from_json(d: dict[str, Any], root: torch.nn.Module, device: torch.device | str | None = None,
-                    tensors: set[str] | None = None, inputs: list[str] | None = None,
+                    tensors: set[str] | None = None, inputs: list[str] | None = None, by_name: bool = True,
                     what: str = GRAPH) -> torch.fx.GraphModule:
     """Rebuild a GraphModule over ``root`` (which holds the attributes) from :func:`graph_to_json`.
 
     ``tensors``: the attribute paths ``get_attr`` nodes may read (default: any valid path);
-    ``inputs``: the placeholder names in order, when the caller knows them (the model's inputs)."""
+    ``inputs``: the model's inputs in order, when the caller knows them: the graph must have as many
+    placeholders, of the same names if ``by_name`` (models called with keyword inputs)."""
     dev = torch.device(device) if device is not None else None
     U.fields(d, what, ("nodes", "pytree", "tensors"), ("nodes",))
     graph = torch.fx.Graph()
@@ -325,7 +326,7 @@ def graph_from_json(d: dict[str, Any], root: torch.nn.Module, device: torch.devi
         env[name] = node
     if not nodes:
         raise ArtifactError(f"{what}: the graph has no nodes")
-    if inputs is not None and placeholders != list(inputs):
+    if inputs is not None and (len(placeholders) != len(inputs) or (by_name and placeholders != list(inputs))):
         raise ArtifactError(f"{what}: graph inputs {placeholders} do not match the model's inputs {list(inputs)}")
     if "pytree" in d:
         pt = U.fields(d["pytree"], f"{what}: pytree", ("orig_args", "in_spec", "out_spec"), ("orig_args", "in_spec", "out_spec"))

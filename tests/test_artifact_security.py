@@ -811,3 +811,13 @@ def test_triton_autotune_cache_is_parsed_strictly(tmp_path, monkeypatch, bad):
         assert autotune.lookup("k") is None
     finally:
         autotune.clear_memory()
+
+
+def test_plain_module_artifact_round_trips(tmp_path):
+    """A plain nn.Module's graph inputs are named by its forward (``input``), its specs ``input_0``:
+    the strict loader checks the count, and names only for models called with keyword inputs."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 64)
+    cm = lowc.compile(net, target="ref-w8a16", example_inputs=(x,), progress=False)
+    cm.save(tmp_path / "m")
+    torch.testing.assert_close(lowc.load(tmp_path / "m")(x), cm(x))
