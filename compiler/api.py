@@ -97,8 +97,11 @@ class CompiledModel:
         from lowc.runtime import GenerationConfig, generate
 
         ids, mask = self._prompt_ids(prompt, attention_mask)
-        eos = self._eos_ids() if eos_token_id == "model" else eos_token_id
-        if pad_token_id is None and eos_token_id == "model":
+        model_eos = isinstance(eos_token_id, str)
+        if model_eos and eos_token_id != "model":
+            raise GenerationError(f"eos_token_id must be 'model', an id, a list of ids or None; got {eos_token_id!r}")
+        eos = self._eos_ids() if model_eos else eos_token_id
+        if pad_token_id is None and model_eos:
             pad_token_id = self._pad_id()
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos, pad_token_id=pad_token_id)

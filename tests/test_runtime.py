@@ -167,6 +167,8 @@ def test_compiled_model_generate_text_prompts(w4):
         w4.generate("The river", 2, attention_mask=torch.ones(1, 9))
     with pytest.raises(GenerationError, match=r"input_ids must be integer token ids \[batch, length\]"):
         w4.generate(torch.zeros(1, 4), 2)
+    with pytest.raises(GenerationError, match="eos_token_id must be 'model', an id, a list of ids or None"):
+        w4.generate(ids, 2, eos_token_id="</s>")
     with pytest.raises(GenerationError, match="unknown decoding strategy 'beam'"):
         w4.generate(ids, 2, strategy="beam")
 
