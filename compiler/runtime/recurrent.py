@@ -68,7 +68,8 @@ def position_sources(program) -> list[torch.fx.Node]:
             indices = op_args(n)["indices"]
             if isinstance(indices, torch.fx.Node) and not any(a.op == "placeholder" for a in ancestors([indices])):
                 roots.append(indices)
-    return [n for n in graph.nodes if _op(n) == "aten.arange" and n in ancestors(roots)]
+    upstream = ancestors(roots)
+    return [n for n in graph.nodes if _op(n) == "aten.arange" and n in upstream]
 
 
 class _Interp(torch.fx.Interpreter):
