@@ -13,7 +13,7 @@ this time are kept from the previous file, so the CPU and GPU runs can be made o
 * ``cuda``: the Triton kernel vs SDPA (FlashAttention backend), bf16, B=1, H=32, D=Dv=128, F=128,
   ``triton.testing.do_bench``; same lengths, slopes and crossover. Refuses clearly without CUDA.
 * ``decode``: memory of generating N tokens (N = 1..4096) with the recurrent state
-  (:mod:`lowc.ir.dialect.linear_attention_state`) vs a softmax KV cache, one layer, B=1, H=Hk=8,
+  (:mod:`lowc.runtime.state`) vs a softmax KV cache, one layer, B=1, H=Hk=8,
   D=Dv=64, F=128, window 64, fp32: bytes by tensor sizes, and the live/peak tensor bytes of a real
   decode loop (a dispatch-mode tracker of live tensor storages on CPU; ``torch.cuda`` allocator
   statistics on CUDA).
@@ -205,7 +205,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def run_decode(max_tokens, device):
-    from lowc.ir.dialect.linear_attention_state import LinearAttentionState, step
+    from lowc.runtime.state import LinearAttentionState, step
 
     h, d, f, w = 8, 64, 128, 64
     marks = sorted({1, *[2 ** i for i in range(0, 13) if 2 ** i <= max_tokens], max_tokens})

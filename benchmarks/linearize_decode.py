@@ -4,7 +4,7 @@
 
 Linearizes the model (LoLCATs hybrid, window 64, step 1 on 16 x 256 tokens of wikitext-2 valid; the
 quality is not the point here, see linearize_quality.py), then greedily generates ``--new-tokens``
-tokens after a 32-token wikitext-2 test prompt with :class:`lowc.passes.linearize.decode.RecurrentDecoder`,
+tokens after a 32-token wikitext-2 test prompt with :class:`lowc.runtime.RecurrentDecoder`,
 and does the same for the float model (every layer softmax, KV caches, same decoder). At checkpoints
 it records the decode state bytes (recurrent state + KV caches), the process RSS and the time per
 token over the last interval. First it checks that the recurrent decode gives the same tokens as
@@ -38,7 +38,7 @@ def rss_mib() -> float:
 
 
 def run(program, prompt, n_new, checkpoints) -> list[dict]:
-    from lowc.passes.linearize.decode import RecurrentDecoder
+    from lowc.runtime import RecurrentDecoder
 
     dec = RecurrentDecoder(program)
     rows = []
@@ -67,9 +67,9 @@ def main() -> None:
     from lowc.api import tokenizer_of
     from lowc.passes.base import PassContext
     from lowc.passes.calibration import load_calibration
-    from lowc.passes.linearize.decode import generate, parallel_generate
     from lowc.passes.linearize.linearize import Linearize
     from lowc.passes.pipeline import run_passes
+    from lowc.runtime import GenerationConfig, RecomputeDecoder, RecurrentDecoder, generate
 
     torch.manual_seed(0)
     base = lowc.trace(args.model)
@@ -79,7 +79,8 @@ def main() -> None:
     run_passes(lin, [Linearize(method="lolcats", lora_rank=0, epochs=1)], PassContext(calib=calib, progress=False))
     with open(data.wikitext2("test"), encoding="utf-8") as f:
         prompt = tok(f.read(4000), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :32]
-    same = bool(torch.equal(generate(lin, prompt, 64), parallel_generate(lin, prompt, 64)))
+    greedy64 = GenerationConfig(max_new_tokens=64)
+    same = bool(torch.equal(generate(RecurrentDecoder(lin), prompt, greedy64), generate(RecomputeDecoder(lin), prompt, greedy64)))
     checkpoints = {c for c in (1, 64, 128, 256, 512, 1024, 2048, 4096) if c <= args.new_tokens} | {args.new_tokens}
     results = {}
     for name, prog in (("linearized (LoLCATs hybrid, window 64)", lin), ("softmax (float model, KV cache)", base)):

@@ -22,7 +22,7 @@ M=2048 >= 0.9x; faster than torch int4 at every M. Writes ``benchmarks/results/t
 
 Decode mode (``--decode``; needs a GPU): a random-weight Llama (``--decode-model``, default the
 Llama-3.2-1B shapes) in fp16, compiled with ``cuda-w4a16`` (RTN) on the GPU, rebuilt for generation
-with transformers' KV cache (:mod:`lowc.backends.triton.decode`), greedy decode tokens/s vs the fp16
+with transformers' KV cache (:mod:`lowc.runtime.hf_rebuild`), greedy decode tokens/s vs the fp16
 model with the same cache and settings. Writes ``benchmarks/results/triton_decode.{md,json}``.
 
 No GPU: ``--interpret-smoke`` runs tiny shapes through the same harness under ``TRITON_INTERPRET=1``
@@ -321,7 +321,7 @@ def run_decode(args) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lowc
-    from lowc.backends.triton import decode
+    from lowc.runtime import hf_generate, rebuild_hf
 
     hidden, inter, layers, heads, kv, vocab = DECODE_MODELS[args.decode_model]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -336,7 +336,7 @@ def run_decode(args) -> int:
     t0 = time.perf_counter()
     cm = lowc.compile(fp16, "cuda-w4a16", device="cuda", progress=False)
     compile_s = time.perf_counter() - t0
-    q = decode.rebuild_hf(cm)
+    q = rebuild_hf(cm)
     for mdl in (fp16, q):
         if hasattr(mdl.generation_config, "disable_compile"):
             mdl.generation_config.disable_compile = not args.torch_compile
@@ -345,7 +345,7 @@ def run_decode(args) -> int:
     def timed(mdl, new):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        out = decode.generate(mdl, ids, new, cache=args.cache)
+        out = hf_generate(mdl, ids, new, cache=args.cache)
         torch.cuda.synchronize()
         return time.perf_counter() - t, out
 
@@ -376,7 +376,7 @@ def run_decode(args) -> int:
              f"{heads}/{kv} heads, vocab {vocab}), fp16, batch 1, prompt {args.prompt}, greedy, {args.new_tokens} "
              f"timed tokens; transformers `generate` with a {args.cache} cache"
              f"{', torch.compile (CUDA graphs)' if args.torch_compile else ', eager'}; lowc: RTN W4 g128, "
-             f"`lm_head` fp16, rebuilt by `lowc.backends.triton.decode.rebuild_hf`. Median of 3.", "",
+             f"`lm_head` fp16, rebuilt by `lowc.runtime.rebuild_hf`. Median of 3.", "",
              "| model | tokens/s |", "|---|---:|"]
     lines += [f"| {k} | {v['tokens_per_s']:.1f} |" for k, v in res.items()]
     lines += ["", f"Speed-up {speed:.2f}x. First 8 greedy tokens identical: {same} (random weights: near-ties "

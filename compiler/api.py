@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from lowc.errors import ArtifactError, CalibrationError, LowcError, PassOptionError
+from lowc.errors import ArtifactError, CalibrationError, GenerationError, LowcError, PassOptionError
 
 #: default calibration size (GPTQ's reference uses 128 x 2048; 512 keeps CPU calibration practical)
 DEFAULT_CALIB_SAMPLES = 128
@@ -52,12 +52,13 @@ def tokenizer_of(program):
 
 
 class CompiledModel:
-    """A compiled program: call it like the original model, save it, inspect it."""
+    """A compiled program: call it like the original model, generate with it (causal LMs), save it, inspect it."""
 
     def __init__(self, program, target, manifest: dict[str, Any]):
         self.program = program
         self.target = target
         self.manifest = manifest
+        self._decoders: dict[str, Any] = {}  # strategy -> lowc.runtime.Decoder, made on first use
 
     # ---- running ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -75,6 +76,97 @@ class CompiledModel:
     @property
     def kind(self) -> str:
         return self.program.info.kind
+
+    # ---- generating (causal LMs) ---------------------------------------------------------------------
+    def generate(self, prompt: Any, max_new_tokens: int = 32, *, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: Any = "model",
+                 pad_token_id: int | None = None, strategy: str = "auto", on_token=None) -> torch.Tensor:
+        """Generate tokens after ``prompt``: ``[B, L + n]`` token ids on the host (the prompt, then up to
+        ``max_new_tokens`` generated tokens; fewer when every sequence has produced EOS).
+
+        ``prompt``: token ids ``[B, L]`` (``attention_mask`` for left padding) or ``[L]``, a string, or
+        a list of strings (left-padded), tokenized with the model's tokenizer. Greedy unless
+        ``do_sample``; sampling divides the logits by ``temperature`` (0 = greedy), keeps the
+        ``top_k`` most likely tokens and the ``top_p`` nucleus, and draws with ``seed`` (``None``:
+        torch's global generator). ``eos_token_id``: ``"model"`` (the tokenizer's or the config's EOS),
+        an id, a list of ids, or ``None`` (never stop early). ``strategy``: ``"auto"``,
+        ``"recurrent"``, ``"kv-cache"`` or ``"recompute"`` (:mod:`lowc.runtime.strategy`; the
+        decoder is kept for the next call). ``on_token(i, decoder)`` is called after each token.
+        """
+        from lowc.runtime import GenerationConfig, generate
+
+        ids, mask = self._prompt_ids(prompt, attention_mask)
+        model_eos = isinstance(eos_token_id, str)
+        if model_eos and eos_token_id != "model":
+            raise GenerationError(f"eos_token_id must be 'model', an id, a list of ids or None; got {eos_token_id!r}")
+        eos = self._eos_ids() if model_eos else eos_token_id
+        if pad_token_id is None and model_eos:
+            pad_token_id = self._pad_id()
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos, pad_token_id=pad_token_id)
+        dec = self.decoder(strategy)
+        try:
+            return generate(dec, ids, config, attention_mask=mask, on_token=on_token)
+        finally:
+            dec.reset()  # the decoder is kept, its caches are not
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 32, skip_special_tokens: bool = True,
+                      **options) -> str:
+        """The text generated after ``prompt`` (options as :meth:`generate`)."""
+        tok = self._require_tokenizer()
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        out = self.generate(ids, max_new_tokens, **options)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=skip_special_tokens)
+
+    def decoder(self, strategy: str = "auto"):
+        """The :class:`lowc.runtime.Decoder` that :meth:`generate` uses for ``strategy`` (built once and
+        kept: a Hugging Face rebuild is checked against the graph when it is made)."""
+        from lowc.runtime import make_decoder
+
+        if strategy not in self._decoders:
+            self._decoders[strategy] = make_decoder(self, strategy)
+        return self._decoders[strategy]
+
+    def _require_tokenizer(self):
+        tok = self.tokenizer
+        if tok is None:
+            raise GenerationError("the model has no tokenizer, so a text prompt cannot be encoded; pass token ids")
+        return tok
+
+    def _prompt_ids(self, prompt, attention_mask):
+        if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and
+                                       all(isinstance(p, str) for p in prompt)):
+            if attention_mask is not None:
+                raise GenerationError("attention_mask goes with token ids, not with a text prompt")
+            tok = self._require_tokenizer()
+            if isinstance(prompt, str):
+                return tok(prompt, return_tensors="pt")["input_ids"], None
+            side = tok.padding_side
+            tok.padding_side = "left"
+            try:
+                enc = tok(list(prompt), return_tensors="pt", padding=True)
+            finally:
+                tok.padding_side = side
+            return enc["input_ids"], enc["attention_mask"]
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+            prompt = prompt.unsqueeze(0)
+            attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        return prompt, attention_mask
+
+    def _eos_ids(self) -> list[int]:
+        """The model's end-of-sequence ids: the config's (one or a list) and the tokenizer's."""
+        eos = (self.program.info.hf_config or {}).get("eos_token_id")
+        ids = [eos] if _is_token_id(eos) else [e for e in eos if _is_token_id(e)] if isinstance(eos, list) else []
+        tok = self.tokenizer
+        if tok is not None and _is_token_id(tok.eos_token_id) and tok.eos_token_id not in ids:
+            ids.append(tok.eos_token_id)
+        return ids
+
+    def _pad_id(self) -> int | None:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok is not None else (self.program.info.hf_config or {}).get("pad_token_id")
+        return pad if _is_token_id(pad) else None
 
     # ---- reporting ---------------------------------------------------------------------------------
     def layers(self) -> list[dict[str, Any]]:
@@ -103,6 +195,10 @@ class CompiledModel:
         src = self.program.info.source
         protect = [src["path"]] if isinstance(src.get("path"), str) else []
         return write_artifact(os.fspath(path), self.program, manifest, force=force, emit=emit, protect=protect)
+
+
+def _is_token_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def layer_table(program) -> list[dict[str, Any]]:

@@ -330,50 +330,77 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
 
 
+STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt", required=True, help="prompt text (tokenized with the artifact's tokenizer)")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--sample", is_flag=True, help="sample the next token instead of taking the most likely one")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="with --sample: divide the logits by this (0 = greedy)")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="with --sample: keep the K most likely tokens")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="with --sample: keep the smallest set of likely tokens whose probability reaches P")
+@click.option("--seed", type=int, default=None, help="with --sample: seed of the draws (default: a random one, reported)")
+@click.option("--ignore-eos", is_flag=True, help="generate exactly --max-new-tokens tokens, past the end-of-sequence token")
+@click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
+              help="recurrent state (linearized attention), kv-cache (Hugging Face rebuild around the compiled ops), "
+                   "recompute (rerun the whole sequence), or auto")
 @click.option("--check", is_flag=True, help="also decode by re-running the full sequence and compare the tokens")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
-def generate(artifact, prompt, max_new_tokens, check, device, as_json):
-    """Greedy text generation from a linearized causal LM with constant-size recurrent state."""
+def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, ignore_eos, strategy, check,
+             device, as_json):
+    """Generate text from a compiled causal LM (greedy, or sampled with --sample), stopping at end of sequence.
+
+    Linearized models decode with constant-size recurrent state."""
+    import secrets
     import time
 
     import lowc
     from lowc.errors import LowcError
-    from lowc.passes.linearize.decode import generate as rec_generate, parallel_generate
 
     cm = lowc.load(artifact, device=device)
     tok = cm.tokenizer
     if tok is None:
         raise LowcError(f"{artifact}: the model has no tokenizer, so a text prompt cannot be encoded")
+    if not sample and (top_k is not None or top_p is not None or seed is not None or temperature != 1.0):
+        raise LowcError("--temperature, --top-k, --top-p and --seed choose how to sample: add --sample")
+    if sample and seed is None:  # one seed for the run and its --check, reported so the run can be repeated
+        seed = secrets.randbelow(2**31)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
+    options = dict(do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if ignore_eos:
+        options["eos_token_id"] = None
+    dec = cm.decoder(strategy)  # made before the clock starts (a kv-cache rebuild is checked once)
     sizes: list[int] = []
-    decoders: list = []  # the decoder that generated, for its layer counts
 
     def on_token(i, d):
         sizes.append(d.state_bytes() + d.kv_cache_bytes())
-        if not decoders:
-            decoders.append(d)
 
     t0 = time.perf_counter()
-    out = rec_generate(cm, ids, max_new_tokens, on_token=on_token)
+    out = cm.generate(ids, max_new_tokens, strategy=strategy, on_token=on_token, **options)
     dt = time.perf_counter() - t0
-    dec = decoders[0]
+    new = out.shape[1] - ids.shape[1]
     result = {"text": tok.decode(out[0, ids.shape[1]:]), "prompt_tokens": int(ids.shape[1]),
-              "new_tokens": max_new_tokens, "seconds": round(dt, 3), "tokens_per_s": round(max_new_tokens / dt, 2),
+              "new_tokens": new, "seconds": round(dt, 3), "tokens_per_s": round(new / dt, 2),
+              "strategy": dec.strategy, "strategy_reason": dec.reason,
               "linear_layers": dec.linear_layers, "softmax_layers": dec.softmax_layers,
-              "state_bytes_first": sizes[0], "state_bytes_last": sizes[-1]}
+              "state_bytes_first": sizes[0], "state_bytes_last": sizes[-1], "stopped_at_eos": new < max_new_tokens}
+    if sample:
+        result["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if check:
-        result["matches_parallel"] = bool((parallel_generate(cm, ids, max_new_tokens) == out).all())
+        ref = cm.generate(ids, max_new_tokens, strategy="recompute", **options)
+        result["matches_parallel"] = bool(ref.shape == out.shape and (ref == out).all())
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(prompt + result["text"])
-    click.echo(f"{max_new_tokens} tokens in {dt:.2f} s ({result['tokens_per_s']} tok/s); state {sizes[0]} -> "
-               f"{sizes[-1]} bytes ({dec.linear_layers} linear, {dec.softmax_layers} softmax layers)", err=True)
+    click.echo(f"{new} tokens in {dt:.2f} s ({result['tokens_per_s']} tok/s), {dec.strategy}; state {sizes[0]} -> "
+               f"{sizes[-1]} bytes ({dec.linear_layers} linear, {dec.softmax_layers} softmax layers)"
+               + (f"; sampled with seed {seed}" if sample else ""), err=True)
     if check:
         click.echo(f"same tokens as the parallel form: {result['matches_parallel']}", err=True)
 

@@ -61,3 +61,8 @@ class KernelError(LowcError):
 
 class DeviceError(LowcError):
     """A device this machine does not have (CUDA without a GPU) or an unknown device string."""
+
+
+class GenerationError(LowcError):
+    """A model cannot generate as asked: not a causal LM, a decoding strategy that does not apply to its
+    graph, or invalid sampling options."""

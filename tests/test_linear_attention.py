@@ -24,7 +24,7 @@ from lowc.ir.dialect import ensure_registered
 ensure_registered()
 from lowc.ir.dialect.linear_attention import reference_linear_attention  # noqa: E402
 from lowc.ir.dialect.linear_attention_chunked import chunked_linear_attention  # noqa: E402
-from lowc.ir.dialect.linear_attention_state import LinearAttentionState, prefill, step  # noqa: E402
+from lowc.runtime.state import LinearAttentionState, prefill, step  # noqa: E402
 
 op = torch.ops.lowc.linear_attention.default
 

@@ -15,14 +15,14 @@ import torch
 
 import lowc
 from conftest import VALID, make_llama_dir, run_lowc
-from lowc.errors import CalibrationError, PassError, PassOptionError
+from lowc.errors import CalibrationError, GenerationError, PassError, PassOptionError
 from lowc.ir import printer, verifier
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
-from lowc.passes.linearize.decode import RecurrentDecoder, generate, parallel_generate
 from lowc.passes.linearize.linearize import Linearize
 from lowc.passes.options import parse_pass
 from lowc.passes.pipeline import run_passes
+from lowc.runtime import GenerationConfig, RecomputeDecoder, RecurrentDecoder, generate
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LA = "lowc.linear_attention.default"
@@ -65,6 +65,14 @@ def _run(program, spelling, calib=None, **ctx):
 
 def _ops(p, target):
     return [n for n in p.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def _recurrent(p, ids, n, mask=None, on_token=None):
+    return generate(RecurrentDecoder(p), ids, GenerationConfig(max_new_tokens=n), attention_mask=mask, on_token=on_token)
+
+
+def _parallel(p, ids, n, mask=None):
+    return generate(RecomputeDecoder(p), ids, GenerationConfig(max_new_tokens=n), attention_mask=mask)
 
 
 def _la_nodes(p):
@@ -285,8 +293,8 @@ def test_recurrent_decode_matches_parallel(llama, spelling):
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
     sizes = []
-    rec = generate(p, ids, 36, mask, on_token=lambda i, d: sizes.append((d.state_bytes(), d.kv_cache_bytes())))
-    par = parallel_generate(p, ids, 36, mask)
+    rec = _recurrent(p, ids, 36, mask, on_token=lambda i, d: sizes.append((d.state_bytes(), d.kv_cache_bytes())))
+    par = _parallel(p, ids, 36, mask)
     assert torch.equal(rec, par)
     states = {s for s, _ in sizes}
     assert len(states) == 1  # the recurrent state does not grow
@@ -308,11 +316,9 @@ def test_decode_state_size_and_errors(llama, minilm):
     per_head = (128 * 16 + 128 + 8 * (128 + 16 + 16)) * 4
     assert d1.state_bytes() == 2 * (4 * per_head + 8)
     assert d2.state_bytes() == 2 * (2 * per_head + 8)
-    from lowc.passes.linearize.decode import DecodeError
-
-    with pytest.raises(DecodeError, match="causal LM"):
+    with pytest.raises(GenerationError, match="causal LM"):
         RecurrentDecoder(minilm)
-    with pytest.raises(DecodeError, match="prefill"):
+    with pytest.raises(GenerationError, match="prefill"):
         RecurrentDecoder(p).step(ids[:, 0])
 
 
@@ -332,7 +338,7 @@ def test_compile_linearize_then_gptq_roundtrip(llama_dir, tmp_path):
     assert cm2.program.attr("model.layers.0.self_attn.fq_weight").shape == (4, 16, 64)
     ids = torch.randint(0, 256, (2, 24))
     torch.testing.assert_close(cm2(ids).logits, cm(ids).logits, rtol=0, atol=0)
-    assert torch.equal(generate(cm2, ids[:, :5], 24), parallel_generate(cm2, ids[:, :5], 24))
+    assert torch.equal(_recurrent(cm2, ids[:, :5], 24), _parallel(cm2, ids[:, :5], 24))
 
 
 @pytest.mark.slow

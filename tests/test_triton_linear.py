@@ -347,22 +347,31 @@ def test_devices_and_missing_triton_are_clear_errors(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_generation_rebuild_matches_recompute(w4):
     import lowc
-    from lowc.backends.triton import decode
+    from lowc.errors import GenerationError
+    from lowc.runtime import GenerationConfig, KVCacheDecoder, RecomputeDecoder, generate, hf_generate, rebuild_hf
+    from lowc.runtime.hf_rebuild import CompiledLinear, check_rebuild
 
     cm = lowc.load(os.path.join(w4, "w4"))
-    model = decode.rebuild_hf(cm)
-    assert sum(isinstance(m, decode.CompiledLinear) for m in model.modules()) == 7
+    model = rebuild_hf(cm)
+    assert sum(isinstance(m, CompiledLinear) for m in model.modules()) == 7
     ids = IDS[:1, :5]
-    a = decode.generate(model, ids, 6)
-    assert a.shape == (1, 11) and torch.equal(a, decode.generate_recompute(cm, ids, 6))
-    assert torch.equal(decode.generate(model, ids, 6, cache="static"), a)
-    with pytest.raises(KernelError, match="generation needs a compiled Hugging Face causal LM"):
-        decode.rebuild_hf(lowc.compile(TwoLinears(), "cuda-w4a16", example_inputs=(torch.randn(2, 72),), progress=False))
+    a = hf_generate(model, ids, 6)
+    recompute = generate(RecomputeDecoder(cm), ids, GenerationConfig(max_new_tokens=6))
+    assert a.shape == (1, 11) and torch.equal(a, recompute)
+    assert torch.equal(hf_generate(model, ids, 6, cache="static"), a)
+    # the runtime's own loop over the rebuilt model (KV cache), with left padding in a batch
+    mask = torch.ones_like(IDS[:, :5])
+    mask[1, :2] = 0
+    cfg = GenerationConfig(max_new_tokens=6)
+    kv = generate(KVCacheDecoder(cm, model), IDS[:, :5], cfg, attention_mask=mask)
+    assert torch.equal(kv, generate(RecomputeDecoder(cm), IDS[:, :5], cfg, attention_mask=mask))
+    with pytest.raises(GenerationError, match="generation with a KV cache needs a compiled Hugging Face causal LM"):
+        rebuild_hf(lowc.compile(TwoLinears(), "cuda-w4a16", example_inputs=(torch.randn(2, 72),), progress=False))
     # a rebuild that does not reproduce the graph (as after an online transform) is refused, not silently wrong
-    bad = decode.rebuild_hf(cm, check=False)
+    bad = rebuild_hf(cm, check=False)
     bad.model.norm.weight = torch.nn.Parameter(bad.model.norm.weight * 2, requires_grad=False)
-    with pytest.raises(KernelError, match="does not reproduce the compiled graph"):
-        decode._check_rebuild(cm, bad, cm.program.device)
+    with pytest.raises(GenerationError, match="does not reproduce the compiled graph"):
+        check_rebuild(cm, bad)
 
 
 # ---- kernels vs the reference op (GPU, or interpreter subprocess) -------------------------------------------
@@ -455,7 +464,8 @@ def test_kernel_end_to_end_model(small_llama, w4, tmp_path):
     matches ref-w4a16; generation with the KV cache (decode steps in the GEMV) gives the recompute tokens.
     On a GPU, cuda-w8a16 against ref-w8a16 too (under the interpreter the kernel tests cover 8 bits)."""
     import lowc
-    from lowc.backends.triton import decode, wq
+    from lowc.backends.triton import wq
+    from lowc.runtime import GenerationConfig, RecomputeDecoder, generate, hf_generate, rebuild_hf
 
     pairs = [(os.path.join(w4, "w4"), os.path.join(w4, "ref"))]
     if KDEV == "cuda":
@@ -472,12 +482,17 @@ def test_kernel_end_to_end_model(small_llama, w4, tmp_path):
         rel = ((y - r).norm() / r.norm()).item()
         assert rel < 1e-5, f"{path}: {rel}"
     cm = lowc.load(os.path.join(w4, "w4"), device=KDEV)
-    model = decode.rebuild_hf(cm)
+    model = rebuild_hf(cm)
     before = wq.LAUNCHES["gemv"]
     prompt = IDS[:1, :4].to(KDEV)
-    out = decode.generate(model, prompt, 2)
+    out = hf_generate(model, prompt, 2)
     assert wq.LAUNCHES["gemv"] > before  # decode steps (M=1) took the GEMV
-    assert torch.equal(out.cpu(), decode.generate_recompute(lowc.load(os.path.join(w4, "w4")), prompt.cpu(), 2))
+    ref = generate(RecomputeDecoder(lowc.load(os.path.join(w4, "w4"))), prompt.cpu(), GenerationConfig(max_new_tokens=2))
+    assert torch.equal(out.cpu(), ref)
+    # the runtime's loop (kv-cache strategy) calls the same ops, so the Triton kernels, on the kernel device
+    before = wq.LAUNCHES["gemv"]
+    assert torch.equal(cm.generate(prompt, 2, strategy="kv-cache", eos_token_id=None), ref)
+    assert wq.LAUNCHES["gemv"] > before
 
 
 @pytest.mark.skipif(KDEV != "cuda", reason="autotuning times kernels on a GPU")

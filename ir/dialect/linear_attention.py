@@ -33,7 +33,7 @@ Implementations
   the order of fp32 additions (tested), so it is used at every length.
 * ``lowc.backends.triton.linear_attention.register_cuda()`` replaces it on CUDA by a Triton kernel
   (causal, ``window <= 64``; other cases keep the chunked form).
-* Decode: :mod:`lowc.ir.dialect.linear_attention_state` (constant-size recurrent state, ``prefill`` /
+* Decode: :mod:`lowc.runtime.state` (constant-size recurrent state, ``prefill`` /
   ``step``) produces the outputs of the causal op one token at a time.
 * The op is differentiable (backward by recomputation through the chunked form), so feature maps can
   be trained through it.

@@ -1,6 +1,8 @@
-"""Recurrent decode for causal ``lowc::linear_attention``: a constant-size state per attention layer.
+"""Decode state: the constant-size recurrent state of a causal ``lowc::linear_attention`` layer, and
+the KV cache of a softmax attention layer.
 
-One :class:`LinearAttentionState` per linearized layer holds, for each key/value head,
+**Linear attention.** One :class:`LinearAttentionState` per linearized layer holds, for each
+key/value head,
 
 * ``S = Σ φ(k_j) v_jᵀ`` ``[B, Hk, F, Dv]`` and ``z = Σ φ(k_j)`` ``[B, Hk, F]`` (fp32) over the keys in
   the *linear* set of the next query: every earlier key when ``window = 0``, else the keys that have
@@ -14,9 +16,11 @@ Sizes depend on the batch, heads, dims and window only, never on the number of t
 updates the tensors in place. A key's feature row enters ``S``/``z`` exactly when it leaves the window
 (the step whose query is ``window`` positions later), so each step's output is the causal op's output
 for that position (the same sets ``W_i``/``L_i``, the same window maximum ``m_i``, the same shared
-denominator) up to fp32 rounding.
+denominator) up to fp32 rounding. The op's definition and its reference math (``head_factor``,
+``window_weights``, the chunked prefix state ``linear_state``) stay in :mod:`lowc.ir.dialect`; this
+module only carries the state across calls.
 
-API (what a model-level decode loop calls, per layer)::
+API (what a model-level decoder calls, per layer; :mod:`lowc.runtime.recurrent` is that decoder)::
 
     st = LinearAttentionState.empty(batch, kv_heads, feature_dim, value_dim, head_dim,
                                     window=64, scale=d**-0.5, eps=1e-6, device=dev)
@@ -29,6 +33,9 @@ Operands are shaped as the op's (``fq [B, H, L, F]``, ``fk [B, Hk, L, F]``, ``v 
 Triton kernel on CUDA) and builds the state from the prompt in one pass; on a state that has already
 seen tokens it continues token by token. ``step(..., key_valid=[B] bool)`` marks a new token as
 padding for some sequences (it is then never attended to, as ``key_mask`` in the op).
+
+**Softmax attention.** :class:`KVCache` holds the keys, values and key validity a softmax layer has
+seen (layers left unlinearized in a hybrid model); it grows by one position per token.
 """
 
 from __future__ import annotations
@@ -37,8 +44,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from lowc.ir.dialect import ensure_registered
 from lowc.ir.dialect.linear_attention import head_factor, window_weights
+from lowc.ir.dialect.linear_attention_chunked import linear_state
 
 
 @dataclass
@@ -122,9 +132,6 @@ def prefill(st: LinearAttentionState, fq, fk, v, q=None, k=None, *, window_facto
                            None if k is None else k[:, :, sl], window_factor=window_factor,
                            linear_factor=linear_factor, key_valid=kv))
         return torch.cat(ys, dim=2)
-    from lowc.ir.dialect import ensure_registered
-    from lowc.ir.dialect.linear_attention_chunked import linear_state
-
     ensure_registered()
     w = st.window
     y = torch.ops.lowc.linear_attention(fq, fk, v, q if w else None, k if w else None, window_factor, linear_factor,
@@ -190,3 +197,27 @@ def step(st: LinearAttentionState, fq, fk, v, q=None, k=None, *, window_factor=N
         den = den + p.sum(dim=-1, keepdim=True)
     st.pos = t + 1
     return (num / den.clamp_min(st.eps)).view(b, h, 1, dv).to(v.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys ``[B, Hk, T, D]``, values ``[B, Hk, T, Dv]`` and key validity ``[B, T]`` (bool) of one softmax
+    attention layer, over the ``T`` positions seen so far."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add the positions of ``k``/``v`` (``[B, Hk, L, *]``) with their validity ``[B, L]``."""
+        self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        self.valid = torch.cat([self.valid, valid], 1)
+
+    def attend(self, q: torch.Tensor, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        """Softmax attention of the new queries ``q [B, H, L, D]`` over every valid cached key (the new
+        positions are the last ``L`` cached ones: one token per step, so no causal mask is needed)."""
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=self.valid[:, None, None, :], scale=scale,
+                                              enable_gqa=enable_gqa)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid))
