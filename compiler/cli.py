@@ -34,7 +34,17 @@ def cli() -> None:
     """
 
 
-@cli.command()
+def _compile_help() -> str:
+    from lowc.frontend.presets import PRESETS
+
+    w = max(map(len, PRESETS))
+    rows = "\n".join(f"  {name:<{w}}  {desc}" for name, desc in PRESETS.items())
+    return ("Compile MODEL for TARGET into the artifact directory OUTPUT.\n\n"
+            "MODEL is a Hugging Face model directory, package.module:factory, or a preset (`lowc presets`):\n\n"
+            f"\b\n{rows}")
+
+
+@cli.command(help=_compile_help())
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="compilation target (see `lowc targets`)")
 @click.option("--output", "-o", "output", required=True, type=click.Path(), help="artifact directory to write")
@@ -97,6 +107,16 @@ def targets():
         click.echo(f"{t.name:<{w}}  {t.backend:<10} {t.description}")
 
 
+@cli.command()
+def presets():
+    """List the built-in models MODEL may name (`lowc compile PRESET ...`)."""
+    from lowc.frontend.presets import PRESETS
+
+    w = max(map(len, PRESETS))
+    for name, desc in PRESETS.items():
+        click.echo(f"{name:<{w}}  {desc}")
+
+
 def _type_label(tp) -> str:
     import typing
 
@@ -132,6 +152,7 @@ def list_passes():
 def inspect(artifact, as_json):
     """Show an artifact's manifest, per-layer table and size vs float."""
     from lowc.artifact import read_manifest
+    from lowc.frontend.presets import random_weights_note
 
     m = read_manifest(artifact)
     if as_json:
@@ -141,6 +162,9 @@ def inspect(artifact, as_json):
     click.echo(f"artifact:  {os.path.abspath(artifact)}")
     click.echo(f"target:    {m.get('target')} ({m.get('backend')})   lowc {m.get('lowc_version')}, torch {m.get('torch_version')}, {m.get('created')}")
     click.echo(f"source:    {src.get('type')} {src.get('name')}  sha256={str(src.get('sha256', '-'))[:16]}")
+    note = random_weights_note(src)
+    if note:
+        click.echo(f"note:      {note}")
     click.echo(f"model:     {m.get('model', {}).get('kind')}  dtype={m.get('dtype')}")
     if m.get("calibration"):
         c = m["calibration"]
@@ -302,6 +326,7 @@ def generate(artifact, prompt, max_new_tokens, check, device, as_json):
 
     import lowc
     from lowc.errors import LowcError
+    from lowc.frontend.presets import random_weights_note
     from lowc.passes.linearize.decode import generate as rec_generate, parallel_generate
 
     cm = lowc.load(artifact, device=device)
@@ -327,9 +352,14 @@ def generate(artifact, prompt, max_new_tokens, check, device, as_json):
               "state_bytes_first": sizes[0], "state_bytes_last": sizes[-1]}
     if check:
         result["matches_parallel"] = bool((parallel_generate(cm, ids, max_new_tokens) == out).all())
+    note = random_weights_note(cm.manifest.get("source"))
+    if note:
+        result["note"] = note
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    if note:
+        click.echo(f"note: {note}", err=True)
     click.echo(prompt + result["text"])
     click.echo(f"{max_new_tokens} tokens in {dt:.2f} s ({result['tokens_per_s']} tok/s); state {sizes[0]} -> "
                f"{sizes[-1]} bytes ({dec.linear_layers} linear, {dec.softmax_layers} softmax layers)", err=True)
