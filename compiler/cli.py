@@ -62,11 +62,11 @@ def _compile_help() -> str:
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe, device, dtype, seed, force,
             print_after, no_verify, quiet):
-    """Compile MODEL (HF directory, preset, or package.module:factory) for TARGET into OUTPUT."""
     import lowc
     from lowc.backends.registry import get_target
-    from lowc.errors import ArtifactError, CalibrationError
+    from lowc.errors import ArtifactError
     from lowc.passes.options import load_recipe, parse_pass
+    from lowc.progress import reporting, step, to_stderr
 
     get_target(target)  # fail fast on an unknown target, before loading anything
     user = [parse_pass(p) for p in passes] if passes else None
@@ -74,20 +74,18 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
         user = (user or []) + load_recipe(recipe)
     if os.path.exists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
-    if calib is not None and not os.path.isfile(calib):
-        raise CalibrationError(f"calibration file {calib!r} does not exist")
-    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
-    say(f"lowc: compiling {model} for {target}")
-    cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
-                      calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
-                      progress=not quiet, verify=not no_verify)
-    for r in cm.manifest["passes"]:
-        stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, (list, dict)))
-        say(f"  {r['phase']:>8} {r['name']:<22} {r['seconds'] * 1000:8.1f} ms  {'changed' if r['changed'] else 'no change'}  {stats}")
-    for line in cm.manifest.get("log", []):
-        say(f"  note: {line}")
+    # lowc.compile checks the passes' requirements (--calib) before it loads or traces the model,
+    # and reports each step as it starts (loading, tracing, each pass) on stderr
+    with reporting(None if quiet else to_stderr):
+        cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
+                          calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
+                          progress=not quiet, verify=not no_verify)
+        for line in cm.manifest.get("log", []):
+            step(f"note: {line}")
+        step(f"writing {output}" + (f" (the {cm.target.backend} backend writes its files into backend/)"
+                                    if cm.target.emit is not None else ""))
+        path = cm.save(output, force=force)
     check = cm.manifest.get("metrics", {}).get("check")
-    path = cm.save(output, force=force)
     size = cm.size()
     click.echo(f"wrote {path}")
     click.echo(f"size: {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")
@@ -199,11 +197,15 @@ def eval_cmd(artifact, data, against, seq_len, max_windows, max_sentences, devic
     import lowc
     from lowc import evaluate as ev
     from lowc.errors import LowcError
+    from lowc.frontend.presets import random_weights_note
+    from lowc.progress import reporting, to_stderr
 
     if data is not None and not os.path.isfile(data):
         raise LowcError(f"--data {data!r} does not exist")
     cm = lowc.load(artifact, device=device)
-    ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
+    with reporting(to_stderr):
+        ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
+    note = random_weights_note(cm.manifest.get("source"))
     tok = cm.tokenizer or ref_tok
     if tok is None:
         raise LowcError(f"{artifact}: the model has no tokenizer, so text evaluation is not possible")
@@ -227,9 +229,13 @@ def eval_cmd(artifact, data, against, seq_len, max_windows, max_sentences, devic
         result.update(ev.compare(ref_fn, cm, batches, cm.kind).to_json())
     size = cm.size()
     result["bytes"], result["float_bytes"] = size["bytes"], size["float_bytes"]
+    if note:
+        result["note"] = note
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    if note:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"{cm.target.name} vs float ({cm.kind}):")
     for k in ("ppl_float", "ppl", "kl", "top1", "cosine", "min_cosine", "sqnr_db"):
         if k in result:
@@ -368,6 +374,9 @@ def generate(artifact, prompt, max_new_tokens, check, device, as_json):
 
 
 def main(argv: list[str] | None = None) -> None:
+    for stream in (sys.stdout, sys.stderr):  # each line as it is written, also into a pipe
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LOWC_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
