@@ -295,28 +295,36 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--output", "-o", "output", required=True, type=click.Path(), help="file to write, e.g. model.onnx")
 @click.option("--matmulnbits", is_flag=True, help="emit com.microsoft::MatMulNBits instead of DequantizeLinear->MatMul")
 @click.option("--accuracy-level", type=int, default=0, show_default=True,
-              help="MatMulNBits accuracy_level: 0 = fp32 arithmetic (matches lowc), 4 = int8 activations (faster)")
+              help="onnxruntime arithmetic: 0 = fp32 (matches lowc), 4 = int8 activations (faster; what a default "
+                   "session does with DequantizeLinear->MatMul). MatMulNBits carries it in its nodes; the "
+                   "DequantizeLinear form records it and the session option that gives it in the model's metadata")
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--force", is_flag=True, help="replace an existing output file")
 def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, force):
-    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21)."""
+    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).
+
+    An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
+    was written with (no --matmulnbits, --accuracy-level 0, no --external-data) it is copied, not
+    exported again."""
     from lowc.errors import ArtifactError, LowcError
+    from lowc.progress import reporting, to_stderr
 
     if fmt != "onnx":
         raise LowcError(f"unknown export format '{fmt}'; known formats: onnx")
     if os.path.exists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
-    import lowc
     from lowc.backends.onnx import export_onnx
 
-    cm = lowc.load(artifact)
-    r = export_onnx(cm, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                    external_data=external_data or None, force=True)
+    with reporting(to_stderr):
+        r = export_onnx(artifact, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
+                        external_data=external_data or None, force=True)
     from collections import Counter
 
     forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))
-    click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
+    how = f" (copied from {os.path.relpath(r.reused_from)}: same options)" if r.reused_from else ""
+    click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}{how}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
+    click.echo(f"onnxruntime: {r.arithmetic} (recorded in the model's metadata_props)")
 
 
 @cli.command()

@@ -33,3 +33,12 @@ def test_readme_tables_list_every_target_and_pass():
         assert f"`{name}`" in readme, f"target {name} missing from README"
     for name in PASSES:
         assert f"`{name}`" in readme, f"pass {name} missing from README"
+
+
+def test_readme_says_what_a_default_onnxruntime_session_computes():
+    readme = _read("README.md")
+    onnx = readme[readme.index("### ONNX export"):]
+    onnx = onnx[: onnx.index("\n### ", 1)]
+    for needle in ("default", "session.qdq_matmulnbits_accuracy_level=0", "int8 activations", "metadata_props",
+                   "session_options"):
+        assert needle in onnx, needle
