@@ -260,14 +260,19 @@ def torch_ones(w, device):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
-    """Latency and throughput of ARTIFACT vs the float model, side by side in one run."""
+    """Latency and throughput of ARTIFACT vs the float model, side by side in one run, naming the
+    implementation that ran (reference oracle, Triton, LUT C, onnxruntime)."""
     import torch
 
     import lowc
     from lowc import evaluate as ev
+    from lowc.progress import reporting, to_stderr
 
     cm = lowc.load(artifact, device=device)
-    ref_fn, _ = ev.float_reference(cm.manifest, against, device)
+    rt = cm.target.runtime_on(device, artifact)  # which implementation runs the compressed model here
+    run = rt.call or cm
+    with reporting(to_stderr):
+        ref_fn, _ = ev.float_reference(cm.manifest, against, device)
     vocab = next((s.vocab_size for s in cm.program.info.inputs if s.vocab_size), 100)
     rows = []
     for L in seq_lens:
@@ -275,15 +280,18 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
         ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
         kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         t_f = ev.median(ev.time_call(ref_fn, kw, repeat))
-        t_c = ev.median(ev.time_call(cm, kw, repeat))
-        rows.append({"batch": batch, "seq_len": L, "float_ms": t_f * 1e3, "lowc_ms": t_c * 1e3,
-                     "speedup": t_f / t_c, "lowc_tokens_per_s": batch * L / t_c})
+        t_c = ev.median(ev.time_call(run, kw, repeat))
+        rows.append({"batch": batch, "seq_len": L, "implementation": rt.implementation, "float_ms": t_f * 1e3,
+                     "lowc_ms": t_c * 1e3, "speedup": t_f / t_c, "lowc_tokens_per_s": batch * L / t_c})
     info = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "device": device,
-            "threads": torch.get_num_threads(), "rows": rows}
+            "threads": torch.get_num_threads(), **rt.to_json(), "rows": rows}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{cm.target.name} vs float on {device} ({torch.get_num_threads()} threads), median of {repeat}:")
+    click.echo(f"{cm.target.name} vs float on {device} ({torch.get_num_threads()} threads), median of {repeat}; "
+               f"lowc ran: {rt.implementation}")
+    if rt.note:
+        click.echo(f"  note: {rt.note}")
     click.echo(f"  {'batch':>5} {'seq':>6} {'float ms':>10} {'lowc ms':>10} {'speedup':>8} {'lowc tok/s':>11}")
     for r in rows:
         click.echo(f"  {r['batch']:>5} {r['seq_len']:>6} {r['float_ms']:>10.2f} {r['lowc_ms']:>10.2f} {r['speedup']:>7.2f}x {r['lowc_tokens_per_s']:>11.0f}")
