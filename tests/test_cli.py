@@ -177,3 +177,30 @@ def test_bench_names_the_implementation_that_ran(bench_artifacts, target, implem
     assert res.returncode == 0, res.stderr
     assert f"lowc ran: {info['implementation']}" in res.stdout.splitlines()[0]
     assert note in res.stdout
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+def test_presets_listed_and_random_weights_said_where_used(tmp_path, compiled):
+    from lowc.frontend.presets import PRESETS
+
+    res = run_lowc("presets")
+    assert res.returncode == 0, res.stderr
+    rows = dict(l.split(None, 1) for l in res.stdout.splitlines())
+    assert set(rows) == set(PRESETS) == {"tiny-llama", "minilm"}
+    assert "random weights" in rows["tiny-llama"] and "noise" in rows["tiny-llama"]
+    assert "pretrained" in rows["minilm"]
+    helptext = run_lowc("compile", "--help").stdout
+    assert all(f"  {name}  " in helptext for name in PRESETS) and "lowc presets" in helptext
+    out = tmp_path / "tiny"
+    res = run_lowc("compile", "tiny-llama", "-t", "ref-fp32", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert "note: tiny-llama has random weights (seed 0)" in res.stderr
+    assert "tiny-llama has random weights" in run_lowc("inspect", out).stdout
+    res = run_lowc("generate", out, "--prompt", "Hello", "--max-new-tokens", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "generated text included, are noise" in json.loads(res.stdout)["note"]
+    res = run_lowc("generate", out, "--prompt", "Hello", "--max-new-tokens", "3")
+    assert "are noise" in res.stderr
+    # a model of one's own has no such note
+    cm_out, _ = compiled
+    assert "random weights" not in run_lowc("inspect", cm_out).stdout

@@ -35,6 +35,17 @@ def test_readme_tables_list_every_target_and_pass():
         assert f"`{name}`" in readme, f"pass {name} missing from README"
 
 
+def test_readme_cli_block_lists_every_command():
+    from lowc.cli import cli
+
+    readme = _read("README.md")
+    block = readme[readme.index("## CLI"):]
+    block = block[block.index("```") + 3:]
+    block = block[: block.index("```")]
+    for name in cli.commands:
+        assert f"lowc {name}" in block, f"`lowc {name}` missing from the README's CLI block"
+
+
 def test_readme_says_what_a_default_onnxruntime_session_computes():
     readme = _read("README.md")
     onnx = readme[readme.index("### ONNX export"):]
