@@ -28,11 +28,13 @@ Repack = Callable[..., tuple]
 
 
 def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: Check, repack: Repack,
-                    buffers: Sequence[str], layout: str) -> PassResult:
+                    buffers: Sequence[str], layout: str, progress: bool = False) -> PassResult:
     """Rewrite every ``linear_wq`` node of ``program`` into ``op`` (module docstring). ``kernels`` names
     the backend's kernels in the error for ``linear_wqaq`` (e.g. "cpu-lut kernels"); ``buffers`` are
-    the names of the repacked weight, scales and zeros buffers; ``layout`` goes into the scheme."""
+    the names of the repacked weight, scales and zeros buffers; ``layout`` goes into the scheme;
+    ``progress`` shows a bar per layer."""
     from lowc.ir.dialect import ensure_registered
+    from lowc.progress import bar
 
     ensure_registered()
     for node in program.nodes(torch.ops.lowc.linear_wqaq.default):
@@ -40,7 +42,8 @@ def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: 
                           f"activations; quantized activations (linear_wqaq) cannot be lowered")
     changed = 0
     per_bits: dict[int, int] = {}
-    for node in list(program.nodes(torch.ops.lowc.linear_wq.default)):
+    nodes = list(program.nodes(torch.ops.lowc.linear_wq.default))
+    for node in bar(nodes, desc=f"repack for {kernels}", enabled=progress):
         x, q_n, s_n, z_n, bias, bits, gs, k = node.args
         info = nodemeta.get(node)
         qweight, scales = program.attr(q_n.target), program.attr(s_n.target)

@@ -1,6 +1,9 @@
 """Targets are data: a name, a backend, a description, the compression scheme they fix, and a
 function returning the pipeline's phases (phase name -> passes).
 
+``runtime(target, device, artifact_dir)`` says what runs a compiled model of this target on a
+device (``lowc bench`` prints it), and whether that is the target's own kernels.
+
 Phases (TVM-style): ``method`` (how weights/transforms are found: RTN by default; replaced by the
 user's ``--pass``/recipe passes), ``lower`` (backend legalization, e.g. activation quantization,
 repacking), ``finalize`` (cleanup). Passes the user gives replace the ``method`` phase only.
@@ -31,6 +34,21 @@ class Scheme:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """What runs a compiled model: the implementation, whether it is the target's own kernels, a
+    one-line note for the reader of its timings, and, for a backend whose artifact is run by another
+    runtime (ONNX), a callable used instead of the loaded program."""
+
+    implementation: str  # "reference oracle", "Triton kernels", "LUT C kernels", "onnxruntime", ...
+    target_kernels: bool
+    note: str = ""
+    call: Callable[..., Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"implementation": self.implementation, "target_kernels": self.target_kernels, "note": self.note}
+
+
+@dataclass(frozen=True)
 class Phase:
     name: str
     passes: tuple
@@ -47,9 +65,17 @@ class Target:
     emit: Callable[[Any, str], None] | None = None
     #: optional: make a program runnable on this backend (load kernels, repack): prepare(program, device)
     prepare: Callable[[Any, str], None] | None = None
+    #: what runs the compiled model on a device: runtime(target, device, artifact_dir) -> Runtime
+    runtime: Callable[["Target", str, str | None], Runtime] | None = None
 
     def phases(self, options: "CompileOptions") -> list[Phase]:
         return self.pipeline(self, options)
+
+    def runtime_on(self, device: str, artifact_dir: str | None = None) -> Runtime:
+        if self.runtime is None:
+            return Runtime("reference oracle", False, f"{self.name}: the backend does not say what runs it; "
+                           "the dialect ops' reference implementations are assumed")
+        return self.runtime(self, device, artifact_dir)
 
 
 @dataclass(frozen=True)

@@ -251,39 +251,62 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     """
     from lowc.backends.registry import get_target
     from lowc.backends.target import CompileOptions
+    from lowc.frontend.presets import random_weights_note
     from lowc.frontend.trace import check_finite, resolve_device, trace
     from lowc.passes.base import PassContext
     from lowc.passes.calibration import load_calibration
     from lowc.passes.options import load_recipe
     from lowc.passes.pipeline import Pipeline
+    from lowc.progress import current, reporting, step, to_stderr
 
     device = str(resolve_device(device))
+    # Everything that depends on the arguments alone is checked here, before the model is loaded or
+    # traced (which takes seconds to minutes): the target, the passes and their requirements.
     tgt = get_target(target)
     user = _as_passes(passes)
     if recipe is not None:
         user = (user or []) + load_recipe(os.fspath(recipe))
-    torch.manual_seed(seed)
-    program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes, tokenizer=tokenizer)
-    if not allow_nonfinite:
-        check_finite(program)
-    calib_data = None
-    if calib is not None:
-        vocab = next((s.vocab_size for s in program.info.inputs if s.vocab_size), None)
-        calib_data = load_calibration(calib, tokenizer_of(program), calib_samples, seq_len, seed, vocab_size=vocab)
+    _check_calib_argument(calib, calib_samples, seq_len)
     phases = tgt.phases(CompileOptions(user_passes=tuple(user) if user is not None else None,
-                                       has_calib=calib_data is not None, device=device))
+                                       has_calib=calib is not None, device=device))
     steps = [(ph.name, p) for ph in phases for p in ph.passes]
-    for _, p in steps:  # fail before any work if a precondition is missing
-        if "calibration" in p.requirements() and calib_data is None:
+    for _, p in steps:
+        if "calibration" in p.requirements() and calib is None:
             raise CalibrationError(f"pass '{p.name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)")
-    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib_data, device=device, seed=seed, progress=progress)
-    check_inputs = _check_inputs(program, example_inputs)
-    with torch.inference_mode():
-        float_out = program.call(*check_inputs)
-    records = Pipeline(steps, verify=verify, print_after=tuple(print_after)).run(program, ctx)
-    check = _output_check(program, check_inputs, float_out)
-    if tgt.prepare is not None:
-        tgt.prepare(program, device)
+
+    def starting(i, phase, p):
+        step(f"[{i + 1}/{len(steps)}] {phase} pass {p.spelling()}")
+
+    def done(record):
+        step(f"  {record.summary()}")
+
+    pipeline = Pipeline(steps, verify=verify, print_after=tuple(print_after), on_start=starting, on_end=done)
+    pipeline.check()
+    # progress=True reports to the reporter already installed (the CLI's) or to stderr
+    with reporting((current() or to_stderr) if progress else None):
+        step(f"compiling {_model_label(model)} for {tgt.name}")
+        torch.manual_seed(seed)
+        program = trace(model, example_inputs, device=device, dtype=dtype, dynamic_shapes=dynamic_shapes,
+                        tokenizer=tokenizer)
+        if not allow_nonfinite:
+            check_finite(program)
+        calib_data = None
+        if calib is not None:
+            step(f"reading calibration data ({calib_samples} x {seq_len} tokens)")
+            vocab = next((s.vocab_size for s in program.info.inputs if s.vocab_size), None)
+            calib_data = load_calibration(calib, tokenizer_of(program), calib_samples, seq_len, seed, vocab_size=vocab)
+        ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib_data, device=device, seed=seed, progress=progress)
+        note = random_weights_note(program.info.source)
+        if note:
+            ctx.log.append(note)
+        check_inputs = _check_inputs(program, example_inputs)
+        with torch.inference_mode():
+            float_out = program.call(*check_inputs)
+        records = pipeline.run(program, ctx)
+        check = _output_check(program, check_inputs, float_out)
+        if tgt.prepare is not None:
+            step(f"preparing the {tgt.backend} backend's kernels for {device}")
+            tgt.prepare(program, device)
     manifest = {
         "lowc_version": _version(),
         "torch_version": torch.__version__,
@@ -319,6 +342,22 @@ def _check_inputs(program, example_inputs) -> list:
         return [t.to(program.device) for t in program.bind(**example).values()]
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     return [a.to(program.device) for a in args]
+
+
+def _model_label(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return type(model).__name__
+
+
+def _check_calib_argument(calib: Any, calib_samples: int, seq_len: int) -> None:
+    """The calibration checks that need no model: a file path exists, the sizes are positive."""
+    if calib_samples < 1 or seq_len < 1:
+        raise CalibrationError(f"calibration needs at least one sample of at least one token (got {calib_samples} x {seq_len})")
+    if isinstance(calib, (str, os.PathLike)):
+        from lowc import data
+
+        data.resolve(calib, "calibration file", CalibrationError)
 
 
 def _output_check(program, inputs: list, float_out) -> dict[str, Any]:

@@ -38,7 +38,17 @@ def cli() -> None:
     """
 
 
-@cli.command()
+def _compile_help() -> str:
+    from lowc.frontend.presets import PRESETS
+
+    w = max(map(len, PRESETS))
+    rows = "\n".join(f"  {name:<{w}}  {desc}" for name, desc in PRESETS.items())
+    return ("Compile MODEL for TARGET into the artifact directory OUTPUT.\n\n"
+            "MODEL is a Hugging Face model directory, package.module:factory, or a preset (`lowc presets`):\n\n"
+            f"\b\n{rows}")
+
+
+@cli.command(help=_compile_help())
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="compilation target (see `lowc targets`)")
 @click.option("--output", "-o", "output", required=True, type=click.Path(), help="artifact directory to write")
@@ -58,7 +68,6 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe, device, dtype, seed, force,
             allow_nonfinite, print_after, no_verify, quiet):
-    """Compile MODEL (HF directory, preset, or package.module:factory) for TARGET into OUTPUT."""
     import lowc
     from lowc import data
     from lowc.artifact import check_output
@@ -66,6 +75,7 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
     from lowc.errors import ArtifactError, CalibrationError
     from lowc.frontend.trace import resolve_device
     from lowc.passes.options import load_recipe, parse_pass
+    from lowc.progress import reporting, step, to_stderr
 
     get_target(target)  # fail fast on an unknown target, before loading anything
     resolve_device(device)
@@ -77,18 +87,19 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
     check_output(output, protect=[model] if os.path.exists(model) else [])
     if calib is not None:
         data.resolve(calib, "--calib", CalibrationError)
-    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: click.echo(*a, err=True, **k))
-    say(f"lowc: compiling {model} for {target}")
-    cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
-                      calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
-                      progress=not quiet, verify=not no_verify, allow_nonfinite=allow_nonfinite)
-    for r in cm.manifest["passes"]:
-        stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if not isinstance(v, (list, dict)))
-        say(f"  {r['phase']:>8} {r['name']:<22} {r['seconds'] * 1000:8.1f} ms  {'changed' if r['changed'] else 'no change'}  {stats}")
-    for line in cm.manifest.get("log", []):
-        say(f"  note: {line}")
+    # lowc.compile checks the passes' requirements (--calib) before it loads or traces the model,
+    # and reports each step as it starts (loading, tracing, each pass) on stderr
+    with reporting(None if quiet else to_stderr):
+        cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
+                          calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
+                          progress=not quiet, verify=not no_verify,
+                          allow_nonfinite=allow_nonfinite)
+        for line in cm.manifest.get("log", []):
+            step(f"note: {line}")
+        step(f"writing {output}" + (f" (the {cm.target.backend} backend writes its files into backend/)"
+                                    if cm.target.emit is not None else ""))
+        path = cm.save(output, force=force)
     check = cm.manifest.get("metrics", {}).get("check")
-    path = cm.save(output, force=force)
     size = cm.size()
     click.echo(f"wrote {path}")
     click.echo(f"size: {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")
@@ -106,6 +117,16 @@ def targets():
     w = max(len(t.name) for t in rows)
     for t in rows:
         click.echo(f"{t.name:<{w}}  {t.backend:<10} {t.description}")
+
+
+@cli.command()
+def presets():
+    """List the built-in models MODEL may name (`lowc compile PRESET ...`)."""
+    from lowc.frontend.presets import PRESETS
+
+    w = max(map(len, PRESETS))
+    for name, desc in PRESETS.items():
+        click.echo(f"{name:<{w}}  {desc}")
 
 
 def _type_label(tp) -> str:
@@ -143,6 +164,7 @@ def list_passes():
 def inspect(artifact, as_json):
     """Show an artifact's manifest, per-layer table and size vs float."""
     from lowc.artifact import read_manifest
+    from lowc.frontend.presets import random_weights_note
 
     m = read_manifest(artifact)
     if as_json:
@@ -152,6 +174,9 @@ def inspect(artifact, as_json):
     click.echo(f"artifact:  {os.path.abspath(artifact)}")
     click.echo(f"target:    {m.get('target')} ({m.get('backend')})   lowc {m.get('lowc_version')}, torch {m.get('torch_version')}, {m.get('created')}")
     click.echo(f"source:    {src.get('type')} {src.get('name')}  sha256={str(src.get('sha256', '-'))[:16]}")
+    note = random_weights_note(src)
+    if note:
+        click.echo(f"note:      {note}")
     click.echo(f"model:     {m.get('model', {}).get('kind')}  dtype={m.get('dtype')}")
     if m.get("calibration"):
         c = m["calibration"]
@@ -189,11 +214,15 @@ def eval_cmd(artifact, text, against, seq_len, max_windows, max_sentences, devic
     from lowc import data
     from lowc import evaluate as ev
     from lowc.errors import LowcError
+    from lowc.frontend.presets import random_weights_note
+    from lowc.progress import reporting, to_stderr
 
     if text is not None:
         data.resolve(text, "--data")
     cm = lowc.load(artifact, device=device)
-    ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
+    with reporting(to_stderr):
+        ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
+    note = random_weights_note(cm.manifest.get("source"))
     tok = cm.tokenizer or ref_tok
     if tok is None:
         raise LowcError(f"{artifact}: the model has no tokenizer, so text evaluation is not possible")
@@ -220,9 +249,13 @@ def eval_cmd(artifact, text, against, seq_len, max_windows, max_sentences, devic
         result.update(ev.compare(ref_fn, cm, batches, cm.kind).to_json())
     size = cm.size()
     result["bytes"], result["float_bytes"] = size["bytes"], size["float_bytes"]
+    if note:
+        result["note"] = note
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    if note:
+        click.echo(f"note: {note}", err=True)
     amount = f"{result['tokens']} tokens" if "tokens" in result else f"{result['sentences']} sentences"
     click.echo(f"{cm.target.name} vs float ({cm.kind}) on {used}, {amount}:")
     for k in ("ppl_float", "ppl", "kl", "top1", "cosine", "min_cosine", "sqnr_db"):
@@ -268,14 +301,19 @@ def torch_ones(w, device):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
-    """Latency and throughput of ARTIFACT vs the float model, side by side in one run."""
+    """Latency and throughput of ARTIFACT vs the float model, side by side in one run, naming the
+    implementation that ran (reference oracle, Triton, LUT C, onnxruntime)."""
     import torch
 
     import lowc
     from lowc import evaluate as ev
+    from lowc.progress import reporting, to_stderr
 
     cm = lowc.load(artifact, device=device)
-    ref_fn, _ = ev.float_reference(cm.manifest, against, device)
+    rt = cm.target.runtime_on(device, artifact)  # which implementation runs the compressed model here
+    run = rt.call or cm
+    with reporting(to_stderr):
+        ref_fn, _ = ev.float_reference(cm.manifest, against, device)
     vocab = next((s.vocab_size for s in cm.program.info.inputs if s.vocab_size), 100)
     rows = []
     for L in seq_lens:
@@ -283,15 +321,18 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
         ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
         kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         t_f = ev.median(ev.time_call(ref_fn, kw, repeat))
-        t_c = ev.median(ev.time_call(cm, kw, repeat))
-        rows.append({"batch": batch, "seq_len": L, "float_ms": t_f * 1e3, "lowc_ms": t_c * 1e3,
-                     "speedup": t_f / t_c, "lowc_tokens_per_s": batch * L / t_c})
+        t_c = ev.median(ev.time_call(run, kw, repeat))
+        rows.append({"batch": batch, "seq_len": L, "implementation": rt.implementation, "float_ms": t_f * 1e3,
+                     "lowc_ms": t_c * 1e3, "speedup": t_f / t_c, "lowc_tokens_per_s": batch * L / t_c})
     info = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "device": device,
-            "threads": torch.get_num_threads(), "rows": rows}
+            "threads": torch.get_num_threads(), **rt.to_json(), "rows": rows}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{cm.target.name} vs float on {device} ({torch.get_num_threads()} threads), median of {repeat}:")
+    click.echo(f"{cm.target.name} vs float on {device} ({torch.get_num_threads()} threads), median of {repeat}; "
+               f"lowc ran: {rt.implementation}")
+    if rt.note:
+        click.echo(f"  note: {rt.note}")
     click.echo(f"  {'batch':>5} {'seq':>6} {'float ms':>10} {'lowc ms':>10} {'speedup':>8} {'lowc tok/s':>11}")
     for r in rows:
         click.echo(f"  {r['batch']:>5} {r['seq_len']:>6} {r['float_ms']:>10.2f} {r['lowc_ms']:>10.2f} {r['speedup']:>7.2f}x {r['lowc_tokens_per_s']:>11.0f}")
@@ -303,12 +344,19 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--output", "-o", "output", required=True, type=click.Path(), help="file to write, e.g. model.onnx")
 @click.option("--matmulnbits", is_flag=True, help="emit com.microsoft::MatMulNBits instead of DequantizeLinear->MatMul")
 @click.option("--accuracy-level", type=int, default=0, show_default=True,
-              help="MatMulNBits accuracy_level: 0 = fp32 arithmetic (matches lowc), 4 = int8 activations (faster)")
+              help="onnxruntime arithmetic: 0 = fp32 (matches lowc), 4 = int8 activations (faster; what a default "
+                   "session does with DequantizeLinear->MatMul). MatMulNBits carries it in its nodes; the "
+                   "DequantizeLinear form records it and the session option that gives it in the model's metadata")
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--force", is_flag=True, help="replace an existing output file")
 def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, force):
-    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21)."""
+    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).
+
+    An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
+    was written with (no --matmulnbits, --accuracy-level 0, no --external-data) it is copied, not
+    exported again."""
     from lowc.errors import ArtifactError, LowcError
+    from lowc.progress import reporting, to_stderr
 
     if fmt != "onnx":
         raise LowcError(f"unknown export format '{fmt}'; known formats: onnx")
@@ -317,17 +365,18 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
     from lowc.artifact import check_file_output
 
     check_file_output(output, protect=[artifact])
-    import lowc
     from lowc.backends.onnx import export_onnx
 
-    cm = lowc.load(artifact)
-    r = export_onnx(cm, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                    external_data=external_data or None, force=True)
+    with reporting(to_stderr):
+        r = export_onnx(artifact, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
+                        external_data=external_data or None, force=True)
     from collections import Counter
 
     forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))
-    click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
+    how = f" (copied from {os.path.relpath(r.reused_from)}: same options)" if r.reused_from else ""
+    click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}{how}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
+    click.echo(f"onnxruntime: {r.arithmetic} (recorded in the model's metadata_props)")
 
 
 STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)
@@ -361,6 +410,7 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p
 
     import lowc
     from lowc.errors import LowcError
+    from lowc.frontend.presets import random_weights_note
 
     cm = lowc.load(artifact, device=device)
     tok = cm.tokenizer
@@ -394,9 +444,14 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p
     if check:
         ref = cm.generate(ids, max_new_tokens, strategy="recompute", **options)
         result["matches_parallel"] = bool(ref.shape == out.shape and (ref == out).all())
+    note = random_weights_note(cm.manifest.get("source"))
+    if note:
+        result["note"] = note
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    if note:
+        click.echo(f"note: {note}", err=True)
     click.echo(prompt + result["text"])
     click.echo(f"{new} tokens in {dt:.2f} s ({result['tokens_per_s']} tok/s), {dec.strategy}; state {sizes[0]} -> "
                f"{sizes[-1]} bytes ({dec.linear_layers} linear, {dec.softmax_layers} softmax layers)"
@@ -406,6 +461,9 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p
 
 
 def main(argv: list[str] | None = None) -> None:
+    for stream in (sys.stdout, sys.stderr):  # each line as it is written, also into a pipe
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LOWC_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]

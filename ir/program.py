@@ -319,7 +319,14 @@ class Program:
         return self.gm(*args, **kwargs)
 
     def clone(self) -> "Program":
-        return Program(copy.deepcopy(self.gm), copy.deepcopy(self.info))
+        import warnings
+
+        with warnings.catch_warnings():
+            # deep-copying the graph's pytree specs goes through torch's own LeafSpec deprecation shim,
+            # which is torch's business, not the user's
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            return Program(copy.deepcopy(self.gm), copy.deepcopy(self.info))
 
     def to(self, device: str | torch.device) -> "Program":
         self.gm.to(device)

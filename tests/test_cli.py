@@ -195,3 +195,66 @@ def test_corrupt_artifacts(compiled, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     res = run_lowc("--debug", "compile", "tiny-llama", "-t", "nope", "-o", tmp_path / "o")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+# ---- bench says what ran ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench_artifacts(tmp_path_factory, odd_llama_dir):
+    import lowc
+
+    d = tmp_path_factory.mktemp("bench")
+    for t in ("cuda-w4a16", "ref-w4a16", "onnx-w4", "cpu-lut-w4"):
+        lowc.compile(odd_llama_dir, target=t, progress=False).save(d / t)
+    return d
+
+
+@pytest.mark.parametrize(
+    "target,implementation,kernels,note",
+    [
+        ("cuda-w4a16", "reference op", False,
+         "cuda-w4a16 on cpu: the Triton kernels did not run (they need a CUDA GPU); these are the reference op's times"),
+        ("ref-w4a16", "reference oracle", True, "they dequantize every weight on every call, so they are slower than float"),
+        ("onnx-w4", "onnxruntime (CPU provider)", True, "session.qdq_matmulnbits_accuracy_level=0"),
+        ("cpu-lut-w4", "LUT C kernels", True, ""),
+    ],
+)
+def test_bench_names_the_implementation_that_ran(bench_artifacts, target, implementation, kernels, note, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    art = bench_artifacts / target
+    res = run_lowc("bench", art, "--seq-len", "4", "--repeat", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["implementation"].startswith(implementation) and info["target_kernels"] is kernels
+    assert note in info["note"] and (note or not info["note"])
+    assert [r["implementation"] for r in info["rows"]] == [info["implementation"]]
+    res = run_lowc("bench", art, "--seq-len", "4", "--repeat", "1")
+    assert res.returncode == 0, res.stderr
+    assert f"lowc ran: {info['implementation']}" in res.stdout.splitlines()[0]
+    assert note in res.stdout
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+def test_presets_listed_and_random_weights_said_where_used(tmp_path, compiled):
+    from lowc.frontend.presets import PRESETS
+
+    res = run_lowc("presets")
+    assert res.returncode == 0, res.stderr
+    rows = dict(l.split(None, 1) for l in res.stdout.splitlines())
+    assert set(rows) == set(PRESETS) == {"tiny-llama", "minilm"}
+    assert "random weights" in rows["tiny-llama"] and "noise" in rows["tiny-llama"]
+    assert "pretrained" in rows["minilm"]
+    helptext = run_lowc("compile", "--help").stdout
+    assert all(f"  {name}  " in helptext for name in PRESETS) and "lowc presets" in helptext
+    out = tmp_path / "tiny"
+    res = run_lowc("compile", "tiny-llama", "-t", "ref-fp32", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert "note: tiny-llama has random weights (seed 0)" in res.stderr
+    assert "tiny-llama has random weights" in run_lowc("inspect", out).stdout
+    res = run_lowc("generate", out, "--prompt", "Hello", "--max-new-tokens", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "generated text included, are noise" in json.loads(res.stdout)["note"]
+    res = run_lowc("generate", out, "--prompt", "Hello", "--max-new-tokens", "3")
+    assert "are noise" in res.stderr
+    # a model of one's own has no such note
+    cm_out, _ = compiled
+    assert "random weights" not in run_lowc("inspect", cm_out).stdout

@@ -89,3 +89,23 @@ def test_readme_python_block_runs(index, tmp_path):
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, f"README python block {index} failed:\n{block}\n--- stderr ---\n{r.stderr[-3000:]}"
+
+
+def test_readme_cli_block_lists_every_command():
+    from lowc.cli import cli
+
+    readme = _read("README.md")
+    block = readme[readme.index("## CLI"):]
+    block = block[block.index("```") + 3:]
+    block = block[: block.index("```")]
+    for name in cli.commands:
+        assert f"lowc {name}" in block, f"`lowc {name}` missing from the README's CLI block"
+
+
+def test_readme_says_what_a_default_onnxruntime_session_computes():
+    readme = _read("README.md")
+    onnx = readme[readme.index("### ONNX export"):]
+    onnx = onnx[: onnx.index("\n### ", 1)]
+    for needle in ("default", "session.qdq_matmulnbits_accuracy_level=0", "int8 activations", "metadata_props",
+                   "session_options"):
+        assert needle in onnx, needle

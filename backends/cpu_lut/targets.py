@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from lowc.backends.target import CompileOptions, Phase, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
 from lowc.errors import KernelError
 
 
@@ -74,10 +74,19 @@ def prepare(program, device: str) -> None:
     op.register_cpu_kernel()
 
 
+def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Runtime:
+    from lowc.backends.cpu_lut import runtime as lut_runtime
+
+    scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0") or not lut_runtime.has_avx2()
+    path = "portable scalar C" if scalar else "AVX2"
+    return Runtime(f"LUT C kernels ({path}, {lut_runtime.num_threads()} threads)", True)
+
+
 def targets() -> list[Target]:
     out = []
     for b in (1, 2, 3, 4):
         desc = (f"{b}-bit weights, groups of 128 (asymmetric), float activations; lookup-table GEMM "
                 f"(generated C, AVX2 pshufb or portable scalar)")
-        out.append(Target(f"cpu-lut-w{b}", "cpu-lut", desc, Scheme(b, 128, False), lut_pipeline, emit=emit, prepare=prepare))
+        out.append(Target(f"cpu-lut-w{b}", "cpu-lut", desc, Scheme(b, 128, False), lut_pipeline, emit=emit, prepare=prepare,
+                          runtime=runtime))
     return out

@@ -1,12 +1,26 @@
 """Export a compiled program (or artifact) to an ONNX file: lower the dialect ops
 (:mod:`~lowc.backends.onnx.lower`), ``torch.onnx.export(..., dynamo=True)`` a thin wrapper with named
 inputs and one named output through the translation table (:mod:`~lowc.backends.onnx.translate`),
-fold the 4-bit weights, save, ``onnx.checker``.
+fold the 4-bit weights, check no float copy of a quantized weight is left, record in the model's
+metadata how onnxruntime must run it, save, ``onnx.checker``.
 
 The file: opset 21 (plus ``com.microsoft`` 1 with ``matmulnbits=True``); inputs named as the model's
 (``input_ids``, ``attention_mask``, int64, dynamic ``batch`` and ``seq`` axes); one output,
 ``logits`` (causal LMs), ``last_hidden_state`` (encoders) or ``output``. Written to a temporary
 name beside ``path`` and renamed into place, so a failure leaves nothing behind.
+
+Arithmetic (``accuracy_level``, recorded in ``metadata_props``, see :func:`arithmetic`):
+onnxruntime's CPU provider fuses ``DequantizeLinear -> MatMul`` into its MatMulNBits kernel at the
+accuracy level its session option ``session.qdq_matmulnbits_accuracy_level`` names, 4 by default
+(int8 activations: about 2e-2 relative error against lowc's reference); level 0 computes in fp32
+(about 1e-6). A file in the DequantizeLinear form cannot impose a level: its metadata says which
+one it was exported for and the session option that gives it (:func:`session_options` applies it).
+The MatMulNBits form (``matmulnbits=True``) carries the level in its nodes, so any session honours it.
+
+Reuse: an artifact compiled for an ``onnx-*`` target already holds ``backend/model.onnx`` and, in
+``backend/onnx.json``, the options it was written with; :func:`export_onnx` given that artifact and
+the same options copies the file (after checking its sha256 against the manifest) instead of
+exporting again.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +36,13 @@ import torch
 from lowc.backends.onnx.errors import OnnxExportError
 
 OPSET = 21
+#: onnxruntime's session option for the accuracy level of DequantizeLinear->MatMul it fuses into MatMulNBits
+ORT_QDQ_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+#: onnxruntime's level when the session does not set ORT_QDQ_LEVEL
+ORT_DEFAULT_LEVEL = 4
+#: metadata_props keys written into every exported model
+META_LEVEL, META_SESSION, META_ARITHMETIC, META_FORM = (
+    "lowc.accuracy_level", "lowc.onnxruntime_session_config", "lowc.arithmetic", "lowc.form")
 
 
 @dataclass
@@ -35,9 +57,58 @@ class ExportResult:
     layers: list[dict] = field(default_factory=list)
     ops: dict = field(default_factory=dict)
     initializer_bytes: dict = field(default_factory=dict)
+    accuracy_level: int = 0
+    #: onnxruntime session config entries the file's arithmetic needs (also in its metadata)
+    session_config: dict = field(default_factory=dict)
+    arithmetic: str = ""
+    #: the options it was exported with and the lowc that exported it (what reuse compares)
+    options: dict = field(default_factory=dict)
+    lowc_version: str = ""
+    #: the file copied instead of exporting again, if any
+    reused_from: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def export_options(matmulnbits: bool, accuracy_level: int, external_data: bool | None) -> dict:
+    """The options that decide the file's contents, as recorded in ``onnx.json``."""
+    return {"matmulnbits": bool(matmulnbits), "accuracy_level": int(accuracy_level), "external_data": external_data}
+
+
+def arithmetic(matmulnbits: bool, accuracy_level: int, quantized: bool) -> tuple[dict, str]:
+    """(onnxruntime session config the file needs, one line saying what onnxruntime computes)."""
+    kind = "fp32 arithmetic" if accuracy_level == 0 else f"accuracy level {accuracy_level}" + (
+        " (int8 activations)" if accuracy_level == 4 else "")
+    if not quantized:
+        return {}, "fp32: no quantized weights"
+    if matmulnbits:
+        return {}, f"{kind} in any onnxruntime session (the MatMulNBits nodes carry accuracy_level={accuracy_level})"
+    if accuracy_level == ORT_DEFAULT_LEVEL:
+        how = (f"onnxruntime's default when it fuses DequantizeLinear->MatMul into MatMulNBits (about 2e-2 "
+               f"relative error against lowc; {ORT_QDQ_LEVEL}=0 gives fp32)")
+    else:
+        how = (f"when the onnxruntime session sets {ORT_QDQ_LEVEL}={accuracy_level}; a default session fuses "
+               f"DequantizeLinear->MatMul at level {ORT_DEFAULT_LEVEL} (int8 activations, about 2e-2 relative error)")
+    return {ORT_QDQ_LEVEL: str(accuracy_level)}, f"{kind} {how}"
+
+
+def _record_metadata(model, form: str, accuracy_level: int, session_config: dict, text: str) -> None:
+    model.metadata_props.update({META_FORM: form, META_LEVEL: str(accuracy_level),
+                                 META_SESSION: json.dumps(session_config, sort_keys=True), META_ARITHMETIC: text})
+
+
+def session_options(path: str | os.PathLike):
+    """``onnxruntime.SessionOptions`` with the config entries the file's metadata asks for (the
+    accuracy level it was exported for; nothing for files without lowc metadata)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    props = {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
+    for k, v in json.loads(props.get(META_SESSION, "{}")).items():
+        so.add_session_config_entry(k, str(v))
+    return so
 
 
 class _Wrapper(torch.nn.Module):
@@ -87,13 +158,15 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
                    external_data: bool | None = None, force: bool = True) -> ExportResult:
     """Export ``program`` (a compiled lowc Program) to ``path``; returns what was written.
 
-    ``accuracy_level`` (MatMulNBits only): 0 computes in fp32 like the reference; 4 lets onnxruntime
-    quantize activations to int8 inside the kernel (faster; what it does by default when it fuses
-    DequantizeLinear->MatMul itself)."""
+    ``accuracy_level``: 0 computes in fp32 like the reference; 4 lets onnxruntime quantize
+    activations to int8 inside MatMulNBits (faster; what a default session does when it fuses
+    DequantizeLinear->MatMul itself). The MatMulNBits form carries it in its nodes; the
+    DequantizeLinear form records it, and the session option that gives it, in the metadata."""
     import logging
     import warnings
 
     from lowc.backends.onnx import finalize, lower, translate
+    from lowc.progress import step
 
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
@@ -101,14 +174,14 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     if os.path.isdir(path):
         raise OnnxExportError(f"output {path} is a directory; give a file name such as model.onnx")
     if accuracy_level not in (0, 1, 2, 3, 4):
-        raise OnnxExportError(f"accuracy_level={accuracy_level}: MatMulNBits takes 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
-    if accuracy_level and not matmulnbits:
-        raise OnnxExportError("accuracy_level applies to the MatMulNBits form only: add --matmulnbits / matmulnbits=True")
+        raise OnnxExportError(f"accuracy_level={accuracy_level}: onnxruntime takes 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
+    step(f"lowering {len(lower.dialect_nodes(program))} compressed layers to the ONNX form")
     lowered, report = lower.lower_program(program, matmulnbits=matmulnbits, accuracy_level=accuracy_level)
     names = [s.name for s in program.info.inputs]
     out_name, out_key = output_name(program)
     wrapper = _Wrapper(lowered.gm, names, program.info.call_by_name, out_key)
     example = tuple(lowered.example_inputs())
+    step("exporting with torch.onnx.export (traces the model again)")
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         for name in ("torch.onnx", "torch.export", "onnxscript"):
@@ -123,9 +196,12 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
             raise OnnxExportError(f"torch.onnx.export failed for {program.info.source.get('name', 'the model')}: {first}") from None
     model = onnx_program.model
     finalize.fold_weight_casts(model)
-    quantized = [(r["n"], r["k"]) for r in _shapes(program)]
-    finalize.check_no_float_copies(model, quantized)
+    finalize.check_no_float_copies(model, _quantized_layers(program))
+    session_config, text = arithmetic(matmulnbits, accuracy_level, quantized=bool(report.layers))
+    form = "MatMulNBits" if matmulnbits else "DequantizeLinear->MatMul"
+    _record_metadata(model, form, accuracy_level, session_config, text)
     summary = finalize.summarize(model)
+    step(f"writing {os.path.basename(path)} and checking it with onnx.checker")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -141,29 +217,120 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if used_external else 0)
     return ExportResult(path=path, opset=OPSET, matmulnbits=matmulnbits, external_data=used_external, inputs=names,
                         output=out_name, bytes=size, layers=report.layers, ops=summary["ops"],
-                        initializer_bytes=summary["initializer_bytes"])
+                        initializer_bytes=summary["initializer_bytes"], accuracy_level=accuracy_level,
+                        session_config=session_config, arithmetic=text,
+                        options=export_options(matmulnbits, accuracy_level, external_data), lowc_version=_lowc_version())
 
 
-def _shapes(program) -> list[dict]:
-    """(N, K) of every quantized linear in ``program``."""
+def _lowc_version() -> str:
+    import lowc
+
+    return lowc.__version__
+
+
+def _quantized_layers(program) -> list:
+    """Every quantized linear of ``program`` as :class:`~lowc.backends.onnx.finalize.QuantizedLayer`
+    (initializer names of the exported file are ``gm.`` + the attribute's name: see ``_Wrapper``)."""
+    from lowc.backends.onnx.finalize import QuantizedLayer
+    from lowc.backends.onnx.lower import dialect_nodes, layer_of
+    from lowc.ir.dialect import quant
+
     out = []
-    for node in program.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "lowc":
-            scales = program.attr(node.args[2].target)
-            out.append({"n": int(scales.shape[0]), "k": int(node.args[7])})
+    for node in dialect_nodes(program):
+        if node.target.name() not in ("lowc::linear_wq", "lowc::linear_wqaq"):
+            continue
+        _, q_n, s_n, z_n, _, bits, group_size, k = node.args[:8]
+        qweight, scales = program.attr(q_n.target), program.attr(s_n.target)
+        zeros = program.attr(z_n.target) if z_n is not None else None
+        k_pad = scales.shape[1] * group_size
+        module = q_n.target.rpartition(".")[0]
+
+        def dequantized(q=qweight, s=scales, z=zeros, b=bits, g=group_size, kp=k_pad):
+            return quant.dequantize(q, s, z, b, g, kp, torch.float32).cpu().numpy()
+
+        out.append(QuantizedLayer(name=layer_of(node), prefix=f"gm.{module}." if module else "", n=int(scales.shape[0]),
+                                  k=int(k), k_pad=int(k_pad), dequantized=dequantized))
     return out
 
 
 def export_onnx(model, path: str | os.PathLike, *, matmulnbits: bool = False, accuracy_level: int = 0,
                 external_data: bool | None = None, force: bool = True) -> ExportResult:
-    """Export a :class:`lowc.api.CompiledModel`, an artifact directory, or a Program to ONNX at ``path``."""
+    """Export a :class:`lowc.api.CompiledModel`, an artifact directory, or a Program to ONNX at ``path``.
+
+    An artifact directory whose ``backend/model.onnx`` was written with the same options is copied,
+    not exported again (:func:`reuse_emitted`)."""
     if isinstance(model, (str, os.PathLike)):
         import lowc
+        from lowc.progress import step
 
+        reused = reuse_emitted(os.fspath(model), path, export_options(matmulnbits, accuracy_level, external_data),
+                               force=force)
+        if reused is not None:
+            return reused
+        step(f"loading {os.fspath(model)}")
         model = lowc.load(os.fspath(model))
     program = getattr(model, "program", model)
     return export_program(program, os.fspath(path), matmulnbits=matmulnbits, accuracy_level=accuracy_level,
                           external_data=external_data, force=force)
+
+
+def reuse_emitted(artifact: str, path: str | os.PathLike, options: dict, force: bool = True) -> ExportResult | None:
+    """Copy ``artifact``'s ``backend/model.onnx`` to ``path`` when it was written with ``options``
+    by this lowc and holds its weights inline; None when it cannot be reused. Raises ArtifactError
+    when the file is not the one the manifest hashes."""
+    import shutil
+
+    from lowc.artifact import check_files, read_manifest
+    from lowc.progress import step
+
+    manifest = read_manifest(artifact)
+    files = manifest.get("files", {})
+    names = ("backend/model.onnx", "backend/onnx.json")
+    if not all(n in files for n in names):
+        return None
+    check_files(artifact, manifest, hashes=names)
+    side = _read_sidecar(os.path.join(artifact, "backend", "onnx.json"))
+    if side.get("options") != options or side.get("lowc_version") != _lowc_version() or side.get("external_data"):
+        return None
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not force:
+        raise OnnxExportError(f"output {path} already exists (use --force / force=True to replace it)")
+    if os.path.isdir(path):
+        raise OnnxExportError(f"output {path} is a directory; give a file name such as model.onnx")
+    src = os.path.join(artifact, "backend", "model.onnx")
+    step(f"reusing {src} (written at compile time with the same options; sha256 checked)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        tmp = os.path.join(tmpdir, os.path.basename(path))
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    known = {f.name for f in dataclasses.fields(ExportResult)}
+    result = ExportResult(**{k: v for k, v in side.items() if k in known})
+    result.path, result.reused_from = path, os.path.abspath(src)
+    return result
+
+
+def _read_sidecar(path: str) -> dict:
+    """``backend/onnx.json`` of an artifact (untrusted like the rest of it): the fields of
+    :class:`ExportResult` with their JSON types, else an ArtifactError naming the file."""
+    from lowc.errors import ArtifactError
+    from lowc.ir import untrusted as U
+
+    side = U.fields(U.load_json(path), path, [f.name for f in dataclasses.fields(ExportResult)])
+    types = {"path": str, "opset": int, "matmulnbits": bool, "external_data": bool, "inputs": list, "output": str,
+             "bytes": int, "layers": list, "ops": dict, "initializer_bytes": dict, "accuracy_level": int,
+             "session_config": dict, "arithmetic": str, "options": dict, "lowc_version": str,
+             "reused_from": (str, type(None))}
+    for k, v in side.items():
+        U.typed(v, types[k], f"{path}: {k}")
+    for i, row in enumerate(side.get("layers", [])):
+        if not (isinstance(row, dict) and isinstance(row.get("onnx"), str)):
+            raise ArtifactError(f"{path}: layers[{i}] has no ONNX form")
+    return side
 
 
 def write_sidecar(result: ExportResult, path: str) -> None:

@@ -1,5 +1,6 @@
 """Finish an exported ONNX model (an ``onnx_ir.Model``): fold the 4-bit weight casts into 4-bit
-initializers, check the graph holds no float copy of a quantized weight, save (external data past
+initializers, check the graph holds no float copy of a quantized weight (by identity: names and
+values, not shapes), record how onnxruntime should run it in the model's metadata, save (external data past
 2 GB) and run ``onnx.checker`` on the file.
 
 Precondition: the model came from :mod:`lowc.backends.onnx.export` (translation table of
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -71,14 +74,61 @@ def summarize(model: ir.Model) -> dict:
             "initializer_total": int(sum(by_dtype.values()))}
 
 
-def check_no_float_copies(model: ir.Model, quantized: list[tuple[int, int]]) -> None:
-    """No float initializer shaped like a quantized weight ([N, K] or [K, N]); no Cast to 4 bits left."""
-    shapes = {s for n, k in quantized for s in ((n, k), (k, n))}
+@dataclass
+class QuantizedLayer:
+    """A quantized layer as the check below sees it: its name, the prefix of its tensors'
+    initializer names (``gm.<module path>.``; empty for a weight the root module holds), its
+    weight's shapes (``[N, K]``, ``[N, K_pad]`` and their transposes) and its dequantized weight
+    ``[N, K_pad]`` (computed when first needed)."""
+
+    name: str
+    prefix: str
+    n: int
+    k: int
+    k_pad: int
+    dequantized: Callable[[], np.ndarray]
+
+    @property
+    def shapes(self) -> set[tuple[int, int]]:
+        return {(self.n, self.k), (self.k, self.n), (self.n, self.k_pad), (self.k_pad, self.n)}
+
+    def holds(self, values: np.ndarray) -> bool:
+        """Whether ``values`` are this layer's dequantized weight, in any of its shapes."""
+        w = self.dequantized()
+        for cand in (w, w.T, w[:, : self.k], w[:, : self.k].T):
+            if cand.shape == values.shape:
+                tol = 1e-7 + 1e-5 * float(np.abs(cand).max(initial=0.0))
+                if np.allclose(values, cand, rtol=1e-5, atol=tol):
+                    return True
+        return False
+
+
+def check_no_float_copies(model: ir.Model, layers: list[QuantizedLayer]) -> None:
+    """No float copy of a quantized weight in the graph, and no Cast to 4 bits left.
+
+    By identity, not by shape (a float embedding or an ``ignore``-d layer may have the shape of a
+    quantized weight): a float initializer is a copy when its name belongs to a quantized layer
+    (``gm.<module>.`` + a weight-shaped tensor: the original weight was kept) or when it holds a
+    quantized layer's dequantized values (the exporter folded DequantizeLinear into a constant)."""
+    by_shape: dict[tuple, list[QuantizedLayer]] = {}
+    for layer in layers:
+        for shape in layer.shapes:
+            by_shape.setdefault(shape, []).append(layer)
     for v in model.graph.initializers.values():
         t = v.const_value
-        if t is not None and t.dtype.is_floating_point() and tuple(t.shape.numpy()) in shapes:
-            raise OnnxExportError(f"initializer {v.name}: a float copy {tuple(t.shape.numpy())} of a quantized weight "
-                                  "is in the exported graph (the export would not be smaller)")
+        if t is None or not t.dtype.is_floating_point():
+            continue
+        shape = tuple(int(d) for d in t.shape.numpy())
+        candidates = by_shape.get(shape, [])
+        if not candidates:
+            continue
+        owner = next((layer for layer in candidates if layer.prefix and v.name.startswith(layer.prefix)), None)
+        if owner is None:
+            values = np.asarray(t.numpy(), dtype=np.float32)
+            owner = next((layer for layer in candidates if layer.holds(values)), None)
+        if owner is not None:
+            raise OnnxExportError(f"initializer {v.name}: a float copy {shape} of the quantized weight of "
+                                  f"layer {owner.name} is in the exported graph (the export would not be smaller)")
     for n in _nodes(model.graph):
         if n.op_type == "Cast" and ir.DataType(n.attributes["to"].as_int()) in FOUR_BIT:
             raise OnnxExportError(f"node {n.name}: a Cast to 4 bits was not folded into an initializer")

@@ -162,11 +162,12 @@ def _nbits_tensors(qweight, scales, zeros, bits: int, group_size: int, in_featur
 def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
     """A copy of ``program`` with every dialect op rewritten to ``lowc_onnx`` ops; and a report."""
     from lowc.backends.onnx import ops
+    from lowc.progress import bar
 
     check_program(program, matmulnbits)
     prog = program.clone()
     report = LoweringReport()
-    for node in dialect_nodes(prog):
+    for node in bar(dialect_nodes(prog), desc="onnx lowering"):
         name = node.target.name()
         x, q_n, s_n, z_n, bias, bits, group_size, in_features = node.args[:8]
         module_path = q_n.target.rpartition(".")[0]

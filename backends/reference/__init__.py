@@ -7,7 +7,7 @@ Targets: ``ref-fp32`` (no compression: output identical to the input model), ``r
 
 from __future__ import annotations
 
-from lowc.backends.target import CompileOptions, Phase, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
 
 
 def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
@@ -21,9 +21,18 @@ def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
     return [Phase("method", method), Phase("lower", lower), Phase("finalize", (RemoveDead(),))]
 
 
+def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Runtime:
+    note = ""
+    if target.scheme is not None:
+        note = (f"{target.name} runs the plain-PyTorch reference ops (the correctness oracle): they dequantize "
+                "every weight on every call, so they are slower than float; the speed of compressed layers "
+                "comes from the cuda-*, cpu-lut-* and onnx-* targets' kernels")
+    return Runtime("reference oracle", True, note)
+
+
 def targets() -> list[Target]:
     def t(name, scheme, desc):
-        return Target(name, "reference", desc, scheme, reference_pipeline)
+        return Target(name, "reference", desc, scheme, reference_pipeline, runtime=runtime)
 
     return [
         t("ref-fp32", None, "no compression; plain PyTorch (output identical to the input model)"),

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from lowc.backends.target import CompileOptions, Phase, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
 from lowc.backends.triton import op  # noqa: F401  (defines lowc::linear_wq_tr so saved graphs resolve)
 from lowc.errors import KernelError
 
@@ -106,11 +106,25 @@ def prepare(program, device: str) -> None:
                           f"not on device '{device}'")
 
 
+def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Runtime:
+    from lowc.backends.triton import wq
+
+    dev = torch.device(device).type
+    if dev == "cuda":
+        return Runtime("Triton kernels", True)
+    if wq.interpreting():
+        return Runtime("Triton kernels in the interpreter (TRITON_INTERPRET=1)", False,
+                       f"{target.name} on {device}: the Triton kernels ran in the interpreter; its times say "
+                       "nothing about their speed on a GPU")
+    return Runtime("reference op", False, f"{target.name} on {device}: the Triton kernels did not run (they need "
+                   "a CUDA GPU); these are the reference op's times")
+
+
 def targets() -> list[Target]:
     kern = "Triton GEMV (M<=16) / tl.dot GEMM kernels on CUDA"
     return [
         Target("cuda-w4a16", "triton", f"int4 weights, groups of 128 (asymmetric), float activations; {kern}",
-               Scheme(4, 128, False), triton_pipeline, emit=emit, prepare=prepare),
+               Scheme(4, 128, False), triton_pipeline, emit=emit, prepare=prepare, runtime=runtime),
         Target("cuda-w8a16", "triton", f"int8 weights per output channel (symmetric), float activations; {kern}",
-               Scheme(8, -1, True), triton_pipeline, emit=emit, prepare=prepare),
+               Scheme(8, -1, True), triton_pipeline, emit=emit, prepare=prepare, runtime=runtime),
     ]

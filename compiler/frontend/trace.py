@@ -34,6 +34,7 @@ MIN_DYNAMIC = 2
 
 #: what a transformers model's token inputs are called, in its positional order
 HF_TOKEN_INPUTS = ("input_ids", "attention_mask")
+from lowc.progress import step
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -170,6 +171,7 @@ def trace_hf_model(model, tokenizer=None, *, kind: str | None = None, source: di
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
     mask = torch.ones_like(ids)
     what = (source or {}).get("name") or type(model).__name__
+    step(f"tracing {what} ({type(model).__name__}) with torch.export, batch and sequence dynamic")
     ep = _export_dynamic(model, {"input_ids": ids, "attention_mask": mask},
                          {"batch": (0, 4096), "seq": (1, max_pos)}, what)
     info = ModelInfo(
@@ -190,6 +192,7 @@ def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_
     args = tuple(example_inputs)
     if not all(isinstance(a, torch.Tensor) for a in args):
         raise CaptureError("example_inputs must be a tuple of tensors for a plain nn.Module")
+    step(f"tracing {type(model).__name__} with torch.export")
     ep = _export(model.eval(), args, {}, dynamic_shapes, type(model).__name__)
     dyn: list[dict[int, str]] = [{} for _ in args]
     if dynamic_shapes is not None:
@@ -210,6 +213,7 @@ def load_source(model: Any, dtype: torch.dtype = torch.float32):
         model = os.fspath(model)
     if not isinstance(model, str):
         raise ModelLoadError(f"cannot load a model from {type(model).__name__}")
+    step(f"loading {model}")
     if model in presets.PRESETS:
         preset = presets.get(model)
         if model == "tiny-llama":

@@ -123,11 +123,14 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
 
 
 def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn, method: str) -> tuple[int, dict]:
-    """Shared driver: quantize each selected linear with ``quantize_fn(weight, node) -> QuantizedWeight``."""
+    """Shared driver: quantize each selected linear with ``quantize_fn(weight, node) -> QuantizedWeight``
+    (a progress bar per layer when ``ctx.progress``)."""
+    from lowc.progress import bar
+
     s = p.scheme(ctx)
     nodes = p.select(program)
     padded = []
-    for node in nodes:
+    for node in bar(nodes, desc=method, enabled=ctx.progress):
         w = linear_weight(program, node)
         if w.dim() != 2:
             continue
