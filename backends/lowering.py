@@ -6,7 +6,7 @@ Per node: the backend's ``check`` may refuse the layer (a one-line message namin
 :class:`~lowc.errors.KernelError`); ``repack`` turns the reference-layout tensors into the backend's
 ``(weight, scales, zeros, out_features)``; these become buffers ``<layer>.<buffers[i]>`` (the old ones
 are dropped once unread), and the new node ``op(x, weight, scales, zeros, bias, bits, group_size,
-in_features, out_features)`` keeps the node's metadata, its scheme gaining ``"layout"``. An
+in_features, out_features)`` keeps the node's metadata (the op itself names the layout). An
 activation-quantized ``lowc::linear_wqaq`` cannot be lowered by a weight-only kernel and raises,
 naming the layer. Nodes already lowered are not ``linear_wq`` any more, so the rewrite is idempotent.
 """
@@ -19,6 +19,7 @@ import torch
 
 from lowc.errors import KernelError
 from lowc.ir import meta as nodemeta
+from lowc.ir.dialect.args import LinearQArgs
 from lowc.passes.base import PassResult
 
 #: ``check(layer, bits, group_size, in_features, scales) -> message or None``
@@ -28,11 +29,10 @@ Repack = Callable[..., tuple]
 
 
 def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: Check, repack: Repack,
-                    buffers: Sequence[str], layout: str, progress: bool = False) -> PassResult:
+                    buffers: Sequence[str], progress: bool = False) -> PassResult:
     """Rewrite every ``linear_wq`` node of ``program`` into ``op`` (module docstring). ``kernels`` names
     the backend's kernels in the error for ``linear_wqaq`` (e.g. "cpu-lut kernels"); ``buffers`` are
-    the names of the repacked weight, scales and zeros buffers; ``layout`` goes into the scheme;
-    ``progress`` shows a bar per layer."""
+    the names of the repacked weight, scales and zeros buffers; ``progress`` shows a bar per layer."""
     from lowc.ir.dialect import ensure_registered
     from lowc.progress import bar
 
@@ -44,24 +44,23 @@ def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: 
     per_bits: dict[int, int] = {}
     nodes = list(program.nodes(torch.ops.lowc.linear_wq.default))
     for node in bar(nodes, desc=f"repack for {kernels}", enabled=progress):
-        x, q_n, s_n, z_n, bias, bits, gs, k = node.args
+        a = LinearQArgs.of(node)
         info = nodemeta.get(node)
-        qweight, scales = program.attr(q_n.target), program.attr(s_n.target)
-        zeros = program.attr(z_n.target) if z_n is not None else None
-        why = check(info.layer or node.name, bits, gs, k, scales)
+        qweight, scales = program.attr(a.weight.target), program.attr(a.scales.target)
+        zeros = program.attr(a.zeros.target) if a.zeros is not None else None
+        why = check(info.layer or node.name, a.bits, a.group_size, a.in_features, scales)
         if why:
             raise KernelError(why)
-        weight, new_scales, new_zeros, out_features = repack(qweight, scales, zeros, bits, gs, k)
-        module_path = q_n.target.rpartition(".")[0]
+        weight, new_scales, new_zeros, out_features = repack(qweight, scales, zeros, a.bits, a.group_size, a.in_features)
+        module_path = a.weight.target.rpartition(".")[0]
         w_n, s2, z2 = program.add_operand_buffers(module_path, node, dict(zip(buffers, (weight, new_scales, new_zeros))))
         with program.graph.inserting_before(node):
-            new = program.graph.call_function(op, (x, w_n, s2, z2, bias, bits, gs, k, out_features))
-        new.meta = dict(node.meta)
-        nodemeta.set_info(new, info.with_scheme({**(info.scheme or {}), "layout": layout}))
+            new = program.graph.call_function(op, a.rebuild(op, weight=w_n, scales=s2, zeros=z2, out_features=out_features))
+        new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
         node.replace_all_uses_with(new)
         program.graph.erase_node(node)
         changed += 1
-        per_bits[bits] = per_bits.get(bits, 0) + 1
+        per_bits[a.bits] = per_bits.get(a.bits, 0) + 1
     if changed:
         program.remove_dead()
     return PassResult(changed=changed > 0,

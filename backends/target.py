@@ -11,41 +11,10 @@ repacking), ``finalize`` (cleanup). Passes the user gives replace the ``method``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
-
-@dataclass(frozen=True)
-class Scheme:
-    """What a target stores: weight bits and grouping, and activation bits (16 = not quantized)."""
-
-    w_bits: int
-    group_size: int = 128  # -1 = per output channel
-    symmetric: bool = False
-    a_bits: int = 16
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def label(self) -> str:
-        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"W{self.w_bits}A{self.a_bits} {g} {'sym' if self.symmetric else 'asym'}"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What runs a compiled model: the implementation, whether it is the target's own kernels, a
-    one-line note for the reader of its timings, and, for a backend whose artifact is run by another
-    runtime (ONNX), a callable used instead of the loaded program."""
-
-    implementation: str  # "reference oracle", "Triton kernels", "LUT C kernels", "onnxruntime", ...
-    target_kernels: bool
-    note: str = ""
-    call: Callable[..., Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"implementation": self.implementation, "target_kernels": self.target_kernels, "note": self.note}
+from lowc.ir.scheme import Scheme  # the one scheme form; targets name their default with it
 
 
 @dataclass(frozen=True)

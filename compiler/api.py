@@ -202,32 +202,36 @@ def _is_token_id(v) -> bool:
 
 
 def layer_table(program) -> list[dict[str, Any]]:
-    """One row per linear-like layer: name, role, block, scheme (or None), shape, bytes stored, float bytes."""
+    """One row per linear-like layer: name, role, block, scheme (or None for a float layer), the
+    method that chose its values and the transforms folded into it, the op that runs it, shape,
+    bytes stored and float bytes (``padded_in_features`` when the input width was padded)."""
     from lowc.ir import meta as nodemeta
+    from lowc.ir.dialect.args import LinearArgs, LinearQArgs, is_quantized_linear
     from lowc.ir.program import LINEAR
+
+    def nbytes(*nodes) -> int:
+        return sum(program.attr(n.target).numel() * program.attr(n.target).element_size() for n in nodes if n is not None)
 
     rows = []
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
         info = nodemeta.get(node)
-        if node.target == LINEAR and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
-            w = program.attr(node.args[1].target)
-            nbytes = w.numel() * w.element_size()
-            rows.append({"layer": info.layer, "role": info.role, "block": info.block, "scheme": None,
-                         "out_features": int(w.shape[0]), "in_features": int(w.shape[1]),
-                         "bytes": nbytes, "float_bytes": nbytes})
-        elif getattr(node.target, "namespace", None) == "lowc" and info.scheme:
-            tensors = [a for a in node.args[1:4] if isinstance(a, torch.fx.Node)]
-            nbytes = sum(program.attr(a.target).numel() * program.attr(a.target).element_size() for a in tensors)
-            scales = program.attr(node.args[2].target)
-            # an op with an ``out_features`` argument (backend layouts may store scales as [G, N]) says N
-            names = [a.name for a in node.target._schema.arguments]
-            n = int(node.args[names.index("out_features")]) if "out_features" in names else int(scales.shape[0])
-            k = int(node.args[7])
-            rows.append({"layer": info.layer, "role": info.role, "block": info.block, "scheme": dict(info.scheme),
-                         "out_features": n, "in_features": k, "bytes": nbytes,
-                         "float_bytes": n * k * scales.element_size()})
+        row = {"layer": info.layer, "role": info.role, "block": info.block, "scheme": None, "method": info.method,
+               "transforms": list(info.transforms)}
+        if node.target == LINEAR and LinearArgs.of(node).constant:
+            w = program.attr(LinearArgs.of(node).weight.target)
+            rows.append({**row, "op": "aten::linear", "out_features": int(w.shape[0]), "in_features": int(w.shape[1]),
+                         "bytes": nbytes(LinearArgs.of(node).weight), "float_bytes": nbytes(LinearArgs.of(node).weight)})
+        elif is_quantized_linear(node) and info.scheme:
+            a = LinearQArgs.of(node)
+            scales = program.attr(a.scales.target)
+            # backend layouts say N (``out_features``): their scales may be stored [G, N]
+            n = int(a.out_features) if a.out_features is not None else int(scales.shape[0])
+            k, k_pad = int(a.in_features), scales.numel() // n * a.group_size
+            rows.append({**row, "scheme": info.scheme.to_json(), "op": a.op_name,
+                         "padded_in_features": k_pad if k_pad != k else None, "out_features": n, "in_features": k,
+                         "bytes": nbytes(a.weight, a.scales, a.zeros), "float_bytes": n * k * scales.element_size()})
     return rows
 
 

@@ -46,7 +46,10 @@ import torch
 from lowc.errors import ArtifactError
 from lowc.ir import untrusted as U
 
-FORMAT_VERSION = 1
+#: version 2 stores each layer's scheme as a typed :class:`~lowc.ir.scheme.Scheme` with the method
+#: and transforms beside it; version 1 (one flat dict of scheme fields and notes) still loads
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 WEIGHTS = "weights.safetensors"
@@ -332,20 +335,49 @@ def _passes(v, what):
     return v
 
 
-_LAYER_KEYS = ("layer", "role", "block", "scheme", "out_features", "in_features", "bytes", "float_bytes")
+_LAYER_KEYS = ("layer", "role", "block", "scheme", "method", "transforms", "op", "padded_in_features",
+               "out_features", "in_features", "bytes", "float_bytes")
+_LAYER_REQUIRED = ("layer", "role", "block", "scheme", "out_features", "in_features", "bytes", "float_bytes")
 
 
 def _layers(v, what):
+    from lowc.ir.scheme import Scheme
+
     for i, r in enumerate(U.typed(v, list, what)):
         w = f"{what}[{i}]"
-        U.fields(r, w, _LAYER_KEYS, _LAYER_KEYS)
+        U.fields(r, w, _LAYER_KEYS, _LAYER_REQUIRED)
         _str(r["layer"], f"{w}.layer")
         U.typed(r["role"], (str, type(None)), f"{w}.role")
         U.typed(r["block"], (int, type(None)), f"{w}.block")
-        _flat(r["scheme"], f"{w}.scheme")
+        if r["scheme"] is not None:
+            Scheme.from_json(r["scheme"], f"{w}.scheme")
+        _str(r.get("method", ""), f"{w}.method")
+        for t in U.typed(r.get("transforms", []), list, f"{w}.transforms"):
+            _str(t, f"{w}.transforms")
+        _opt_str(r.get("op"), f"{w}.op")
+        if r.get("padded_in_features") is not None:
+            U.int_in(r["padded_in_features"], 0, 1 << 40, f"{w}.padded_in_features")
         for k in ("out_features", "in_features", "bytes", "float_bytes"):
             U.int_in(r[k], 0, 1 << 50, f"{w}.{k}")
     return v
+
+
+def _layers_v1(v: Any, what: str) -> Any:
+    """Version-1 layer rows (the scheme dict held the method and the passes' notes) in the
+    version-2 form; anything malformed is left for :func:`_layers` to refuse."""
+    from lowc.ir.meta import _scheme_v1
+
+    if not isinstance(v, list):
+        return v
+    out = []
+    for r in v:
+        if isinstance(r, dict) and isinstance(r.get("scheme"), dict):
+            old = r["scheme"]
+            r = {**r, **_scheme_v1(old, what)}
+            if isinstance(old.get("padded_in_features"), int):
+                r["padded_in_features"] = old["padded_in_features"]
+        out.append(r)
+    return out
 
 
 def _size(v, what):
@@ -364,6 +396,13 @@ def _files(v, what):
     for required in (GRAPH, WEIGHTS):
         if required not in v:
             raise ArtifactError(f"{what}: {required} is not in the hash table")
+    return v
+
+
+def _target_scheme(v, what):
+    from lowc.ir.scheme import Scheme
+
+    Scheme.from_json(v, what)
     return v
 
 
@@ -387,7 +426,7 @@ MANIFEST_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "machine": _str,
     "target": _str,
     "backend": _str,
-    "scheme": _flat,
+    "scheme": lambda v, w: v if v is None else _target_scheme(v, w),
     "passes": _passes,
     "source": _flat,
     "model": _model,
@@ -407,14 +446,16 @@ def validate_manifest(manifest: Any, what: str = MANIFEST) -> dict[str, Any]:
     """``manifest`` if every key is known and every value has its type, else an ArtifactError."""
     U.fields(manifest, what, MANIFEST_FIELDS, ())
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{what}: format version {version!r} is not supported by this lowc (expects {FORMAT_VERSION}); "
-            "recompile the model with this version"
+            f"{what}: format version {version!r} is not supported by this lowc (reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); recompile the model with this version"
         )
     for k in REQUIRED:
         if k not in manifest:
             raise ArtifactError(f"{what} is corrupt: no {k!r}")
+    if version == 1 and "layers" in manifest:
+        manifest = {**manifest, "layers": _layers_v1(manifest["layers"], f"{what}: layers")}
     for k, v in manifest.items():
         MANIFEST_FIELDS[k](v, f"{what}: {k}")
     return manifest
@@ -547,7 +588,7 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
         raise ArtifactError(f"{wpath} is corrupt or truncated: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     root = _module_tree(table, tensors, gpath)
     gm = serialize.graph_from_json(graph, root, tensors=set(table), inputs=[s.name for s in info.inputs],
-                                   by_name=info.call_by_name, what=gpath)
+                                   by_name=info.call_by_name, what=gpath, version=manifest["format_version"])
     retarget_device(gm, device)  # device constants baked in at capture (arange(device=...))
     program = Program(gm, info)
     tok_dir = os.path.join(path, TOKENIZER)

@@ -18,15 +18,13 @@ def _fmt_mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _scheme_label(s: dict | None) -> str:
-    if not s:
+def _scheme_label(row: dict) -> str:
+    """``rtn W4A16 g128 asym`` for a layer row of the manifest, ``float`` for a float layer."""
+    from lowc.ir.scheme import Scheme
+
+    if not row.get("scheme"):
         return "float"
-    g = "per-channel" if s.get("group_size") == -1 else f"g{s.get('group_size')}"
-    return f"{s.get('method', '?')} W{s.get('w_bits')}A{s.get('a_bits', 16)} {g}{' sym' if s.get('symmetric') else ''}"
-
-
-AGAINST_HELP = ("float model to compare with; default: the artifact's source when it is a preset or an HF "
-                "directory that has not changed (a factory is never imported from an artifact: name it here)")
+    return f"{row.get('method') or '?'} {Scheme.from_json(row['scheme']).label}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -188,8 +186,8 @@ def inspect(artifact, as_json):
         click.echo(f"\n{'layer':<{w}}  {'role':<7} {'shape (out x in)':<18} {'scheme':<28} {'bytes':>10} {'float':>10}")
         for r in layers:
             shape = f"{r['out_features']} x {r['in_features']}"
-            pad = f" pad->{r['scheme']['padded_in_features']}" if r.get("scheme") and r["scheme"].get("padded_in_features") else ""
-            click.echo(f"{r['layer']:<{w}}  {r['role'] or '-':<7} {shape:<18} {_scheme_label(r['scheme']) + pad:<28} {r['bytes']:>10} {r['float_bytes']:>10}")
+            pad = f" pad->{r['padded_in_features']}" if r.get("padded_in_features") else ""
+            click.echo(f"{r['layer']:<{w}}  {r['role'] or '-':<7} {shape:<18} {_scheme_label(r) + pad:<28} {r['bytes']:>10} {r['float_bytes']:>10}")
     size = m.get("size")
     if size:
         click.echo(f"\nsize: {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")

@@ -8,13 +8,14 @@ the transformer block index, and, once a method pass has run, the compression sc
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.fx
 
 from lowc.errors import ArtifactError
 from lowc.ir import untrusted as U
+from lowc.ir.scheme import Scheme
 
 KEY = "lowc"
 
@@ -39,20 +40,31 @@ _BLOCK_RE = re.compile(r"^(?P<stack>.*?)\.(?P<idx>\d+)(\.|$)")
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What lowc knows about a node. ``scheme`` is a JSON-able dict once a method pass has set it."""
+    """What lowc knows about a node: its layer (module path), role and block; once a method pass
+    has compressed it, the :class:`~lowc.ir.scheme.Scheme` it is stored in and the ``method`` that
+    chose the stored values (``rtn``, ``gptq``, ``affinequant``, ``flatquant+gptq``, ...);
+    ``transforms`` lists what earlier passes folded into the layer (``smoothquant(alpha=0.5)``)."""
 
     layer: str = ""
     role: str = ""
     block: int | None = None
-    scheme: dict[str, Any] | None = None
+    scheme: Scheme | None = None
+    method: str = ""
+    transforms: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+        d: dict[str, Any] = {"layer": self.layer, "role": self.role, "block": self.block,
+                             "scheme": self.scheme.to_json() if self.scheme else None, "method": self.method,
+                             "transforms": list(self.transforms)}
+        return {k: v for k, v in d.items() if v not in (None, "", [])}
 
     @staticmethod
-    def from_json(d: Any, what: str = "lowc") -> "NodeInfo":
-        """Parse :meth:`to_json` output strictly (it may come from an untrusted artifact)."""
-        U.fields(d, what, ("layer", "role", "block", "scheme"))
+    def from_json(d: Any, what: str = "lowc", version: int = 2) -> "NodeInfo":
+        """Parse :meth:`to_json` output strictly (it may come from an untrusted artifact); format
+        ``version`` 1 kept the method and the passes' notes inside the scheme dict."""
+        if version == 1 and isinstance(d, dict) and isinstance(d.get("scheme"), dict):
+            d = {**d, **_scheme_v1(d["scheme"], f"{what}.scheme")}
+        U.fields(d, what, ("layer", "role", "block", "scheme", "method", "transforms"))
         layer = U.typed(d.get("layer", ""), str, f"{what}.layer")
         if len(layer) > 1000 or not re.fullmatch(r"[\w.]*", layer):
             raise ArtifactError(f"{what}.layer: {U._show(layer)} is not a module path")
@@ -63,14 +75,40 @@ class NodeInfo:
         if block is not None:
             U.int_in(block, 0, 1 << 20, f"{what}.block")
         scheme = d.get("scheme")
-        if scheme is not None:
-            for k, v in U.typed(scheme, dict, f"{what}.scheme").items():
-                U.identifier(k, f"{what}.scheme key")
-                U.typed(v, (str, int, float, bool, type(None)), f"{what}.scheme.{k}")
-        return NodeInfo(layer=layer, role=role, block=block, scheme=scheme)
+        method = U.typed(d.get("method", ""), str, f"{what}.method")
+        transforms = tuple(U.typed(t, str, f"{what}.transforms") for t in U.typed(d.get("transforms", []), list, f"{what}.transforms"))
+        for label in (method, *transforms):
+            if len(label) > 200 or not re.fullmatch(r"[\w+.=,()\-]*", label):
+                raise ArtifactError(f"{what}: {U._show(label)} is not a method or transform label")
+        return NodeInfo(layer=layer, role=role, block=block,
+                        scheme=Scheme.from_json(scheme, f"{what}.scheme") if scheme is not None else None,
+                        method=method, transforms=transforms)
 
-    def with_scheme(self, scheme: dict[str, Any]) -> "NodeInfo":
-        return replace(self, scheme=dict(scheme))
+    def compressed(self, scheme: Scheme, method: str) -> "NodeInfo":
+        """This layer stored in ``scheme`` by ``method`` (layer, role, block, transforms kept)."""
+        return replace(self, scheme=scheme, method=method)
+
+    def transformed(self, label: str) -> "NodeInfo":
+        """This layer with ``label`` added to its transforms."""
+        return replace(self, transforms=(*self.transforms, label))
+
+
+def _scheme_v1(d: dict[str, Any], what: str) -> dict[str, Any]:
+    """A version-1 scheme dict (scheme fields, ``method``, the passes' notes) as version-2 fields.
+
+    ``padded_in_features`` and ``layout`` are dropped: they are read from the op now."""
+    d = dict(d)
+    out: dict[str, Any] = {}
+    method = d.pop("method", "")
+    if d.pop("gptq", False) and method:
+        method += "+gptq"
+    out["method"] = method
+    alpha = d.pop("smoothquant_alpha", None)
+    out["transforms"] = [f"smoothquant(alpha={alpha})"] if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else []
+    d.pop("padded_in_features", None)
+    d.pop("layout", None)
+    out["scheme"] = d if "w_bits" in d else None  # a smoothed float linear had notes but no scheme
+    return out
 
 
 def role_of(layer: str) -> str:
@@ -140,5 +178,5 @@ def annotate(gm: torch.fx.GraphModule) -> str | None:
             continue
         layer = module_path(node)
         old = get(node)
-        set_info(node, NodeInfo(layer=layer, role=role_of(layer), block=block_of(node, prefix), scheme=old.scheme))
+        set_info(node, replace(old, layer=layer, role=role_of(layer), block=block_of(node, prefix)))
     return prefix

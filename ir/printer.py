@@ -79,7 +79,11 @@ def format_node(node: torch.fx.Node) -> str | None:
     if info.block is not None:
         tags.append(f"block={info.block}")
     if info.scheme:
-        tags.append("scheme=" + ",".join(f"{k}={v}" for k, v in sorted(info.scheme.items())))
+        tags.append(f"scheme={info.scheme.label.replace(' ', ',')}")
+    if info.method:
+        tags.append(f"method={info.method}")
+    if info.transforms:
+        tags.append(f"transforms={','.join(info.transforms)}")
     if tags:
         line += "  # " + " ".join(tags)
     return line

@@ -255,7 +255,7 @@ def _check_kwargs(target, kwargs: dict, what: str) -> None:
             raise ArtifactError(f"{what}: keyword argument {U._show(k)} is not an argument of {getattr(target, '__name__', target)}")
 
 
-def _node_meta(m: Any, what: str) -> tuple[dict | None, nodemeta.NodeInfo | None]:
+def _node_meta(m: Any, what: str, version: int) -> tuple[dict | None, nodemeta.NodeInfo | None]:
     U.fields(m, what, ("nn_module_stack", "lowc"))
     stack = None
     if "nn_module_stack" in m:
@@ -264,18 +264,19 @@ def _node_meta(m: Any, what: str) -> tuple[dict | None, nodemeta.NodeInfo | None
             if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(x, str) and len(x) <= 1000 for x in entry)):
                 raise ArtifactError(f"{what}.nn_module_stack: entries must be [key, path, type] strings")
             stack[entry[0]] = (entry[1], entry[2])
-    info = nodemeta.NodeInfo.from_json(m["lowc"], f"{what}.lowc") if "lowc" in m else None
+    info = nodemeta.NodeInfo.from_json(m["lowc"], f"{what}.lowc", version) if "lowc" in m else None
     return stack, info
 
 
 def graph_from_json(d: dict[str, Any], root: torch.nn.Module, device: torch.device | str | None = None,
                     tensors: set[str] | None = None, inputs: list[str] | None = None, by_name: bool = True,
-                    what: str = GRAPH) -> torch.fx.GraphModule:
+                    what: str = GRAPH, version: int = 2) -> torch.fx.GraphModule:
     """Rebuild a GraphModule over ``root`` (which holds the attributes) from :func:`graph_to_json`.
 
     ``tensors``: the attribute paths ``get_attr`` nodes may read (default: any valid path);
     ``inputs``: the model's inputs in order, when the caller knows them: the graph must have as many
-    placeholders, of the same names if ``by_name`` (models called with keyword inputs)."""
+    placeholders, of the same names if ``by_name`` (models called with keyword inputs). ``version``:
+    the artifact format version the node metadata was written in (1 or 2)."""
     dev = torch.device(device) if device is not None else None
     U.fields(d, what, ("nodes", "pytree", "tensors"), ("nodes",))
     graph = torch.fx.Graph()
@@ -318,7 +319,7 @@ def graph_from_json(d: dict[str, Any], root: torch.nn.Module, device: torch.devi
         node = graph.create_node(op, target, args, kwargs, name=name)
         if node.name != name:
             raise ArtifactError(f"{w}: duplicate or reserved node name")
-        stack, info = _node_meta(nd.get("meta", {}), f"{w} meta")
+        stack, info = _node_meta(nd.get("meta", {}), f"{w} meta", version)
         if stack is not None:
             node.meta["nn_module_stack"] = stack
         if info is not None:

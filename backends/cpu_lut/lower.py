@@ -43,5 +43,5 @@ class LutLower(Pass):
         from lowc.backends.lowering import lower_linear_wq
 
         return lower_linear_wq(program, torch.ops.lowc.linear_lut.default, kernels="cpu-lut kernels", check=_check,
-                               repack=_repack, buffers=("lut_weight", "lut_scales", "lut_zeros"), layout="cpu-lut",
+                               repack=_repack, buffers=("lut_weight", "lut_scales", "lut_zeros"),
                                progress=ctx.progress)

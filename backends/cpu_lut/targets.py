@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
+from lowc.ir.scheme import Scheme
 from lowc.errors import KernelError
 
 
@@ -30,15 +31,16 @@ def layer_kernels(program) -> list[dict]:
     from lowc.backends.cpu_lut import op  # noqa: F401
     from lowc.backends.cpu_lut.codegen import KernelConfig
     from lowc.ir import meta as nodemeta
+    from lowc.ir.dialect.args import LinearQArgs
 
     rows = []
     for node in program.nodes(torch.ops.lowc.linear_lut.default):
-        _, _, s_n, z_n, _, bits, gs, k, n = node.args
-        cfg = KernelConfig(bits, gs, z_n is None)
-        g = program.attr(s_n.target).shape[1]
-        rows.append({"layer": nodemeta.get(node).layer or node.name, "kernel": cfg.name, "bits": bits,
-                     "group_size": gs, "symmetric": z_n is None, "in_features": k, "k_pad": g * gs,
-                     "out_features": n, "_config": cfg})
+        a = LinearQArgs.of(node)
+        cfg = KernelConfig(a.bits, a.group_size, a.zeros is None)
+        g = program.attr(a.scales.target).shape[1]
+        rows.append({"layer": nodemeta.get(node).layer or node.name, "kernel": cfg.name, "bits": a.bits,
+                     "group_size": a.group_size, "symmetric": a.zeros is None, "in_features": a.in_features,
+                     "k_pad": g * a.group_size, "out_features": a.out_features, "_config": cfg})
     return rows
 
 

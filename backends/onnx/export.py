@@ -234,16 +234,18 @@ def _quantized_layers(program) -> list:
     from lowc.backends.onnx.finalize import QuantizedLayer
     from lowc.backends.onnx.lower import dialect_nodes, layer_of
     from lowc.ir.dialect import quant
+    from lowc.ir.dialect.args import LinearQArgs
 
     out = []
     for node in dialect_nodes(program):
         if node.target.name() not in ("lowc::linear_wq", "lowc::linear_wqaq"):
             continue
-        _, q_n, s_n, z_n, _, bits, group_size, k = node.args[:8]
-        qweight, scales = program.attr(q_n.target), program.attr(s_n.target)
-        zeros = program.attr(z_n.target) if z_n is not None else None
+        a = LinearQArgs.of(node)
+        bits, group_size = a.bits, a.group_size
+        qweight, scales = program.attr(a.weight.target), program.attr(a.scales.target)
+        zeros = program.attr(a.zeros.target) if a.zeros is not None else None
         k_pad = scales.shape[1] * group_size
-        module = q_n.target.rpartition(".")[0]
+        module = a.weight.target.rpartition(".")[0]
 
         def dequantized(q=qweight, s=scales, z=zeros, b=bits, g=group_size, kp=k_pad):
             return quant.dequantize(q, s, z, b, g, kp, torch.float32).cpu().numpy()

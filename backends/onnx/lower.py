@@ -29,6 +29,7 @@ import torch
 
 from lowc.backends.onnx.errors import OnnxExportError
 from lowc.ir import meta as nodemeta
+from lowc.ir.dialect.args import LinearQArgs
 from lowc.ir.dialect import packing
 
 WEIGHT_BITS = (4, 8)
@@ -48,12 +49,11 @@ class LoweringReport:
 
 
 def scheme_label(node: torch.fx.Node) -> str:
-    s = nodemeta.get(node).scheme or {}
-    if not s:
-        return f"W{node.args[5]} (no scheme metadata)"
-    g = "per-channel" if s.get("group_size") == -1 else f"g{s.get('group_size')}"
-    return (f"{s.get('method', '?')} W{s.get('w_bits')}A{s.get('a_bits', 16)} {g} "
-            f"{'sym' if s.get('symmetric') else 'asym'}")
+    """``rtn W4A16 g128 asym``: the layer's method and scheme (from the op's arguments when a
+    graph carries no scheme metadata)."""
+    info = nodemeta.get(node)
+    scheme = info.scheme or LinearQArgs.of(node).scheme()
+    return f"{info.method or '?'} {scheme.label}"
 
 
 def layer_of(node: torch.fx.Node) -> str:
@@ -80,22 +80,23 @@ def check_node(program, node: torch.fx.Node, matmulnbits: bool = False) -> None:
     if name not in ("lowc::linear_wq", "lowc::linear_wqaq"):
         raise OnnxExportError(f"{where}: the dialect op {name} has no ONNX form (the ONNX backend carries "
                               "lowc::linear_wq and lowc::linear_wqaq: export an artifact compiled for a ref-* or onnx-* target)")
-    bits = node.args[5]
+    a = LinearQArgs.of(node)
+    bits = a.bits
     if bits not in WEIGHT_BITS:
         raise OnnxExportError(f"{where}: {bits}-bit weights cannot be expressed in ONNX (DequantizeLinear/MatMulNBits "
                               "carry 4- and 8-bit weights); recompile with rtn{bits=4} or rtn{bits=8}")
     if name == "lowc::linear_wqaq":
-        act_bits = node.args[8]
+        act_bits = a.act_bits
         if act_bits not in ACT_BITS:
             raise OnnxExportError(f"{where}: {act_bits}-bit activations cannot be expressed in ONNX (QuantizeLinear "
                                   "carries int4 and int8 activations)")
     if matmulnbits:
-        scales_dtype = program.attr(node.args[2].target).dtype
+        scales_dtype = program.attr(a.scales.target).dtype
         if scales_dtype != torch.float32:
             raise OnnxExportError(f"{where}: the MatMulNBits form is emitted for float32 models, this layer's scales are "
                                   f"{str(scales_dtype).replace('torch.', '')}; export without --matmulnbits")
-        group_size = node.args[6]
-        n_groups = program.attr(node.args[2].target).shape[1]
+        group_size = a.group_size
+        n_groups = program.attr(a.scales.target).shape[1]
         if not _is_pow2_block(group_size) and n_groups != 1:
             raise OnnxExportError(f"{where}: MatMulNBits needs a power-of-two block size >= 16, this layer has groups "
                                   f"of {group_size}; export without --matmulnbits (DequantizeLinear carries any group size)")
@@ -169,10 +170,11 @@ def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
     report = LoweringReport()
     for node in bar(dialect_nodes(prog), desc="onnx lowering"):
         name = node.target.name()
-        x, q_n, s_n, z_n, bias, bits, group_size, in_features = node.args[:8]
-        module_path = q_n.target.rpartition(".")[0]
-        qweight, scales = prog.attr(q_n.target), prog.attr(s_n.target)
-        zeros = prog.attr(z_n.target) if z_n is not None else None
+        a = LinearQArgs.of(node)
+        x, bias, bits, group_size, in_features = a.x, a.bias, a.bits, a.group_size, a.in_features
+        module_path = a.weight.target.rpartition(".")[0]
+        qweight, scales = prog.attr(a.weight.target), prog.attr(a.scales.target)
+        zeros = prog.attr(a.zeros.target) if a.zeros is not None else None
 
         def buf(attr: str, t: torch.Tensor | None):
             if t is None:
@@ -181,7 +183,7 @@ def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
 
         with prog.graph.inserting_before(node):
             if name == "lowc::linear_wqaq":
-                act_bits, act_scale = node.args[8], node.args[9]
+                act_bits, act_scale = a.act_bits, a.act_scale
                 scale_n = None
                 if act_scale is not None:
                     static = prog.attr(act_scale.target).reshape(()).clamp(min=1e-8)
@@ -207,8 +209,8 @@ def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
                     new = prog.graph.call_function(ops.DQ_MATMUL, args)
                 row.update(onnx="DequantizeLinear->MatMul", axis=axis, block_size=bs)
             if name == "lowc::linear_wqaq":
-                row["onnx_act"] = (f"QuantizeLinear/DequantizeLinear int{node.args[8]} "
-                                   + ("per token" if node.args[9] is None else "per tensor (static scale)"))
+                row["onnx_act"] = (f"QuantizeLinear/DequantizeLinear int{a.act_bits} "
+                                   + ("per token" if a.act_scale is None else "per tensor (static scale)"))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         prog.graph.erase_node(node)

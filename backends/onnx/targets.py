@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 
-from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
+from lowc.ir.scheme import Scheme
 
 
 def onnx_pipeline(target: Target, options: CompileOptions) -> list[Phase]:

@@ -7,7 +7,8 @@ Targets: ``ref-fp32`` (no compression: output identical to the input model), ``r
 
 from __future__ import annotations
 
-from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
+from lowc.ir.scheme import Scheme
 
 
 def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:

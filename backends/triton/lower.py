@@ -59,4 +59,4 @@ class TritonLower(Pass):
 
         return lower_linear_wq(program, torch.ops.lowc.linear_wq_tr.default, kernels="cuda-* Triton kernels",
                                check=_check, repack=_repack, buffers=("tr_qweight", "tr_scales", "tr_zeros"),
-                               layout=layout.LAYOUT, progress=ctx.progress)
+                               progress=ctx.progress)

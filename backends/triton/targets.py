@@ -23,7 +23,8 @@ import os
 
 import torch
 
-from lowc.backends.target import CompileOptions, Phase, Runtime, Scheme, Target, method_passes
+from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
+from lowc.ir.scheme import Scheme
 from lowc.backends.triton import op  # noqa: F401  (defines lowc::linear_wq_tr so saved graphs resolve)
 from lowc.errors import KernelError
 
@@ -40,11 +41,13 @@ def layer_rows(program) -> list[dict]:
     """One row per ``linear_wq_tr`` node: layer, scheme, shapes, the heuristic configs at M = 1 and 2048."""
     from lowc.backends.triton import autotune
     from lowc.ir import meta as nodemeta
+    from lowc.ir.dialect.args import LinearQArgs
 
     rows = []
     for node in program.nodes(torch.ops.lowc.linear_wq_tr.default):
-        _, q_n, s_n, z_n, b_n, bits, gs, k, n = node.args
-        w, s = program.attr(q_n.target), program.attr(s_n.target)
+        a = LinearQArgs.of(node)
+        bits, gs, k, n, z_n, b_n = a.bits, a.group_size, a.in_features, a.out_features, a.zeros, a.bias
+        w, s = program.attr(a.weight.target), program.attr(a.scales.target)
         g = s.shape[0]
         row = {"layer": nodemeta.get(node).layer or node.name, "bits": bits, "group_size": gs if g > 1 else -1,
                "symmetric": z_n is None, "bias": b_n is not None, "in_features": k, "k_pad": g * gs,

@@ -41,6 +41,7 @@ import torch
 
 from lowc.errors import CalibrationError
 from lowc.ir import meta as nodemeta
+from lowc.ir.dialect.args import LinearQArgs
 from lowc.passes.base import Pass, PassContext, PassResult, opt
 
 OBSERVERS = ("mse", "minmax", "percentile")
@@ -132,16 +133,16 @@ class QuantizeActivations(Pass):
     def _lower(program, node, bits: int, scale: torch.Tensor | None, observer: str | None):
         scale_n = None
         info = nodemeta.get(node)
+        args = LinearQArgs.of(node)
         if scale is not None:
-            module_path = node.args[1].target.rpartition(".")[0]
+            module_path = args.weight.target.rpartition(".")[0]
             scale_n = program.get_attr_node(program.add_buffer(module_path, "act_scale", scale), node)
+        wqaq = torch.ops.lowc.linear_wqaq.default
         with program.graph.inserting_before(node):
-            new = program.graph.call_function(torch.ops.lowc.linear_wqaq.default, (*node.args[:8], bits, scale_n))
+            new = program.graph.call_function(wqaq, args.rebuild(wqaq, act_bits=bits, act_scale=scale_n))
         new.meta = dict(node.meta)
-        scheme = {**(info.scheme or {}), "a_bits": bits}
-        if observer is not None:
-            scheme["a_static"] = observer
-        nodemeta.set_info(new, info.with_scheme(scheme))
+        scheme = (info.scheme or args.scheme()).with_(a_bits=bits, a_static=observer)
+        nodemeta.set_info(new, info.compressed(scheme, info.method))
         node.replace_all_uses_with(new)
         program.graph.erase_node(node)
         return new
@@ -186,8 +187,8 @@ class QuantizeActivations(Pass):
                 node = by_name[name]
                 a = float(amax[name])
                 t = threshold(self.observer, a, hists.get(name), bits, self.percentile)
-                dtype = program.attr(node.args[2].target).dtype
-                scale = torch.tensor([max(t, 1e-8) / qmax], dtype=dtype, device=program.attr(node.args[2].target).device)
+                ref = program.attr(LinearQArgs.of(node).scales.target)
+                scale = torch.tensor([max(t, 1e-8) / qmax], dtype=ref.dtype, device=ref.device)
                 self._lower(program, node, bits, scale, self.observer)
                 clipped.append(t / a if a > 0 else 1.0)
                 done += 1

@@ -10,14 +10,16 @@ shell glob (``model.layers.0.*``). Embeddings are never linears, so they are nev
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.fx
 
 from lowc.ir import meta as nodemeta
 from lowc.ir.dialect import quant
+from lowc.ir.dialect.args import LinearArgs
+from lowc.ir.scheme import Scheme
 from lowc.passes.base import Pass, PassContext, opt
 
 VALID_GROUP_SIZES = "-1 (per channel) or a multiple of 8 such as 32, 64, 128"
@@ -28,13 +30,6 @@ def matches(layer: str, patterns: tuple[str, ...]) -> bool:
         if layer == p or layer.endswith("." + p) or fnmatch.fnmatchcase(layer, p):
             return True
     return False
-
-
-@dataclass(frozen=True)
-class EffectiveScheme:
-    bits: int
-    group_size: int
-    symmetric: bool
 
 
 @dataclass(frozen=True)
@@ -57,13 +52,12 @@ class WeightQuantPass(Pass):
         if self.group_size is not None and not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
             raise self.fail(f"group_size={self.group_size} cannot be packed: use {VALID_GROUP_SIZES}")
 
-    def scheme(self, ctx: PassContext) -> EffectiveScheme:
-        s = ctx.scheme
-        return EffectiveScheme(
-            bits=self.bits if self.bits is not None else (s.w_bits if s else self.default_bits),
-            group_size=self.group_size if self.group_size is not None else (s.group_size if s else self.default_group_size),
-            symmetric=self.symmetric if self.symmetric is not None else (s.symmetric if s else self.default_symmetric),
-        )
+    def scheme(self, ctx: PassContext) -> Scheme:
+        """The weight-only scheme this pass stores: its options over the target's scheme, over the
+        pass defaults where the target has none (activations are a lowering's business)."""
+        return Scheme.resolve(ctx.scheme, w_bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                              fallback=Scheme(self.default_bits, self.default_group_size, self.default_symmetric)
+                              ).with_(a_bits=16, a_static=None)
 
     def select(self, program) -> list[torch.fx.Node]:
         """Float linears this pass should quantize (not ignored, weight is a constant)."""
@@ -91,32 +85,28 @@ def linear_bias(program, node: torch.fx.Node) -> torch.Tensor | None:
     return program.attr(node.args[2].target) if len(node.args) > 2 and isinstance(node.args[2], torch.fx.Node) else None
 
 
-def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, scheme_meta: dict[str, Any]) -> torch.fx.Node:
+def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, scheme: Scheme, method: str) -> torch.fx.Node:
     """Replace ``aten.linear(x, W, b)`` by ``lowc::linear_wq(x, qweight, scales, zeros, b, ...)``.
 
     Buffers are registered on the linear's module (``<layer>.qweight/.scales/.zeros``); the float
-    weight is dropped by :meth:`Program.remove_dead` once nothing reads it.
+    weight is dropped by :meth:`Program.remove_dead` once nothing reads it. The new node's NodeInfo
+    records ``scheme`` and ``method`` and keeps the layer's earlier transforms.
     """
     from lowc.ir.dialect import ensure_registered
 
     ensure_registered()
-    weight_node = node.args[1]
-    module_path = weight_node.target.rpartition(".")[0]
-    x = node.args[0]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    lin = LinearArgs.of(node)
+    module_path = lin.weight.target.rpartition(".")[0]
     q_n, s_n, z_n = program.add_operand_buffers(module_path, node,
                                                 {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros})
     with program.graph.inserting_before(node):
         new = program.graph.call_function(
             torch.ops.lowc.linear_wq.default,
-            (x, q_n, s_n, z_n, bias, qw.bits, qw.group_size, qw.in_features),
+            (lin.input, q_n, s_n, z_n, lin.bias, qw.bits, qw.group_size, qw.in_features),
         )
     new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
     info = nodemeta.get(node)
-    meta = {**(info.scheme or {}), **scheme_meta}  # keep earlier passes' notes (e.g. smoothquant_alpha)
-    if qw.k_pad != qw.in_features:
-        meta["padded_in_features"] = qw.k_pad
-    nodemeta.set_info(new, nodemeta.NodeInfo(layer=info.layer or module_path, role=info.role, block=info.block, scheme=meta))
+    nodemeta.set_info(new, replace(info, layer=info.layer or module_path).compressed(scheme, method))
     node.replace_all_uses_with(new)
     program.graph.erase_node(node)
     return new
@@ -135,13 +125,12 @@ def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn,
         if w.dim() != 2:
             continue
         qw = quantize_fn(w, node, s)
-        meta = {"method": method, "w_bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, "a_bits": 16}
         if qw.k_pad != qw.in_features:
             padded.append(layer_name(node))
-        rewrite_linear(program, node, qw, meta)
+        rewrite_linear(program, node, qw, s, method)
     if nodes:
         program.remove_dead()
-    stats = {"quantized": len(nodes), "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}
+    stats = {"quantized": len(nodes), "bits": s.w_bits, "group_size": s.group_size, "symmetric": s.symmetric}
     if padded:
         stats["padded"] = padded
         ctx.log.append(f"{method}: {len(padded)} layer(s) padded to a multiple of group_size={s.group_size}: {', '.join(padded[:4])}{'...' if len(padded) > 4 else ''}")

@@ -203,18 +203,14 @@ class GPTQ(WeightQuantPass):
                 block.run(hook, nodes=names)
                 for node in stage:
                     lname = layer_name(node)
-                    qw, info = gptq_quantize(linear_weight(program, node), hess[key_of[node.name]], s.bits,
+                    qw, info = gptq_quantize(linear_weight(program, node), hess[key_of[node.name]], s.w_bits,
                                              s.group_size, s.symmetric, act_order=self.act_order, damp=self.damp,
                                              block_size=self.block_size, name=lname)
                     if info["damp"] != self.damp:
                         ctx.log.append(f"gptq: {lname}: Hessian not positive definite; damping raised to {info['damp']:g}")
                     if qw.k_pad != qw.in_features:
                         padded.append(lname)
-                    meta = {"method": "gptq", "w_bits": s.bits, "group_size": s.group_size,
-                            "symmetric": s.symmetric, "a_bits": 16}
-                    if self.act_order:
-                        meta["act_order"] = True
-                    rewrite_linear(program, node, qw, meta)
+                    rewrite_linear(program, node, qw, s, "gptq")
                     block_loss += info["loss"]
                     done += 1
                 hess.clear()
@@ -225,14 +221,13 @@ class GPTQ(WeightQuantPass):
         # they get RTN at the same scheme, and the log says so
         rest = [n for n in self.select(program) if n.name in targets]
         for node in rest:
-            qw = quant.rtn_quantize(linear_weight(program, node), s.bits, s.group_size, s.symmetric)
-            rewrite_linear(program, node, qw, {"method": "rtn", "w_bits": s.bits, "group_size": s.group_size,
-                                               "symmetric": s.symmetric, "a_bits": 16})
+            qw = quant.rtn_quantize(linear_weight(program, node), s.w_bits, s.group_size, s.symmetric)
+            rewrite_linear(program, node, qw, s, "rtn")
         if rest:
             ctx.log.append(f"gptq: {len(rest)} linear(s) outside transformer blocks quantized with RTN: "
                            + ", ".join(layer_name(n) for n in rest[:4]))
         program.remove_dead()
-        stats = {"quantized": done, "rtn_outside_blocks": len(rest), "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
+        stats = {"quantized": done, "rtn_outside_blocks": len(rest), "bits": s.w_bits, "group_size": s.group_size, "symmetric": s.symmetric,
                  "loss": round(total_loss, 6), "samples": len(ctx.calib)}
         if padded:
             stats["padded"] = padded

@@ -22,7 +22,7 @@ class RTN(WeightQuantPass):
 
     def run(self, program, ctx: PassContext) -> PassResult:
         def q(w, node, s):
-            return quant.rtn_quantize(w, s.bits, s.group_size, s.symmetric)
+            return quant.rtn_quantize(w, s.w_bits, s.group_size, s.symmetric)
 
         n, stats = quantize_linears(program, ctx, self, q, "rtn")
         return PassResult(changed=n > 0, stats=stats)

@@ -15,7 +15,7 @@ Scope (documented simplifications): scales are folded into norms only. Groups wh
 also feeds something other than the group's linears cannot be folded exactly (post-norm models such
 as BERT, where the normalized value is also the residual stream) and are skipped, as are linears
 without a preceding norm (o_proj, down_proj); the pass reports how many groups it smoothed and
-skipped. Idempotent: smoothed linears carry ``smoothquant_alpha`` in their scheme metadata.
+skipped. Idempotent: smoothed linears carry ``smoothquant(alpha=...)`` in their NodeInfo transforms.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class SmoothQuant(Pass):
             lins = link.group.linears
             if any(matches(layer_name(n), self.ignore) for n in lins):
                 continue
-            if any(n.target != LINEAR or (nodemeta.get(n).scheme or {}).get("smoothquant_alpha") is not None for n in lins):
+            if any(n.target != LINEAR or any(t.startswith("smoothquant") for t in nodemeta.get(n).transforms) for n in lins):
                 continue  # already quantized or already smoothed
             if link.kind is None or link.weight is None or not self._only_feeds(link.norm, lins):
                 skipped.append(link.layer)
@@ -117,8 +117,7 @@ class SmoothQuant(Pass):
                 for t, w in zip(targets, weights):
                     program.replace_attr(t, (w.detach().float() * s.to(w.device)).to(w.dtype))
                 for n in lins:
-                    info = nodemeta.get(n)
-                    nodemeta.set_info(n, info.with_scheme({**(info.scheme or {}), "smoothquant_alpha": self.alpha}))
+                    nodemeta.set_info(n, nodemeta.get(n).transformed(f"smoothquant(alpha={self.alpha})"))
                 smoothed += 1
         self._log_skipped(ctx, skipped)
         return PassResult(changed=smoothed > 0, stats={"smoothed": smoothed, "skipped": len(skipped), "alpha": self.alpha})
