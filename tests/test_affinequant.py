@@ -1,6 +1,6 @@
 """affinequant: the printed graph (W4A4: every transform folded, no extra op; weight-only: the paper's
-full matrices after the norms as online lowc::kron_transform), the folded float model is unchanged
-(GQA, odd widths), the gradual band mask, quality above RTN at W4A4 and W3 on real text, the
+full matrices after the norms as online lowc::kron_transform), make_plan on its own, the folded
+float model is unchanged (GQA, odd widths), the gradual band mask, quality above RTN at W4A4 and W3 on real text, the
 artifact round trip, idempotence/determinism, options, the CLI, bad input, and the real MiniLM
 (post-norm: the diagonal stays online, logged)."""
 
@@ -11,7 +11,7 @@ import torch
 
 import lowc
 from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
-                      check_options_round_trip, logits, minilm_w8a8, run_lowc, sqnr)
+                      check_options_round_trip, fold_trained_float, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
 from lowc.ir import printer, verifier
 from lowc.passes.base import PassContext
@@ -68,21 +68,57 @@ def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
 def test_folded_float_model_is_unchanged(odd_llama_dir):
     """GQA (3 query heads on 1 KV head: one v/o block shared by 3 heads), hidden 96, intermediate
     200: folded transforms without quantization leave the float model's output unchanged."""
-    from lowc.backends.registry import get_target
-
     calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     base = lowc.trace(odd_llama_dir)
     ref = logits(base, ids)
-    for target, spelling in (("ref-w4a4", AffineQuant(epochs=2)), ("ref-w4a16", AffineQuant(epochs=2, bits=3))):
+    for target, p, online in (("ref-w4a4", AffineQuant(epochs=2), 0), ("ref-w4a16", AffineQuant(epochs=2, bits=3), 4)):
         prog = base.clone()
-        tgt = get_target(target)
-        res = spelling._run(prog, PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False), quantize=False)
-        assert res.changed
+        losses = fold_trained_float(prog, p, target, calib)
+        assert len(losses) == 2 and all(l > 0 for l in losses)
         verifier.verify(prog)
         v = prog.attr("model.layers.0.self_attn.v_proj.weight")
         assert not torch.equal(v, base.attr("model.layers.0.self_attn.v_proj.weight"))  # the v/o transform was applied
+        assert printer.format_program(prog).count("lowc.kron_transform.default") == online  # ln_matrix: online A⁻¹
         torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_make_plan_is_an_equivalence_in_float(odd_llama_dir):
+    """make_plan on its own: per group the transform the paper puts there, and with no quantization
+    the block copy patched with the plan's modules computes the float block, before and after the
+    transforms move away from their initialisation."""
+    from dataclasses import replace
+
+    from lowc.backends.registry import get_target
+    from lowc.ir.analysis import block_groups
+    from lowc.passes.blockwise import BlockwiseRunner
+    from lowc.passes.quant.affinequant import make_plan
+    from lowc.passes.quant.blocktrain import input_absmax, patch_linears
+
+    prog = lowc.trace(odd_llama_dir)
+    calib = [torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tgt = get_target("ref-w4a16")
+    targets = {n.name for n in AffineQuant().select(prog)}
+    for ln_matrix in (True, False):
+        setup = replace(AffineQuant(ln_matrix=ln_matrix).setup(PassContext(target=tgt, scheme=tgt.scheme)), scheme=None)
+        block = next(iter(BlockwiseRunner(prog, calib, progress=False, propagate="float")))
+        groups = block_groups(prog, block.index)
+        fm = block.module()
+        amax = input_absmax(fm, [g.linears[0].name for g in groups], block.inputs, "cpu", "test")
+        plan = make_plan(setup, prog, block.index, groups, amax, targets)
+        assert [g.kind for g, _ in plan.norms] == ["norm", "norm"] and len(plan.vos) == 1
+        assert all(t.matrix == ln_matrix and t.online == ln_matrix for _, t in plan.norms)
+        assert set(plan.modules) == {n.name for n in block.linears()}
+        assert all(m.wq is None and m.act_bits == 16 for m in plan.modules.values())
+        assert [len(g["params"]) for g in plan.param_groups] == [3]  # 2 norm transforms + 1 v/o; no clipping
+        patch_linears(fm, plan.modules)
+        plan.on_epoch(setup.epochs - 1)  # the full band
+        with torch.no_grad():
+            for t in [t for _, t in plan.norms] + plan.vos:
+                t.param.mul_(1 + 0.2 * torch.randn_like(t.param)).add_(0.01 * torch.randn_like(t.param))
+            plan.refresh()
+            for x, want in zip(block.inputs, block.float_outputs):
+                torch.testing.assert_close(fm(*x)[0], want[0], rtol=1e-4, atol=1e-4)
 
 
 def test_idempotent_and_deterministic(wt2_llama):

@@ -10,7 +10,7 @@ import torch
 
 import lowc
 from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
-                      check_options_round_trip, logits, minilm_w8a8, run_lowc, sqnr)
+                      check_options_round_trip, fold_trained_float, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
 from lowc.errors import LowcError
 from lowc.ir import printer, verifier
@@ -80,21 +80,51 @@ def test_onnx_refuses_the_transform_naming_the_layer(w4a4):
 
 def test_folded_float_model_is_unchanged(odd_llama_dir):
     """GQA (3 query heads on 1 KV head), hidden 96 = 8 x 12, intermediate 200 = 10 x 20: with the
-    trained transforms folded and no quantization, the program computes the float model."""
-    from lowc.backends.registry import get_target
-
+    trained transforms folded and no quantization, the program computes the float model (activation
+    clipping, lossy by design, off)."""
     prog = lowc.trace(odd_llama_dir)
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = prog.call(ids).logits
-    tgt = get_target("ref-w4a4")
+    ref = logits(prog, ids)
     calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    res = FlatQuant(epochs=2)._run(prog, PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False), quantize=False)
-    assert res.changed and len(res.stats["block_loss"]) == 2
+    losses = fold_trained_float(prog, FlatQuant(epochs=2, lac=False), "ref-w4a4", calib)
+    assert len(losses) == 2 and all(l > 0 for l in losses)
     verifier.verify(prog)
     assert printer.format_program(prog).count("lowc.kron_transform.default") == 8
+    torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_make_plan_is_an_equivalence_in_float(odd_llama_dir):
+    """make_plan on its own: a Kronecker transform per group (o_proj: heads x head_dim, the latter
+    folded into v_proj), and with no quantization the block copy patched with the plan's modules
+    computes the float block for any value of the factors and smoothing vectors."""
+    from dataclasses import replace
+
+    from lowc.backends.registry import get_target
+    from lowc.ir.analysis import block_groups
+    from lowc.passes.blockwise import BlockwiseRunner
+    from lowc.passes.quant.blocktrain import input_absmax, patch_linears
+    from lowc.passes.quant.flatquant import make_plan
+
+    prog = lowc.trace(odd_llama_dir)
+    calib = [torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tgt = get_target("ref-w4a16")
+    setup = replace(FlatQuant().setup(PassContext(target=tgt, scheme=tgt.scheme)), scheme=None)
+    block = next(iter(BlockwiseRunner(prog, calib, progress=False, propagate="float")))
+    groups = block_groups(prog, block.index)
+    fm = block.module()
+    amax = input_absmax(fm, [g.linears[0].name for g in groups], block.inputs, "cpu", "test")
+    plan = make_plan(setup, prog, block.index, groups, amax, {n.name for n in block.linears()})
+    assert [(g.kind, how) for g, _, how in plan.krons] == [("norm", "norm"), ("o", None), ("norm", "norm"), ("other", "up")]
+    assert [f.n for f in plan.factors] == [8, 12, 3, 32, 8, 12, 10, 20]  # 96 = 8x12, 3 heads x 32, 200 = 10x20
+    assert set(plan.modules) == {n.name for n in block.linears()} and all(m.wq is None for m in plan.modules.values())
+    patch_linears(fm, plan.modules)
     with torch.no_grad():
-        torch.testing.assert_close(prog.call(ids).logits, ref, rtol=1e-4, atol=2e-5)
+        for params in [f.params() for f in plan.factors] + [[k.d] for _, k, _ in plan.krons if k.d is not None]:
+            for t in params:
+                t.add_(0.1 * torch.randn_like(t))
+        plan.refresh()
+        for x, want in zip(block.inputs, block.float_outputs):
+            torch.testing.assert_close(fm(*x)[0], want[0], rtol=1e-4, atol=1e-4)
 
 
 def test_idempotent_and_deterministic(wt2_llama):

@@ -2,9 +2,10 @@
 ``symmetric``, ``ignore``; taken from the target unless given), selecting the linears to quantize,
 and rewriting an ``aten.linear`` node into ``lowc::linear_wq``.
 
-``ignore`` patterns match a layer (module path such as ``model.layers.0.mlp.down_proj``) when the
-pattern equals it, is a dotted suffix of it (``lm_head``, ``mlp.down_proj``), or matches it as a
-shell glob (``model.layers.0.*``). Embeddings are never linears, so they are never quantized here.
+``ignore`` patterns match a layer (module path such as ``model.layers.0.mlp.down_proj``, see
+:func:`lowc.ir.analysis.linear_layer`) when the pattern equals it, is a dotted suffix of it
+(``lm_head``, ``mlp.down_proj``), or matches it as a shell glob (``model.layers.0.*``). Embeddings are
+never linears, so they are never quantized here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.fx
 
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import linear_layer
 from lowc.ir.dialect import quant
 from lowc.passes.base import Pass, PassContext, opt
 
@@ -69,17 +71,9 @@ class WeightQuantPass(Pass):
         """Float linears this pass should quantize (not ignored, weight is a constant)."""
         out = []
         for node in program.linears():
-            if not matches(layer_name(node), self.ignore):
+            if not matches(linear_layer(node), self.ignore):
                 out.append(node)
         return out
-
-
-def layer_name(node: torch.fx.Node) -> str:
-    info = nodemeta.get(node)
-    if info.layer:
-        return info.layer
-    w = node.args[1]
-    return w.target.rpartition(".")[0] if isinstance(w, torch.fx.Node) and w.op == "get_attr" else node.name
 
 
 def linear_weight(program, node: torch.fx.Node) -> torch.Tensor:
@@ -134,7 +128,7 @@ def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn,
         qw = quantize_fn(w, node, s)
         meta = {"method": method, "w_bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric, "a_bits": 16}
         if qw.k_pad != qw.in_features:
-            padded.append(layer_name(node))
+            padded.append(linear_layer(node))
         rewrite_linear(program, node, qw, meta)
     if nodes:
         program.remove_dead()
