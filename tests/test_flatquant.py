@@ -127,6 +127,25 @@ def test_make_plan_is_an_equivalence_in_float(odd_llama_dir):
             torch.testing.assert_close(fm(*x)[0], want[0], rtol=1e-4, atol=1e-4)
 
 
+def test_group_sharing_input_with_a_compressed_linear_is_logged(odd_llama_dir):
+    """k_proj quantized by rtn first: q/v share its input, so no transform is learned for them; they
+    get RTN and the log says why (nothing is skipped silently)."""
+    from lowc.backends.registry import get_target
+    from lowc.passes.options import parse_pass
+
+    prog = lowc.trace(odd_llama_dir)
+    tgt = get_target("ref-w4a16")
+    calib = load_calibration([torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False)
+    only_k = parse_pass("rtn{ignore=[lm_head,q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]}")
+    _, rec = run_passes(prog, [only_k, FlatQuant(epochs=0)], ctx)
+    assert rec.result.stats["quantized"] == 8 and rec.result.stats["rtn_in_blocks"] == 4  # o, gate, up, down; q, v (x2)
+    assert ("flatquant: 4 linear(s) share their input with an already compressed linear, so no transform was learned "
+            "for them; quantized with RTN: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, "
+            "model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj") in ctx.log
+    assert {r["scheme"]["method"] for r in layer_table(prog) if r["scheme"] and r["layer"].endswith(("q_proj", "v_proj"))} == {"rtn"}
+
+
 def test_idempotent_and_deterministic(wt2_llama):
     check_idempotent_and_deterministic(wt2_llama.program.clone(), FlatQuant(epochs=1), "ref-w4a16", seed=7,
                                        names=("model.layers.1.mlp.down_proj.qweight", "model.layers.0.self_attn.q_proj.flat_p1"))

@@ -253,6 +253,22 @@ def test_pipeline_missing_precondition(prog):
         Pipeline([("user", RemoveDead()), ("user", NeedsCalib())]).run(prog, PassContext())
 
 
+def test_unknown_requirement_raises(prog):
+    @dataclass(frozen=True)
+    class Misspelt(Pass):
+        name = "misspelt"
+        requires = frozenset({"calibraton"})
+
+        def run(self, program, ctx):  # pragma: no cover - never reached
+            return PassResult(changed=False)
+
+    with pytest.raises(PassError, match=r"pass 'misspelt' requires 'calibraton', which is not a known requirement "
+                                        r"\(known: calibration\)"):
+        Pipeline([("user", Misspelt())]).run(prog, PassContext(calib=object()))
+    with pytest.raises(PassError, match="pass 'x' requires 'calibraton'"):
+        PassContext().require("calibraton", "x")
+
+
 def test_pipeline_records(prog):
     records = Pipeline([("method", RTN(bits=8, group_size=-1)), ("finalize", RemoveDead())]).run(prog, PassContext())
     assert [(r.phase, r.pass_.name, r.result.changed) for r in records] == [("method", "rtn", True), ("finalize", "remove-dead", False)]

@@ -1,5 +1,6 @@
 """smoothquant: an exact rewrite in float (scales folded into norms), better W8A8 accuracy on a model
-with activation outliers, idempotence, the user's model untouched, post-norm groups skipped."""
+with activation outliers, idempotence, the user's model untouched, post-norm groups skipped and
+logged, and running it after a quantizing pass is an error."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import torch
 
 import lowc
 from lowc import evaluate as ev
-from lowc.errors import CalibrationError, PassOptionError
+from lowc.errors import CalibrationError, PassError, PassOptionError
+from lowc.passes.base import PassContext
+from lowc.passes.calibration import load_calibration
+from lowc.passes.options import parse_pass
+from lowc.passes.pipeline import run_passes
+from lowc.passes.quant.smoothquant import SmoothQuant
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +29,20 @@ def outlier_model():
     with torch.no_grad():
         ref = m(input_ids=ids, use_cache=False).logits
     return m, ids, calib, ref
+
+
+def test_after_quantization_is_an_error(outlier_model):
+    """Smoothing after a quantizing pass would scale the input of packed weights that were not
+    scaled: it must come first. Smoothed-then-quantized linears are left alone by a second run."""
+    m, _, calib, _ = outlier_model
+    with pytest.raises(PassError, match=r"pass 'smoothquant': model\.layers\.0\.self_attn\.q_proj is already compressed "
+                                        r"\(lowc\.linear_wq\.default\): smoothing must come before the quantizing pass"):
+        lowc.compile(m, target="ref-w8a8", passes=["rtn", "smoothquant"], calib=calib, progress=False)
+    p = lowc.trace(m)
+    ctx = PassContext(calib=load_calibration(calib), progress=False)
+    first, _, again = run_passes(p, [SmoothQuant(), parse_pass("rtn"), SmoothQuant()], ctx)
+    assert first.result.changed and again.result.changed is False
+    assert again.result.stats == {"smoothed": 0, "skipped": 0, "alpha": 0.5, "already_smoothed": 8}
 
 
 def test_exact_in_float_and_model_untouched(outlier_model):
@@ -53,11 +73,6 @@ def test_improves_w8a8_over_rtn(outlier_model):
 
 def test_idempotent_and_errors(outlier_model):
     m, ids, calib, _ = outlier_model
-    from lowc.passes.base import PassContext
-    from lowc.passes.calibration import load_calibration
-    from lowc.passes.pipeline import run_passes
-    from lowc.passes.quant.smoothquant import SmoothQuant
-
     p = lowc.trace(m)
     ctx = PassContext(calib=load_calibration(calib), progress=False)
     assert run_passes(p, [SmoothQuant()], ctx)[0].result.changed
@@ -72,5 +87,7 @@ def test_post_norm_encoder_groups_are_skipped_and_logged():
     calib = [torch.randint(1000, 2000, (2, 32), generator=torch.Generator().manual_seed(0))]
     cm = lowc.compile("minilm", target="ref-w8a8", passes=["smoothquant", "rtn"], calib=calib, progress=False)
     stats = cm.manifest["passes"][0]["stats"]
-    assert stats["smoothed"] == 0 and stats["skipped"] > 0
-    assert any("not foldable" in l for l in cm.manifest["log"])
+    assert stats == {"smoothed": 0, "skipped": 12, "alpha": 0.5}  # 6 layers x (q/k/v, intermediate)
+    assert ("smoothquant: 12 group(s) not foldable into a norm, left unsmoothed: embeddings.LayerNorm, "
+            "encoder.layer.0.attention.output.LayerNorm, encoder.layer.0.output.LayerNorm, "
+            "encoder.layer.1.attention.output.LayerNorm...") in cm.manifest["log"]

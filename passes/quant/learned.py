@@ -17,7 +17,8 @@ blocks, ``"both"``). For each block holding a linear to quantize it
    the learned clipping (the codes the training rounded to) or, with ``gptq``, GPTQ on Hessians of the
    trained block's (transformed, fake-quantized) inputs.
 
-Linears outside transformer blocks (BERT's pooler) get RTN, logged.
+Target linears no plan covers get RTN, logged: those outside transformer blocks (BERT's pooler) and
+those sharing their input with a linear another pass already compressed.
 
 Preconditions: calibration data (raises otherwise); the program is annotated and has transformer
 blocks. Idempotent: a second run finds no float linear to quantize and reports ``changed=False``.
@@ -31,6 +32,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.fx
 
+from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import block_groups, linear_layer
 from lowc.ir.dialect import quant
 from lowc.passes.base import PassResult
@@ -177,13 +179,20 @@ def run_blockwise(p: LearnedQuantPass, program, ctx, *, propagate: str, make_pla
         runner.set_postfix(block=block.index, loss=f"{info['loss']:.4g}")
         del fm, plan, hessians
     runner.close()
+    # targets no plan covered: outside transformer blocks (BERT's pooler), or in a block but sharing
+    # their input with a linear another pass compressed (block_groups leaves that group out)
     rest = [n for n in p.select(program) if n.name in targets]
-    for node in rest:  # outside transformer blocks (BERT's pooler): no block-wise training
+    outside = [n for n in rest if nodemeta.get(n).block is None]
+    for node in rest:
         qw = quant.rtn_quantize(linear_weight(program, node), s.bits, s.group_size, s.symmetric)
         rewrite_linear(program, node, qw, {**meta, "method": "rtn"})
-    if rest:
-        ctx.log.append(f"{p.name}: {len(rest)} linear(s) outside transformer blocks quantized with RTN: "
-                       + ", ".join(linear_layer(n) for n in rest[:4]))
+    if outside:
+        ctx.log.append(f"{p.name}: {len(outside)} linear(s) outside transformer blocks quantized with RTN: "
+                       + ", ".join(linear_layer(n) for n in outside[:4]))
+    inside = [linear_layer(n) for n in rest if nodemeta.get(n).block is not None]
+    if inside:
+        _log_list(ctx, f"{p.name}: {len(inside)} linear(s) share their input with an already compressed linear, "
+                  "so no transform was learned for them; quantized with RTN", inside, 4)
     if notes:
         ctx.log.append(f"{p.name}: " + "; ".join(dict.fromkeys(notes)))
     if skipped:
@@ -193,10 +202,12 @@ def run_blockwise(p: LearnedQuantPass, program, ctx, *, propagate: str, make_pla
         _log_list(ctx, f"{p.name}: {len(padded)} layer(s) padded to a multiple of group_size={s.group_size}", padded, 4)
     program.graph.eliminate_dead_code()
     program.remove_dead()
-    stats = {"quantized": done, "rtn_outside_blocks": len(rest), "bits": s.bits, "group_size": s.group_size,
+    stats = {"quantized": done, "rtn_outside_blocks": len(outside), "bits": s.bits, "group_size": s.group_size,
              "symmetric": s.symmetric, "a_bits": act_bits(ctx), "samples": len(ctx.calib),
              "block_loss": [round(l, 6) for l in losses], "block_loss_init": [round(l, 6) for l in losses_init],
              "epochs": train.get("epochs")}
     if padded:
         stats["padded"] = padded
+    if inside:
+        stats["rtn_in_blocks"] = len(inside)
     return PassResult(changed=bool(done or rest), stats=stats)

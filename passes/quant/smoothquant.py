@@ -14,8 +14,14 @@ per-token int8 activations (``*-w8a8``) accurate. Run it before a weight-quantiz
 Scope (documented simplifications): scales are folded into norms only. Groups whose norm output
 also feeds something other than the group's linears cannot be folded exactly (post-norm models such
 as BERT, where the normalized value is also the residual stream) and are skipped, as are linears
-without a preceding norm (o_proj, down_proj); the pass reports how many groups it smoothed and
-skipped. Idempotent: smoothed linears carry ``smoothquant_alpha`` in their scheme metadata.
+without a preceding norm (o_proj, down_proj) and groups outside transformer blocks (no block-wise
+statistics); the pass reports how many groups it smoothed and skipped and logs the skipped ones by
+layer. Idempotent: smoothed linears carry ``smoothquant_alpha`` in their scheme metadata, and a
+second run leaves them alone (``already_smoothed`` in the stats).
+
+Precondition: the linears are still float. Smoothing a quantized linear would change its input
+without changing its packed weight, so a group with a linear that a method pass already quantized
+(and that smoothquant did not smooth before) raises a PassError that says to run smoothquant first.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lowc.errors import PassError
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import is_float_linear, linear_layer, norm_before_linears, only_reaches
+from lowc.ir.printer import target_name
 from lowc.passes.base import Pass, PassContext, PassResult, opt
 from lowc.passes.blockwise import BlockwiseRunner
 from lowc.passes.quant.common import matches
@@ -53,20 +61,29 @@ class SmoothQuant(Pass):
                            + ", ".join(skipped[:4]) + ("..." if len(skipped) > 4 else ""))
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        links, skipped = [], []
+        links, skipped, already = [], [], 0
         for link in norm_before_linears(program):
             lins = link.group.linears
             if any(matches(linear_layer(n), self.ignore) for n in lins):
                 continue
-            if any(not is_float_linear(n) or (nodemeta.get(n).scheme or {}).get("smoothquant_alpha") is not None for n in lins):
-                continue  # already quantized or already smoothed
+            if any((nodemeta.get(n).scheme or {}).get("smoothquant_alpha") is not None for n in lins):
+                already += 1  # smoothed by an earlier run (and maybe quantized since): idempotence
+                continue
+            compressed = next((n for n in lins if not is_float_linear(n)), None)
+            if compressed is not None:
+                raise PassError(f"pass 'smoothquant': {linear_layer(compressed)} is already compressed "
+                                f"({target_name(compressed)}): smoothing must come before the quantizing pass, "
+                                "e.g. --pass smoothquant --pass rtn")
             if link.kind is None or link.weight is None or not only_reaches(link.norm, lins):
                 skipped.append(link.layer)
                 continue
             links.append(link)
+        stats = {"smoothed": 0, "skipped": len(skipped), "alpha": self.alpha}
+        if already:
+            stats["already_smoothed"] = already
         if not links:
             self._log_skipped(ctx, skipped)
-            return PassResult(changed=False, stats={"smoothed": 0, "skipped": len(skipped), "alpha": self.alpha})
+            return PassResult(changed=False, stats=stats)
         # per-channel activation absmax of every group's input, block by block
         amax: dict[str, torch.Tensor] = {}
         first = {link.group.linears[0].name: link for link in links}
@@ -82,7 +99,8 @@ class SmoothQuant(Pass):
         runner.close()
         missing = [first[n].layer for n in first if n not in amax]
         if missing:  # groups outside transformer blocks: no block-wise statistics
-            skipped.extend(missing)
+            ctx.log.append(f"smoothquant: {len(missing)} group(s) outside transformer blocks (no block-wise statistics), "
+                           "left unsmoothed: " + ", ".join(missing[:4]) + ("..." if len(missing) > 4 else ""))
         smoothed = 0
         with torch.no_grad():
             for name, link in first.items():
@@ -100,4 +118,5 @@ class SmoothQuant(Pass):
                     nodemeta.set_info(n, info.with_scheme({**(info.scheme or {}), "smoothquant_alpha": self.alpha}))
                 smoothed += 1
         self._log_skipped(ctx, skipped)
-        return PassResult(changed=smoothed > 0, stats={"smoothed": smoothed, "skipped": len(skipped), "alpha": self.alpha})
+        stats.update(smoothed=smoothed, skipped=len(skipped) + len(missing))
+        return PassResult(changed=smoothed > 0, stats=stats)
