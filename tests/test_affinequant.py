@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import FileCheck
 
 import lowc
 from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
                       check_options_round_trip, fold_trained_float, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
 from lowc.ir import printer, verifier
+from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
 from lowc.passes.quant.affinequant import AffineQuant, band_mask, band_width
@@ -34,6 +36,17 @@ def test_gradual_mask():
 
 def test_graph_w4a4_folds_everything(w4a4):
     text = printer.format_program(w4a4.program)
+    fc = FileCheck()
+    for b in range(2):
+        p = f"model.layers.{b}"
+        fc = fc.check(f"aten.mul.Tensor(@{p}.input_layernorm.weight,")  # the diagonal went into the norm
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            fc = fc.check("= lowc.linear_wqaq.default(").check_same(f"@{p}.self_attn.{proj}.qweight") \
+                .check_same(f"layer={p}.self_attn.{proj} ").check_same("method=affinequant")
+        fc = fc.check(f"aten.mul.Tensor(@{p}.post_attention_layernorm.weight,")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            fc = fc.check("= lowc.linear_wqaq.default(").check_same(f"@{p}.mlp.{proj}.qweight").check_same("method=affinequant")
+    fc.check("= aten.linear.default(").check_same("@lm_head.weight)").run(text)
     assert "kron_transform" not in text  # diagonals in the norms, v/o blocks in the weights: no extra op
     assert text.count("lowc.linear_wqaq.default") == 14
     assert [l for l in text.splitlines() if "aten.linear.default" in l and "layer=lm_head" not in l] == []
@@ -61,6 +74,19 @@ def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
     assert s_aq > s_rtn + 1.0, (s_aq, s_rtn)  # measured 5.3 vs 3.8 dB
     text = printer.format_program(aq)
     assert text.count("lowc.kron_transform.default") == 4  # the paper's full matrices after both norms
+    fc = FileCheck()
+    for block in transformer_blocks(aq):
+        for first, group in (("q", ("q", "k", "v")), ("gate", ("gate", "up"))):
+            kron = block.linear(first).args[0]  # A⁻¹ applied online, read by every linear of the group
+            layer = linear_layer(block.linear(first))
+            fc = fc.check(f"%{kron.name} = lowc.kron_transform.default(").check_same(f", None, @{layer}.affine_p1, None, None)") \
+                .check_same(f"# layer={layer}.input_transform block={block.index}\n")
+            for role in group:
+                fc = fc.check(f"= lowc.linear_wq.default(%{kron.name}, ").check_same(f"role={role} block={block.index}")
+            if first == "q":
+                fc = fc.check("= lowc.linear_wq.default(").check_same("role=o ")  # the v/o transform is folded
+        fc = fc.check("= lowc.linear_wq.default(").check_same("role=down ")
+    fc.run(text)
     assert aq.attr("model.layers.0.self_attn.q_proj.affine_p1").shape == (128, 128)
     assert {r["scheme"]["w_bits"] for r in layer_table(aq) if r["scheme"]} == {3}
 

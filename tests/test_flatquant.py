@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import FileCheck
 
 import lowc
 from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
@@ -14,6 +15,7 @@ from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_ne
 from lowc.api import layer_table
 from lowc.errors import LowcError
 from lowc.ir import printer, verifier
+from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
 from lowc.passes.pipeline import run_passes
@@ -32,10 +34,20 @@ def test_graph(w4a4):
     assert text.count("lowc.kron_transform.default") == 8  # q/k/v, o heads, gate/up, down in 2 blocks
     assert text.count("lowc.linear_wqaq.default") == 14
     assert [l for l in text.splitlines() if "aten.linear.default" in l and "layer=lm_head" not in l] == []
-    block0 = [l for l in text.splitlines() if "block=0" in l]
-    kron = [i for i, l in enumerate(block0) if "kron_transform" in l]
-    q = next(i for i, l in enumerate(block0) if "self_attn.q_proj" in l and "linear_wqaq" in l)
-    assert kron[0] < q and f"%{block0[kron[0]].split()[0][1:]}" in block0[q]  # q reads the transformed input
+    fc = FileCheck()
+    for block in transformer_blocks(w4a4.program):
+        # (first linear of the group, the group, where d went: into the norm / up_proj rows (no scale
+        # operand) or nowhere (o_proj's heads transform has no d))
+        for first, group in (("q", ("q", "k", "v")), ("o", ("o",)), ("gate", ("gate", "up")), ("down", ("down",))):
+            kron = block.linear(first).args[0]
+            layer = linear_layer(block.linear(first))
+            p2 = "None" if first == "o" else f"@{layer}.flat_p2"
+            fc = fc.check(f"%{kron.name} = lowc.kron_transform.default(").check_same(f", None, @{layer}.flat_p1, {p2}, ") \
+                .check_same(f"# layer={layer}.input_transform block={block.index}\n")
+            for role in group:  # every linear of the group reads the transformed input
+                fc = fc.check(f"= lowc.linear_wqaq.default(%{kron.name}, ").check_same(f"role={role} block={block.index} ") \
+                    .check_same("method=flatquant")
+    fc.check("= aten.linear.default(").check_same("@lm_head.weight)").run(text)
     rows = [r for r in w4a4.layers() if r["block"] is not None]
     assert len(rows) == 14 and all(r["scheme"]["method"] == "flatquant" and r["scheme"]["a_bits"] == 4 for r in rows)
     stats = w4a4.manifest["passes"][0]["stats"]

@@ -1,15 +1,18 @@
-"""smoothquant: an exact rewrite in float (scales folded into norms), better W8A8 accuracy on a model
-with activation outliers, idempotence, the user's model untouched, post-norm groups skipped and
-logged, and running it after a quantizing pass is an error."""
+"""smoothquant: the printed graph (no new op, scales in the norm weights, smoothed linears marked), an
+exact rewrite in float (scales folded into norms), better W8A8 accuracy on a model with activation
+outliers, idempotence, the user's model untouched, post-norm groups skipped and logged, and running it
+after a quantizing pass is an error."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import FileCheck
 
 import lowc
 from lowc import evaluate as ev
 from lowc.errors import CalibrationError, PassError, PassOptionError
+from lowc.ir import printer
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
 from lowc.passes.options import parse_pass
@@ -29,6 +32,30 @@ def outlier_model():
     with torch.no_grad():
         ref = m(input_ids=ids, use_cache=False).logits
     return m, ids, calib, ref
+
+
+def test_printed_graph(outlier_model):
+    """Every block: the norm weights read where they were (now scaled), q/k/v and gate/up marked with
+    alpha, o_proj and down_proj (no norm before them) untouched; the graph gains no node."""
+    m, _, calib, _ = outlier_model
+    p = lowc.trace(m)
+    before = printer.format_program(p)
+    (rec,) = run_passes(p, [SmoothQuant(alpha=0.5)], PassContext(calib=load_calibration(calib), progress=False))
+    text = printer.format_program(p)
+    fc = FileCheck()
+    for b in range(4):
+        fc = fc.check(f"aten.mul.Tensor(@model.layers.{b}.input_layernorm.weight,")
+        for role in ("q", "k", "v"):
+            fc = fc.check("aten.linear.default(").check_same(f"role={role} block={b} scheme=smoothquant_alpha=0.5\n")
+        fc = fc.check(f"# layer=model.layers.{b}.self_attn.o_proj role=o block={b}\n")
+        fc = fc.check(f"aten.mul.Tensor(@model.layers.{b}.post_attention_layernorm.weight,")
+        for role in ("gate", "up"):
+            fc = fc.check("aten.linear.default(").check_same(f"role={role} block={b} scheme=smoothquant_alpha=0.5\n")
+        fc = fc.check(f"# layer=model.layers.{b}.mlp.down_proj role=down block={b}\n")
+    fc.check("@lm_head.weight").check_same("role=lm_head\n").run(text)
+    strip = lambda t: [l.split("  # ")[0] for l in t.splitlines()]  # noqa: E731 - the ops without metadata
+    assert strip(text) == strip(before)  # same ops on the same operands: only tensors and notes changed
+    assert rec.result.stats == {"smoothed": 8, "skipped": 0, "alpha": 0.5}
 
 
 def test_after_quantization_is_an_error(outlier_model):
