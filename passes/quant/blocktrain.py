@@ -75,6 +75,7 @@ def to_device(sample: tuple, device) -> list:
 
 
 def mse(out: Any, target: tuple) -> torch.Tensor:
+    """The mean over the block's floating outputs of each output's MSE to its target (fp32)."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
     terms = [F.mse_loss(o.float(), t.float()) for o, t in zip(outs, target)
              if isinstance(o, torch.Tensor) and o.is_floating_point()]

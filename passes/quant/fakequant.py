@@ -146,7 +146,7 @@ class QLinear(torch.nn.Module):
         self.wq = wq
         self.act_bits = act_bits
         self.in_fn, self.weight_fn, self.bias_fn = in_fn, weight_fn, bias_fn
-        self.caching = False  # train_block turns it on inside a step
+        self.caching = False  # cached_weights turns it on inside a step
         self._cache = None
         self.tap: Callable | None = None  # tap(x): sees the input the quantized weight multiplies
 
@@ -161,7 +161,7 @@ class QLinear(torch.nn.Module):
         return self.bias_fn(b) if self.bias_fn is not None else b
 
     def begin_step(self) -> None:
-        """Forget the cached weight: the transforms changed (called by :func:`train_block` before
+        """Forget the cached weight: the transforms changed (:class:`cached_weights` calls it around
         each optimizer step, so the samples of one step share one weight computation)."""
         self._cache = None
 
