@@ -10,6 +10,13 @@
   attributes of its weight and bias, so a scale can be folded into it.
 * :func:`attention_subgraphs` - per ``scaled_dot_product_attention``: its q/k/v/o linears, the RoPE
   nodes on the q and k paths, the mask and the head counts.
+* :func:`block_groups` - a block's float linear groups classified by where a per-channel transform
+  of their input can go (a norm, the v/o head path, the ``up`` rows of a SwiGLU product), for the
+  learned-transform passes (AffineQuant, FlatQuant).
+
+Two linear predicates: :func:`is_linear` (any linear, ``aten.linear`` or a dialect ``linear_*``) and
+:func:`is_float_linear` (an ``aten.linear`` with a constant weight: not compressed yet, what method
+passes rewrite; :meth:`Program.linears` lists these).
 
 Linears are ``aten.linear`` and the lowc dialect's ``linear_*`` ops (input is argument 0, weight or
 packed weight argument 1), so every analysis works before and after quantization passes. Results are
@@ -82,6 +89,15 @@ def is_linear(node: torch.fx.Node) -> bool:
     return t.namespace == _DIALECT_NS and t._opname.startswith(_DIALECT_LINEAR_PREFIX)
 
 
+def is_float_linear(node: torch.fx.Node) -> bool:
+    """True for an ``aten.linear`` whose weight is a constant attribute (``get_attr``): a linear no
+    pass has compressed yet."""
+    if _op(node) != _LINEAR or len(node.args) < 2:
+        return False
+    w = node.args[1]
+    return isinstance(w, torch.fx.Node) and w.op == "get_attr"
+
+
 def linear_input(node: torch.fx.Node) -> torch.fx.Node:
     """The activation a linear reads (argument 0 of ``aten.linear`` and of every dialect linear)."""
     if not is_linear(node):
@@ -93,13 +109,15 @@ def linear_input(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def linear_layer(node: torch.fx.Node) -> str:
-    """A linear's module path: its NodeInfo layer, else the module owning its weight attribute."""
+    """A linear's module path: its NodeInfo layer, else the module owning its weight attribute (the
+    attribute itself when it belongs to the root module), else the node's name. This is the name users
+    see in logs and that ``ignore`` patterns match."""
     info = nodemeta.get(node)
     if info.layer:
         return info.layer
     w = node.args[1] if len(node.args) > 1 else None
     if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-        return w.target.rpartition(".")[0]
+        return w.target.rpartition(".")[0] or w.target
     return node.name
 
 
@@ -216,7 +234,9 @@ def to_networkx(program) -> nx.DiGraph:
 # ---- transformer blocks --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Block:
-    """One transformer block (a child of the ModuleList ``program.info.block_prefix``)."""
+    """One transformer block (a child of the ModuleList ``program.info.block_prefix``): a frozen
+    snapshot of its structure. Not :class:`lowc.passes.blockwise.CalibrationBlock`, the block-wise
+    runner's live handle on the block being calibrated (per-sample values, valid for one loop step)."""
 
     index: int
     prefix: str  # module path, e.g. "model.layers.0"
@@ -609,4 +629,76 @@ def attention_subgraphs(program) -> list[Attention]:
             num_kv_heads=_kv_heads(q, k, v, node, num_heads, head_dim),
             head_dim=head_dim,
         ))
+    return out
+
+
+# ---- where a block's input transforms can go ---------------------------------------------------------
+@dataclass(frozen=True)
+class BlockGroup:
+    """Float linears of one block that share an input, classified by where a per-channel transform of
+    that input can be absorbed (what the learned-transform passes need to know).
+
+    ``kind``: ``"norm"`` (the input is an RMSNorm/LayerNorm output: q/k/v, gate/up, BERT's
+    intermediate; ``link`` is the norm), ``"o"`` (the attention output projection alone, with ``v``
+    the value projection whose output heads feed it, through layout ops only, and ``attn`` the
+    attention) or ``"other"`` (down_proj, BERT's output.dense, ...). ``norm_foldable``: a per-channel
+    scale of the input can be folded into the norm's weight (and bias) exactly, because the norm
+    output feeds nothing but these linears (false for post-norm BERT, where it is also the residual).
+    ``up``: for an input ``f(gate) * up`` (SwiGLU), the float linear whose output rows may absorb a
+    per-channel scale of the input exactly."""
+
+    kind: str
+    linears: tuple[torch.fx.Node, ...]
+    input: torch.fx.Node
+    link: NormLink | None = None
+    norm_foldable: bool = False
+    up: torch.fx.Node | None = None
+    attn: Attention | None = None
+    v: torch.fx.Node | None = None
+
+    def __repr__(self) -> str:
+        return f"BlockGroup({self.kind}, {[linear_layer(n) for n in self.linears]})"
+
+
+def _value_path(attn: Attention) -> bool:
+    """Whether ``attn``'s v projection reaches nothing but the attention, through layout ops, and the
+    head counts are known (then a per-head transform moves exactly from o_proj into v_proj)."""
+    return (attn.v is not None and attn.v not in (attn.q, attn.k) and is_float_linear(attn.v)
+            and bool(attn.num_heads and attn.num_kv_heads and attn.head_dim)
+            and only_reaches(attn.v, {attn.sdpa}, lambda u: _op(u) in _LAYOUT))
+
+
+def _up_factor(src: torch.fx.Node, block: int, where: dict[torch.fx.Node, int | None]) -> torch.fx.Node | None:
+    """For ``src = a * b``: the float linear of ``block`` behind a factor (through identity ops)
+    whose value feeds only ``src`` (SwiGLU's up_proj), else None."""
+    if _op(src) != "aten.mul" or len(src.args) != 2:
+        return None
+    for a in src.args:
+        if not isinstance(a, torch.fx.Node):
+            continue
+        cand = strip_identity(a)
+        if is_float_linear(cand) and where.get(cand) == block and only_reaches(cand, {src}, _is_identity):
+            return cand
+    return None
+
+
+def block_groups(program, index: int) -> list[BlockGroup]:
+    """The linear groups of transformer block ``index`` whose linears are all float
+    (:func:`is_float_linear`; groups with a compressed linear are left out), in graph order."""
+    groups = [g for g in shared_input_groups(program) if g.block == index and all(is_float_linear(n) for n in g.linears)]
+    links = norm_before_linears(program, groups, include_unnormalized=True)
+    attns = [a for a in attention_subgraphs(program) if a.block == index]
+    where = node_blocks(program)
+    out = []
+    for link in links:
+        lins = tuple(link.group.linears)
+        src = link.group.input
+        attn = next((a for a in attns if a.o is not None and lins == (a.o,)), None)
+        if attn is not None and _value_path(attn):
+            out.append(BlockGroup("o", lins, src, attn=attn, v=attn.v))
+        elif link.kind is not None:
+            foldable = link.weight is not None and only_reaches(link.norm, lins)
+            out.append(BlockGroup("norm", lins, src, link=link, norm_foldable=foldable))
+        else:
+            out.append(BlockGroup("other", lins, src, up=_up_factor(src, index, where)))
     return out

@@ -23,6 +23,7 @@ import torch.fx
 
 from lowc.errors import ArtifactError
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import is_float_linear
 from lowc.ir import untrusted as U
 
 LINEAR = torch.ops.aten.linear.default
@@ -163,7 +164,7 @@ class Program:
 
     def linears(self) -> list[torch.fx.Node]:
         """``aten.linear`` nodes whose weight is a constant attribute (the compressible linears)."""
-        return [n for n in self.nodes(LINEAR) if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"]
+        return [n for n in self.nodes(LINEAR) if is_float_linear(n)]
 
     def attr(self, target: str) -> torch.Tensor:
         mod_path, _, name = target.rpartition(".")

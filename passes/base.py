@@ -14,7 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lowc.errors import CalibrationError, PassOptionError
+from lowc.errors import CalibrationError, PassError, PassOptionError
+
+#: what a pass may require (``Pass.requires``) and :meth:`PassContext.require` can check
+REQUIREMENTS = frozenset({"calibration"})
 
 
 @dataclass
@@ -37,6 +40,11 @@ class PassContext:
     log: list[str] = field(default_factory=list)
 
     def require(self, what: str, pass_name: str) -> None:
+        """Raise unless the context provides ``what`` (one of :data:`REQUIREMENTS`); an unknown
+        requirement is an error too, so a misspelt one cannot pass unchecked."""
+        if what not in REQUIREMENTS:
+            raise PassError(f"pass '{pass_name}' requires {what!r}, which is not a known requirement "
+                            f"(known: {', '.join(sorted(REQUIREMENTS))})")
         if what == "calibration" and self.calib is None:
             raise CalibrationError(
                 f"pass '{pass_name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)"

@@ -9,7 +9,7 @@ segment's computation: every segment that reads a parameter gets its own copy of
 
 :class:`BlockwiseRunner` runs the prefix over every calibration sample (batch 1, one sample at a
 time) and keeps, per sample, only the *boundary values*: values a later segment reads, keyed by the
-name of the node that defined them in the program's graph. It then yields one :class:`Block` at a
+name of the node that defined them in the program's graph. It then yields one :class:`CalibrationBlock` at a
 time. A consumer reads ``block.inputs``, runs ``block.run(hook)`` to see the inputs of chosen
 linears, and may rewrite the block's nodes in the program's graph. When the consumer asks for the
 next block, the runner computes the block's outputs (``propagate="quantized"``: by re-running the
@@ -61,7 +61,7 @@ import torch.fx
 
 from lowc.errors import CalibrationError
 from lowc.ir import meta as nodemeta
-from lowc.ir.program import LINEAR
+from lowc.ir.analysis import is_float_linear
 
 Hook = Callable[[str, torch.Tensor, torch.Tensor], None]
 
@@ -217,8 +217,11 @@ def build_segment(program, seg: Segment, inputs: Sequence[str], outputs: Sequenc
     return gm
 
 
-class _Tapping(torch.fx.Interpreter):
-    """Runs a segment and calls ``hook(name, node.args[0] value, node value)`` after tapped nodes."""
+class Tapping(torch.fx.Interpreter):
+    """Runs a segment (or a block copy) built by :func:`build_segment` and calls ``hook(name, x, y)``
+    after each tapped node: ``name`` its name in the *program's* graph (``taps`` are program names,
+    mapped through ``gm.source_names``), ``x`` the value of its first argument (a linear's input),
+    ``y`` its result."""
 
     def __init__(self, gm: torch.fx.GraphModule, taps: Iterable[str], hook: Hook):
         super().__init__(gm)
@@ -266,8 +269,14 @@ def _move(v: Any, device) -> Any:
 
 
 # ---- the driver ------------------------------------------------------------------------------------
-class Block:
-    """The block a :class:`BlockwiseRunner` is at. Valid until the runner advances."""
+class CalibrationBlock:
+    """The block a :class:`BlockwiseRunner` is at: its per-sample input values, a way to run it with
+    hooks, a GraphModule copy of it. Valid until the runner advances.
+
+    A live handle on a moving computation, so it is distinct from :class:`lowc.ir.analysis.Block`,
+    a frozen snapshot of a block's structure (nodes, linears of every kind, inputs, outputs). Its
+    segment is cut by :func:`segments` (nodes outside any block that sit between two blocks belong to
+    the following one), and :meth:`linears` lists only float linears, as :meth:`Program.linears`."""
 
     def __init__(self, runner: "BlockwiseRunner", position: int, index: int):
         self._runner = runner
@@ -277,7 +286,7 @@ class Block:
         self._outputs: list[tuple] | None = None  # set_outputs: the consumer's quantized-stream outputs
 
     def __repr__(self) -> str:
-        return f"Block({self.layer_prefix!r}, {len(self.nodes)} nodes, {len(self.linears())} linears)"
+        return f"CalibrationBlock({self.layer_prefix!r}, {len(self.nodes)} nodes, {len(self.linears())} linears)"
 
     @property
     def layer_prefix(self) -> str:
@@ -293,9 +302,8 @@ class Block:
         return list(self._segment()[0].nodes)
 
     def linears(self) -> list[torch.fx.Node]:
-        """The block's ``aten.linear`` nodes whose weight is a constant (not yet rewritten)."""
-        return [n for n in self.nodes if n.op == "call_function" and n.target == LINEAR
-                and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"]
+        """The block's float linears (:func:`lowc.ir.analysis.is_float_linear`: not yet rewritten)."""
+        return [n for n in self.nodes if is_float_linear(n)]
 
     @property
     def input_names(self) -> list[str]:
@@ -409,7 +417,7 @@ class BlockwiseRunner:
                                    "block-wise calibration began: passes must not add or remove blocks")
         return segs[pos], _interfaces(segs)[pos]
 
-    def _check_current(self, block: Block) -> None:
+    def _check_current(self, block: CalibrationBlock) -> None:
         if block._runner is not self or block.position != self._position:
             raise CalibrationError(f"{block.layer_prefix} is no longer the current block: use it inside the loop body")
 
@@ -426,7 +434,7 @@ class BlockwiseRunner:
         ``envs``: the per-sample values to read (default: the quantized stream)."""
         seg, itf = self._segment(pos)
         gm = build_segment(self.program, seg, itf.inputs, itf.outputs, self.device)
-        runner = _Tapping(gm, taps, hook) if taps else None
+        runner = Tapping(gm, taps, hook) if taps else None
         with torch.no_grad():
             for j, env in enumerate(self._env if envs is None else envs):
                 missing = [name for name in itf.inputs if name not in env]
@@ -460,7 +468,7 @@ class BlockwiseRunner:
                 self._keep(j, itf.outputs, tuple(_compact(_move(v, self.store)) for v in out), itf.live_after)
         del gm
 
-    def _advance(self, block: Block) -> None:
+    def _advance(self, block: CalibrationBlock) -> None:
         pos = block.position + 1
         _, itf = self._segment(pos)
         if self.propagate == "both":
@@ -488,7 +496,7 @@ class BlockwiseRunner:
             self._run_segment(pos, on_sample=lambda j, out: self._keep(j, itf.outputs, out, itf.live_after))
 
     # ---- public -----------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Block]:
+    def __iter__(self) -> Iterator[CalibrationBlock]:
         if self._started:
             raise CalibrationError("a BlockwiseRunner runs its blocks once: make a new one")
         self._started = True
@@ -500,7 +508,7 @@ class BlockwiseRunner:
             for pos in range(self.n_blocks):
                 seg, itf = self._segment(pos + 1)
                 self._position, self._block_index = pos, seg.index
-                block = Block(self, pos, seg.index)
+                block = CalibrationBlock(self, pos, seg.index)
                 if self.propagate in ("float", "both"):
                     outs: list[tuple] = []
                     self._run_segment(pos + 1, on_sample=lambda j, out: outs.append(out), envs=self._float_envs())

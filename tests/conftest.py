@@ -222,3 +222,36 @@ def two_linears_program(bits: tuple[int, int], group_size: int, symmetric: tuple
         rewrite_linear(prog, node, qw, {"method": "rtn", "w_bits": b, "group_size": group_size})
     prog.remove_dead()
     return prog
+
+
+def fold_trained_float(prog, p, target: str, calib) -> list[float]:
+    """The learned-transform pass ``p`` (affinequant/flatquant) trained block by block on ``prog``
+    with every trained transform folded in and *no* weight quantized: the public steps of
+    :func:`lowc.passes.quant.learned.run_blockwise`, with a quantizer that keeps every float weight.
+    Float propagation (the folded program is the float model). Returns each block's final loss."""
+    import importlib
+
+    from lowc.backends.registry import get_target
+    from lowc.ir.analysis import block_groups
+    from lowc.passes.base import PassContext
+    from lowc.passes.blockwise import BlockwiseRunner
+    from lowc.passes.quant.blocktrain import input_absmax, patch_linears, train_block
+    from lowc.passes.quant.learned import apply_plan
+
+    tgt = get_target(target)
+    setup = p.setup(PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False))
+    make_plan = importlib.import_module(f"lowc.passes.quant.{p.name}").make_plan
+    targets = {n.name for n in p.select(prog)}
+    losses = []
+    for block in BlockwiseRunner(prog, calib, progress=False, propagate="float"):
+        groups = block_groups(prog, block.index)
+        fm = block.module()
+        amax = input_absmax(fm, [g.linears[0].name for g in groups], block.inputs, "cpu", p.name)
+        plan = make_plan(setup, prog, block.index, groups, amax, targets)
+        patch_linears(fm, plan.modules)
+        info = train_block(fm, plan.param_groups, block.inputs, block.float_outputs, epochs=p.epochs,
+                           batch_size=p.batch_size, device="cpu", refresh=plan.refresh, on_epoch=plan.on_epoch)
+        assert apply_plan(prog, plan, lambda node, mod, w: None) == []  # nothing quantized
+        losses.append(info["loss"])
+    prog.remove_dead()
+    return losses

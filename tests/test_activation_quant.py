@@ -253,6 +253,9 @@ def test_kv_graph_after_rope_before_gqa_repeat(llama_prog):
     recs = run_passes(p, [QuantizeKV(bits=4), QuantizeKV(bits=4)], PassContext(progress=False))
     assert [r.result.changed for r in recs] == [True, False]
     assert recs[0].result.stats == {"quantized": 4, "attentions": 2, "bits": 4, "group_size": -1, "symmetric": False}
+    # the second run skips what the first quantized, and says so in its stats
+    assert recs[1].result.stats == {"quantized": 0, "attentions": 2, "bits": 4, "group_size": -1, "symmetric": False,
+                                    "already_quantized": 4}
     verifier.verify(p)
     nodes = _kv_nodes(p)
     # one K and one V per block; their order in the graph follows the transformers version's code

@@ -1,6 +1,6 @@
 """affinequant: the printed graph (W4A4: every transform folded, no extra op; weight-only: the paper's
-full matrices after the norms as online lowc::kron_transform), the folded float model is unchanged
-(GQA, odd widths), the gradual band mask, quality above RTN at W4A4 and W3 on real text, the
+full matrices after the norms as online lowc::kron_transform), make_plan on its own, the folded
+float model is unchanged (GQA, odd widths), the gradual band mask, quality above RTN at W4A4 and W3 on real text, the
 artifact round trip, idempotence/determinism, options, the CLI, bad input, and the real MiniLM
 (post-norm: the diagonal stays online, logged)."""
 
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import FileCheck
 
 import lowc
 from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
-                      check_options_round_trip, logits, minilm_w8a8, run_lowc, sqnr)
+                      check_options_round_trip, fold_trained_float, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
 from lowc.ir import printer, verifier
+from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
 from lowc.passes.quant.affinequant import AffineQuant, band_mask, band_width
@@ -35,6 +37,17 @@ def test_gradual_mask():
 @pytest.mark.slow
 def test_graph_w4a4_folds_everything(w4a4):
     text = printer.format_program(w4a4.program)
+    fc = FileCheck()
+    for b in range(2):
+        p = f"model.layers.{b}"
+        fc = fc.check(f"aten.mul.Tensor(@{p}.input_layernorm.weight,")  # the diagonal went into the norm
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            fc = fc.check("= lowc.linear_wqaq.default(").check_same(f"@{p}.self_attn.{proj}.qweight") \
+                .check_same(f"layer={p}.self_attn.{proj} ").check_same("method=affinequant")
+        fc = fc.check(f"aten.mul.Tensor(@{p}.post_attention_layernorm.weight,")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            fc = fc.check("= lowc.linear_wqaq.default(").check_same(f"@{p}.mlp.{proj}.qweight").check_same("method=affinequant")
+    fc.check("= aten.linear.default(").check_same("@lm_head.weight)").run(text)
     assert "kron_transform" not in text  # diagonals in the norms, v/o blocks in the weights: no extra op
     assert text.count("lowc.linear_wqaq.default") == 14
     assert [l for l in text.splitlines() if "aten.linear.default" in l and "layer=lm_head" not in l] == []
@@ -64,6 +77,19 @@ def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
     assert s_aq > s_rtn + 1.0, (s_aq, s_rtn)  # measured 5.3 vs 3.8 dB
     text = printer.format_program(aq)
     assert text.count("lowc.kron_transform.default") == 4  # the paper's full matrices after both norms
+    fc = FileCheck()
+    for block in transformer_blocks(aq):
+        for first, group in (("q", ("q", "k", "v")), ("gate", ("gate", "up"))):
+            kron = block.linear(first).args[0]  # A⁻¹ applied online, read by every linear of the group
+            layer = linear_layer(block.linear(first))
+            fc = fc.check(f"%{kron.name} = lowc.kron_transform.default(").check_same(f", None, @{layer}.affine_p1, None, None)") \
+                .check_same(f"# layer={layer}.input_transform block={block.index}\n")
+            for role in group:
+                fc = fc.check(f"= lowc.linear_wq.default(%{kron.name}, ").check_same(f"role={role} block={block.index}")
+            if first == "q":
+                fc = fc.check("= lowc.linear_wq.default(").check_same("role=o ")  # the v/o transform is folded
+        fc = fc.check("= lowc.linear_wq.default(").check_same("role=down ")
+    fc.run(text)
     assert aq.attr("model.layers.0.self_attn.q_proj.affine_p1").shape == (128, 128)
     assert {r["scheme"]["w_bits"] for r in layer_table(aq) if r["scheme"]} == {3}
 
@@ -72,21 +98,57 @@ def test_w3_weight_only_online_matrices_beat_rtn(wt2_llama, tmp_path):
 def test_folded_float_model_is_unchanged(odd_llama_dir):
     """GQA (3 query heads on 1 KV head: one v/o block shared by 3 heads), hidden 96, intermediate
     200: folded transforms without quantization leave the float model's output unchanged."""
-    from lowc.backends.registry import get_target
-
     calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     base = lowc.trace(odd_llama_dir)
     ref = logits(base, ids)
-    for target, spelling in (("ref-w4a4", AffineQuant(epochs=2)), ("ref-w4a16", AffineQuant(epochs=2, bits=3))):
+    for target, p, online in (("ref-w4a4", AffineQuant(epochs=2), 0), ("ref-w4a16", AffineQuant(epochs=2, bits=3), 4)):
         prog = base.clone()
-        tgt = get_target(target)
-        res = spelling._run(prog, PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False), quantize=False)
-        assert res.changed
+        losses = fold_trained_float(prog, p, target, calib)
+        assert len(losses) == 2 and all(l > 0 for l in losses)
         verifier.verify(prog)
         v = prog.attr("model.layers.0.self_attn.v_proj.weight")
         assert not torch.equal(v, base.attr("model.layers.0.self_attn.v_proj.weight"))  # the v/o transform was applied
+        assert printer.format_program(prog).count("lowc.kron_transform.default") == online  # ln_matrix: online A⁻¹
         torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_make_plan_is_an_equivalence_in_float(odd_llama_dir):
+    """make_plan on its own: per group the transform the paper puts there, and with no quantization
+    the block copy patched with the plan's modules computes the float block, before and after the
+    transforms move away from their initialisation."""
+    from dataclasses import replace
+
+    from lowc.backends.registry import get_target
+    from lowc.ir.analysis import block_groups
+    from lowc.passes.blockwise import BlockwiseRunner
+    from lowc.passes.quant.affinequant import make_plan
+    from lowc.passes.quant.blocktrain import input_absmax, patch_linears
+
+    prog = lowc.trace(odd_llama_dir)
+    calib = [torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tgt = get_target("ref-w4a16")
+    targets = {n.name for n in AffineQuant().select(prog)}
+    for ln_matrix in (True, False):
+        setup = replace(AffineQuant(ln_matrix=ln_matrix).setup(PassContext(target=tgt, scheme=tgt.scheme)), scheme=None)
+        block = next(iter(BlockwiseRunner(prog, calib, progress=False, propagate="float")))
+        groups = block_groups(prog, block.index)
+        fm = block.module()
+        amax = input_absmax(fm, [g.linears[0].name for g in groups], block.inputs, "cpu", "test")
+        plan = make_plan(setup, prog, block.index, groups, amax, targets)
+        assert [g.kind for g, _ in plan.norms] == ["norm", "norm"] and len(plan.vos) == 1
+        assert all(t.matrix == ln_matrix and t.online == ln_matrix for _, t in plan.norms)
+        assert set(plan.modules) == {n.name for n in block.linears()}
+        assert all(m.wq is None and m.act_bits == 16 for m in plan.modules.values())
+        assert [len(g["params"]) for g in plan.param_groups] == [3]  # 2 norm transforms + 1 v/o; no clipping
+        patch_linears(fm, plan.modules)
+        plan.on_epoch(setup.epochs - 1)  # the full band
+        with torch.no_grad():
+            for t in [t for _, t in plan.norms] + plan.vos:
+                t.param.mul_(1 + 0.2 * torch.randn_like(t.param)).add_(0.01 * torch.randn_like(t.param))
+            plan.refresh()
+            for x, want in zip(block.inputs, block.float_outputs):
+                torch.testing.assert_close(fm(*x)[0], want[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

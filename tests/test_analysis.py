@@ -1,5 +1,6 @@
 """lowc.ir.analysis on tiny-llama (RMSNorm, RoPE, GQA), minilm (BERT: LayerNorm, biases, no RoPE),
-an odd-sized Llama (3 query heads sharing 1 KV head), and after rtn (dialect linears)."""
+an odd-sized Llama (3 query heads sharing 1 KV head), and after rtn (dialect linears). Nodes are
+found by layer and role (NodeInfo), never by the names torch.export gives them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.fx
 
 import lowc
 from lowc.ir import analysis, printer
+from lowc.ir import meta as nodemeta
 from lowc.passes.options import parse_pass
 from lowc.passes.pipeline import run_passes
 
@@ -47,6 +49,15 @@ def llama_rtn(llama):
 
 def _layers(nodes):
     return [analysis.linear_layer(n) if n is not None else None for n in nodes]
+
+
+def _q0(program) -> torch.fx.Node:
+    """Block 0's q projection."""
+    return analysis.transformer_blocks(program)[0].linear("q")
+
+
+def _op_and_layer(node: torch.fx.Node) -> tuple[str, str]:
+    return printer.target_name(node), nodemeta.get(node).layer
 
 
 def _values(program) -> dict[torch.fx.Node, object]:
@@ -87,13 +98,14 @@ def test_networkx_view_mirrors_the_fx_graph(llama):
     assert set(g.nodes) == {n.name for n in nodes}
     assert set(g.edges) == {(i.name, n.name) for n in nodes for i in n.all_input_nodes}
     assert nx.is_directed_acyclic_graph(g)
-    q = g.nodes["linear"]
+    q_node = _q0(llama)
+    q = g.nodes[q_node.name]
     assert (q["op"], q["target"], q["layer"], q["role"], q["block"]) == (
         "call_function", "aten.linear.default", "model.layers.0.self_attn.q_proj", "q", 0)
-    weight = next(a for a in g.predecessors("linear") if g.nodes[a]["op"] == "get_attr")
+    weight = next(a for a in g.predecessors(q_node.name) if g.nodes[a]["op"] == "get_attr")
     assert g.nodes[weight]["target"] == "model.layers.0.self_attn.q_proj.weight"
     assert g.nodes["input_ids"]["op"] == "placeholder"
-    assert g.nodes["linear"]["node"] is next(n for n in nodes if n.name == "linear")
+    assert q["node"] is q_node
 
 
 def test_analyses_do_not_change_the_graph(llama):
@@ -105,13 +117,17 @@ def test_analyses_do_not_change_the_graph(llama):
     assert printer.format_program(llama) == before
 
 
-def test_linear_predicates(llama):
-    q = next(n for n in llama.graph.nodes if n.name == "linear")
-    assert analysis.is_linear(q)
+def test_linear_predicates(llama, llama_rtn):
+    q = _q0(llama)
+    assert analysis.is_linear(q) and analysis.is_float_linear(q)
+    q_rtn = _q0(llama_rtn)
+    assert analysis.is_linear(q_rtn) and not analysis.is_float_linear(q_rtn)  # compressed: lowc::linear_wq
+    assert llama.linears() == [n for n in llama.graph.nodes if analysis.is_float_linear(n)]
+    assert [analysis.linear_layer(n) for n in llama_rtn.linears()] == ["lm_head"]
     norm_out = analysis.linear_input(q)  # the RMSNorm's weight product (node names vary by torch version)
     assert norm_out.target == torch.ops.aten.mul.Tensor
     assert norm_out.args[0].op == "get_attr" and norm_out.args[0].target == "model.layers.0.input_layernorm.weight"
-    sdpa = next(n for n in llama.graph.nodes if n.name == "scaled_dot_product_attention")
+    sdpa = analysis.attention_subgraphs(llama)[0].sdpa
     assert not analysis.is_linear(sdpa)
     with pytest.raises(ValueError, match="scaled_dot_product_attention.*not a linear"):
         analysis.linear_input(sdpa)
@@ -135,7 +151,7 @@ def _check_llama(program, n_blocks=4):
         if b.index:
             assert b.hidden_input is blocks[b.index - 1].output
         assert f"{b.prefix}.input_layernorm.weight" in b.attrs
-    assert blocks[0].hidden_input.name == "embedding"
+    assert _op_and_layer(blocks[0].hidden_input) == ("aten.embedding.default", "model.embed_tokens")
 
     groups = analysis.shared_input_groups(program, min_size=2)
     assert [(g.block, g.roles) for g in groups] == [
@@ -203,7 +219,7 @@ def test_blocks_are_a_complete_cut(llama):
 
 def test_nodes_without_lowc_metadata_join_their_users_block(llama):
     p = llama.clone()
-    q = next(n for n in p.graph.nodes if n.name == "linear")
+    q = _q0(p)
     norm = q.args[0]
     with p.graph.inserting_after(norm):
         scaled = p.graph.call_function(torch.ops.aten.mul.Tensor, (norm, 0.5))
@@ -246,15 +262,15 @@ def test_minilm(minilm):
             "q": [f"{b.prefix}.attention.self.query"], "k": [f"{b.prefix}.attention.self.key"],
             "v": [f"{b.prefix}.attention.self.value"], "o": [f"{b.prefix}.attention.output.dense"],
             "up": [f"{b.prefix}.intermediate.dense"], "down": [f"{b.prefix}.output.dense"]}
-        assert b.output.name == f"layer_norm_{2 * b.index + 2}"
+        assert _op_and_layer(b.output) == ("aten.layer_norm.default", f"{b.prefix}.output.LayerNorm")
         if b.index:
             assert b.hidden_input is blocks[b.index - 1].output
-    assert blocks[0].hidden_input.name == "dropout"  # the embeddings' (eval) dropout
+    assert _op_and_layer(blocks[0].hidden_input) == ("aten.dropout.default", "embeddings.dropout")  # eval: identity
 
     qkv = analysis.shared_input_groups(minilm, min_size=2)
     assert [g.roles for g in qkv] == [("q", "k", "v")] * 6
     # block 0's q/k/v read the embeddings' dropout, which is the identity in eval: the group's input is the norm
-    assert qkv[0].input.name == "layer_norm"
+    assert _op_and_layer(qkv[0].input) == ("aten.layer_norm.default", "embeddings.LayerNorm")
 
     links = analysis.norm_before_linears(minilm)
     assert [(l.group.roles, l.layer) for l in links] == [
@@ -273,3 +289,40 @@ def test_minilm(minilm):
         assert a.q_rope == () and a.k_rope == ()
         assert a.mask is not None and not a.is_causal
         assert (a.num_heads, a.num_kv_heads, a.head_dim) == (12, 12, 32)
+
+
+# ---- block groups (where the learned passes put their transforms) ---------------------------------
+def _groups(program, index):
+    return [(g.kind, tuple(nodemeta.get(n).role for n in g.linears)) for g in analysis.block_groups(program, index)]
+
+
+def test_block_groups_llama(llama, llama_rtn):
+    for index in range(4):
+        groups = analysis.block_groups(llama, index)
+        assert _groups(llama, index) == [("norm", ("q", "k", "v")), ("o", ("o",)), ("norm", ("gate", "up")), ("other", ("down",))]
+        qkv, o, gate_up, down = groups
+        prefix = f"model.layers.{index}"
+        assert (qkv.link.layer, gate_up.link.layer) == (f"{prefix}.input_layernorm", f"{prefix}.post_attention_layernorm")
+        assert qkv.norm_foldable and gate_up.norm_foldable  # pre-norm: the norm output feeds only the group
+        assert analysis.linear_layer(o.v) == f"{prefix}.self_attn.v_proj" and o.attn.o is o.linears[0]
+        assert analysis.linear_layer(down.up) == f"{prefix}.mlp.up_proj"  # down reads silu(gate) * up
+        assert all(g.input is g.linears[0].args[0] for g in groups)
+    assert analysis.block_groups(llama_rtn, 0) == []  # compressed linears are no longer candidates
+
+
+def test_block_groups_post_norm_minilm(minilm):
+    """BERT: the LayerNorm outputs are also the residual stream, so no scale folds into them exactly;
+    the MLP is GELU (no multiplicative up factor)."""
+    for index in range(6):
+        groups = analysis.block_groups(minilm, index)
+        assert _groups(minilm, index) == [("norm", ("q", "k", "v")), ("o", ("o",)), ("norm", ("up",)), ("other", ("down",))]
+        assert not any(g.norm_foldable for g in groups) and groups[3].up is None
+        assert groups[0].link.layer == (f"encoder.layer.{index - 1}.output.LayerNorm" if index else "embeddings.LayerNorm")
+
+
+def test_block_groups_after_partial_rewrite(llama):
+    """A group with one compressed linear is left out; the other groups of the block stay."""
+    p = llama.clone()
+    run_passes(p, [parse_pass("rtn{ignore=[lm_head,q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj]}")])
+    assert not analysis.is_float_linear(analysis.transformer_blocks(p)[1].linear("down"))
+    assert _groups(p, 1) == [("norm", ("q", "k", "v")), ("o", ("o",)), ("norm", ("gate", "up"))]

@@ -15,10 +15,11 @@ import lowc
 from lowc.errors import CalibrationError
 from lowc.frontend.trace import load_source, trace
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.ir.dialect import quant
 from lowc.passes.blockwise import BlockwiseRunner, build_segment, segments
 from lowc.passes.calibration import load_calibration
-from lowc.passes.quant.common import layer_name, linear_weight, rewrite_linear
+from lowc.passes.quant.common import linear_weight, rewrite_linear
 
 MODELS = ["tiny-llama", "minilm"]
 N_BLOCKS = {"tiny-llama": 4, "minilm": 6}
@@ -97,7 +98,7 @@ def test_block_module_printed(eager_and_program):
                 .check("torch.ops.aten.scaled_dot_product_attention.default(") \
                 .check(f"return ({block.output_names[0]},)").run(code)
             FileCheck().check_count("torch.ops.aten.linear.default(", 7, exactly=True).run(code)
-            assert [layer_name(n) for n in block.linears()] == [
+            assert [linear_layer(n) for n in block.linears()] == [
                 f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 
@@ -141,13 +142,13 @@ def test_hooks_see_linear_inputs(eager_and_program, name):
     runner = BlockwiseRunner(program, data, progress=False)
     for block in runner:
         by_name = {n.name: n for n in block.linears()}
-        assert by_name and all(layer_name(n).startswith(block.layer_prefix + ".") for n in by_name.values())
-        block.run(lambda node_name, x, y: seen.setdefault(layer_name(by_name[node_name]), []).append((x.clone(), y.clone())))
+        assert by_name and all(linear_layer(n).startswith(block.layer_prefix + ".") for n in by_name.values())
+        block.run(lambda node_name, x, y: seen.setdefault(linear_layer(by_name[node_name]), []).append((x.clone(), y.clone())))
         for node in by_name.values():
             w = linear_weight(program, node)
             b = node.args[2] if len(node.args) > 2 else None
             bias = program.attr(b.target) if isinstance(b, torch.fx.Node) else None
-            for x, y in seen[layer_name(node)]:
+            for x, y in seen[linear_layer(node)]:
                 torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), rtol=0, atol=0)
     assert set(seen) == set(eager)
     for layer, xs in eager.items():
@@ -251,12 +252,14 @@ def test_float_propagation_ignores_rewrite(eager_and_program):
 
 def test_only_needed_values_are_held(eager_and_program):
     program = eager_and_program["tiny-llama"][1]
+    by_name = {n.name: n for n in program.graph.nodes}
     runner = BlockwiseRunner(program, calib(2), progress=False)
     for block in runner:
         # embeddings are dropped once block 0 has run; only this block's inputs wait
         assert runner.held_values == sorted(block.input_names)
-        assert ("embedding" in runner.held_values) == (block.index == 0)
-    assert runner.held_values == ["add_27"]
+        roles = {nodemeta.get(by_name[v]).role for v in runner.held_values}
+        assert ("embed" in roles) == (block.index == 0)
+    assert runner.held_values == [transformer_blocks(program)[-1].output.name]  # the last block's residual
     runner.close()
     assert runner.held_values == []
 

@@ -80,8 +80,12 @@ def test_eval_and_bench(compiled, tmp_path):
     assert r["ppl"] > 1 and r["ppl_float"] > 1 and 0 <= r["kl"] < 1 and 0 <= r["top1"] <= 1
     res = run_lowc("bench", out, "--seq-len", "8", "--repeat", "2", "--json")
     assert res.returncode == 0, res.stderr
-    rows = json.loads(res.stdout)["rows"]
-    assert rows[0]["float_ms"] > 0 and rows[0]["lowc_ms"] > 0
+    info = json.loads(res.stdout)
+    (row,) = info["rows"]  # one row per --seq-len
+    assert (info["target"], info["device"], row["batch"], row["seq_len"]) == ("ref-w4a16", "cpu", 1, 8)
+    assert 0 < row["float_ms"] < 60e3 and 0 < row["lowc_ms"] < 60e3  # real medians, not placeholders
+    assert row["speedup"] == pytest.approx(row["float_ms"] / row["lowc_ms"], rel=1e-6)
+    assert row["lowc_tokens_per_s"] == pytest.approx(8 * 1e3 / row["lowc_ms"], rel=1e-6)
 
 
 @pytest.mark.slow

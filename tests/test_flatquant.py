@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import FileCheck
 
 import lowc
 from conftest import (CALIB, VALID, check_idempotent_and_deterministic, check_needs_finite_calibration,
-                      check_options_round_trip, logits, minilm_w8a8, run_lowc, sqnr)
+                      check_options_round_trip, fold_trained_float, logits, minilm_w8a8, run_lowc, sqnr)
 from lowc.api import layer_table
 from lowc.errors import LowcError
 from lowc.ir import printer, verifier
+from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
 from lowc.passes.pipeline import run_passes
@@ -33,10 +35,20 @@ def test_graph(w4a4):
     assert text.count("lowc.kron_transform.default") == 8  # q/k/v, o heads, gate/up, down in 2 blocks
     assert text.count("lowc.linear_wqaq.default") == 14
     assert [l for l in text.splitlines() if "aten.linear.default" in l and "layer=lm_head" not in l] == []
-    block0 = [l for l in text.splitlines() if "block=0" in l]
-    kron = [i for i, l in enumerate(block0) if "kron_transform" in l]
-    q = next(i for i, l in enumerate(block0) if "self_attn.q_proj" in l and "linear_wqaq" in l)
-    assert kron[0] < q and f"%{block0[kron[0]].split()[0][1:]}" in block0[q]  # q reads the transformed input
+    fc = FileCheck()
+    for block in transformer_blocks(w4a4.program):
+        # (first linear of the group, the group, where d went: into the norm / up_proj rows (no scale
+        # operand) or nowhere (o_proj's heads transform has no d))
+        for first, group in (("q", ("q", "k", "v")), ("o", ("o",)), ("gate", ("gate", "up")), ("down", ("down",))):
+            kron = block.linear(first).args[0]
+            layer = linear_layer(block.linear(first))
+            p2 = "None" if first == "o" else f"@{layer}.flat_p2"
+            fc = fc.check(f"%{kron.name} = lowc.kron_transform.default(").check_same(f", None, @{layer}.flat_p1, {p2}, ") \
+                .check_same(f"# layer={layer}.input_transform block={block.index}\n")
+            for role in group:  # every linear of the group reads the transformed input
+                fc = fc.check(f"= lowc.linear_wqaq.default(%{kron.name}, ").check_same(f"role={role} block={block.index} ") \
+                    .check_same("method=flatquant")
+    fc.check("= aten.linear.default(").check_same("@lm_head.weight)").run(text)
     rows = [r for r in w4a4.layers() if r["block"] is not None]
     assert len(rows) == 14 and all(r["scheme"]["method"] == "flatquant" and r["scheme"]["a_bits"] == 4 for r in rows)
     stats = w4a4.manifest["passes"][0]["stats"]
@@ -85,21 +97,70 @@ def test_onnx_refuses_the_transform_naming_the_layer(w4a4):
 @pytest.mark.slow
 def test_folded_float_model_is_unchanged(odd_llama_dir):
     """GQA (3 query heads on 1 KV head), hidden 96 = 8 x 12, intermediate 200 = 10 x 20: with the
-    trained transforms folded and no quantization, the program computes the float model."""
-    from lowc.backends.registry import get_target
-
+    trained transforms folded and no quantization, the program computes the float model (activation
+    clipping, lossy by design, off)."""
     prog = lowc.trace(odd_llama_dir)
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = prog.call(ids).logits
-    tgt = get_target("ref-w4a4")
+    ref = logits(prog, ids)
     calib = load_calibration([torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)])
-    res = FlatQuant(epochs=2)._run(prog, PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False), quantize=False)
-    assert res.changed and len(res.stats["block_loss"]) == 2
+    losses = fold_trained_float(prog, FlatQuant(epochs=2, lac=False), "ref-w4a4", calib)
+    assert len(losses) == 2 and all(l > 0 for l in losses)
     verifier.verify(prog)
     assert printer.format_program(prog).count("lowc.kron_transform.default") == 8
+    torch.testing.assert_close(logits(prog, ids), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_make_plan_is_an_equivalence_in_float(odd_llama_dir):
+    """make_plan on its own: a Kronecker transform per group (o_proj: heads x head_dim, the latter
+    folded into v_proj), and with no quantization the block copy patched with the plan's modules
+    computes the float block for any value of the factors and smoothing vectors."""
+    from dataclasses import replace
+
+    from lowc.backends.registry import get_target
+    from lowc.ir.analysis import block_groups
+    from lowc.passes.blockwise import BlockwiseRunner
+    from lowc.passes.quant.blocktrain import input_absmax, patch_linears
+    from lowc.passes.quant.flatquant import make_plan
+
+    prog = lowc.trace(odd_llama_dir)
+    calib = [torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tgt = get_target("ref-w4a16")
+    setup = replace(FlatQuant().setup(PassContext(target=tgt, scheme=tgt.scheme)), scheme=None)
+    block = next(iter(BlockwiseRunner(prog, calib, progress=False, propagate="float")))
+    groups = block_groups(prog, block.index)
+    fm = block.module()
+    amax = input_absmax(fm, [g.linears[0].name for g in groups], block.inputs, "cpu", "test")
+    plan = make_plan(setup, prog, block.index, groups, amax, {n.name for n in block.linears()})
+    assert [(g.kind, how) for g, _, how in plan.krons] == [("norm", "norm"), ("o", None), ("norm", "norm"), ("other", "up")]
+    assert [f.n for f in plan.factors] == [8, 12, 3, 32, 8, 12, 10, 20]  # 96 = 8x12, 3 heads x 32, 200 = 10x20
+    assert set(plan.modules) == {n.name for n in block.linears()} and all(m.wq is None for m in plan.modules.values())
+    patch_linears(fm, plan.modules)
     with torch.no_grad():
-        torch.testing.assert_close(prog.call(ids).logits, ref, rtol=1e-4, atol=2e-5)
+        for params in [f.params() for f in plan.factors] + [[k.d] for _, k, _ in plan.krons if k.d is not None]:
+            for t in params:
+                t.add_(0.1 * torch.randn_like(t))
+        plan.refresh()
+        for x, want in zip(block.inputs, block.float_outputs):
+            torch.testing.assert_close(fm(*x)[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_group_sharing_input_with_a_compressed_linear_is_logged(odd_llama_dir):
+    """k_proj quantized by rtn first: q/v share its input, so no transform is learned for them; they
+    get RTN and the log says why (nothing is skipped silently)."""
+    from lowc.backends.registry import get_target
+    from lowc.passes.options import parse_pass
+
+    prog = lowc.trace(odd_llama_dir)
+    tgt = get_target("ref-w4a16")
+    calib = load_calibration([torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    ctx = PassContext(target=tgt, scheme=tgt.scheme, calib=calib, progress=False)
+    only_k = parse_pass("rtn{ignore=[lm_head,q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]}")
+    _, rec = run_passes(prog, [only_k, FlatQuant(epochs=0)], ctx)
+    assert rec.result.stats["quantized"] == 8 and rec.result.stats["rtn_in_blocks"] == 4  # o, gate, up, down; q, v (x2)
+    assert ("flatquant: 4 linear(s) share their input with an already compressed linear, so no transform was learned "
+            "for them; quantized with RTN: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, "
+            "model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj") in ctx.log
+    assert {r["scheme"]["method"] for r in layer_table(prog) if r["scheme"] and r["layer"].endswith(("q_proj", "v_proj"))} == {"rtn"}
 
 
 @pytest.mark.slow

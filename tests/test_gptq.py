@@ -130,6 +130,36 @@ def test_pass_rewrites_every_block_linear(tiny_gptq):
     assert text.count("lowc.linear_wq.default") == 28
 
 
+PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def test_printed_graph(tiny_gptq):
+    """Every block linear became lowc::linear_wq on its own packed buffers, in graph order, q/k/v and
+    gate/up still sharing their input, with the gptq scheme; lm_head stays float; no float weight of a
+    block is read any more."""
+    from torch.testing import FileCheck
+
+    from lowc.ir import analysis, printer
+
+    cm, _ = tiny_gptq
+    text = printer.format_program(cm.program)
+    scheme = "scheme=a_bits=16,group_size=128,method=gptq,symmetric=False,w_bits=4\n"
+    fc = FileCheck()
+    for block in analysis.transformer_blocks(cm.program):
+        shared = {r: f"%{block.linear(r).args[0].name}, " for r in PROJ}
+        for role, proj in PROJ.items():
+            layer = f"{block.prefix}.{proj}"
+            fc = fc.check("= lowc.linear_wq.default(").check_same(shared[role]) \
+                .check_same(f"@{layer}.qweight, @{layer}.scales, @{layer}.zeros, None, 4, 128, ") \
+                .check_same(f"# layer={layer} role={role} block={block.index} {scheme}")
+        assert shared["q"] == shared["k"] == shared["v"] and shared["gate"] == shared["up"]
+    fc.check("= aten.linear.default(").check_same("@lm_head.weight)").check_same("# layer=lm_head role=lm_head\n") \
+        .check("return ").run(text)
+    FileCheck().check_count("= aten.linear.default(", 1, exactly=True).run(text)
+    assert "_proj.weight" not in text
+
+
 @pytest.mark.slow
 def test_pass_is_idempotent_and_deterministic(tiny_gptq):
     cm, calib = tiny_gptq
@@ -172,5 +202,5 @@ def test_missing_and_non_finite_calibration():
     with torch.no_grad():
         model.model.embed_tokens.weight[7] = float("inf")
     calib = [torch.tensor([[1, 7, 9, 11]])]
-    with pytest.raises((CalibrationError, PassError), match="non-finite"):
-        lowc.compile(model, target="ref-w4a16", passes=["gptq"], calib=calib, progress=False)
+    with pytest.raises((CalibrationError, PassError), match="non-finite"):  # the weights may be inf; the activations not
+        lowc.compile(model, target="ref-w4a16", passes=["gptq"], calib=calib, progress=False, allow_nonfinite=True)

@@ -119,7 +119,7 @@ def test_printer_shows_roles_and_blocks(base):
     q_lines = [l for l in text.splitlines() if "aten.linear.default" in l and "role=q block=0" in l]
     assert len(q_lines) == 1
     assert re.fullmatch(
-        r"%linear = aten\.linear\.default\(%\w+, @model\.layers\.0\.self_attn\.q_proj\.weight\) : f32\[\w+, \w+, 256\]"
+        r"%\w+ = aten\.linear\.default\(%\w+, @model\.layers\.0\.self_attn\.q_proj\.weight\) : f32\[\w+, \w+, 256\]"
         r"  # layer=model\.layers\.0\.self_attn\.q_proj role=q block=0",
         q_lines[0],
     ), q_lines[0]
@@ -139,8 +139,8 @@ def test_printer_after_rtn(prog):
     assert len(float_linears) == 1 and "role=lm_head" in float_linears[0]
     wq = [l for l in text.splitlines() if "lowc.linear_wq.default" in l]
     assert len(wq) == 28
-    assert re.match(r"%linear_wq\w* = ", wq[0]), wq[0]
     q = next(n for n in prog.graph.nodes if n.target == torch.ops.lowc.linear_wq.default)
+    assert wq[0].startswith(f"%{q.name} = "), wq[0]  # the first linear_wq is q_proj of block 0
     assert q.args[0].target == torch.ops.aten.mul.Tensor  # the RMSNorm output (its name varies by torch version)
     assert wq[0].split(" = ", 1)[1].startswith(
         f"lowc.linear_wq.default(%{q.args[0].name}, @model.layers.0.self_attn.q_proj.qweight, "
@@ -254,12 +254,61 @@ def test_pipeline_missing_precondition(prog):
         Pipeline([("user", RemoveDead()), ("user", NeedsCalib())]).run(prog, PassContext())
 
 
+def test_unknown_requirement_raises(prog):
+    @dataclass(frozen=True)
+    class Misspelt(Pass):
+        name = "misspelt"
+        requires = frozenset({"calibraton"})
+
+        def run(self, program, ctx):  # pragma: no cover - never reached
+            return PassResult(changed=False)
+
+    with pytest.raises(PassError, match=r"pass 'misspelt' requires 'calibraton', which is not a known requirement "
+                                        r"\(known: calibration\)"):
+        Pipeline([("user", Misspelt())]).run(prog, PassContext(calib=object()))
+    with pytest.raises(PassError, match="pass 'x' requires 'calibraton'"):
+        PassContext().require("calibraton", "x")
+
+
+# ---- remove-dead ---------------------------------------------------------------------------------
+
+
+def test_remove_dead_printed_graph(prog):
+    """An unused computation and an attribute no node reads are erased; the rest of the graph prints
+    the same; a second run reports changed=False."""
+    before = printer.format_program(prog)
+    q = prog.linears()[0]
+    with prog.graph.inserting_after(q):
+        dead = prog.graph.call_function(torch.ops.aten.sigmoid.default, (q,))
+    prog.gm.register_buffer("stale", torch.zeros(3))
+    getter = prog.get_attr_node("stale", q)
+    with prog.graph.inserting_after(getter):
+        neg = prog.graph.call_function(torch.ops.aten.neg.default, (getter,))
+    prog.gm.recompile()
+    text = printer.format_program(prog)
+    FileCheck().check(f"%{neg.name} = aten.neg.default(@stale)").check(f"%{q.name} = aten.linear.default(") \
+        .check_next(f"%{dead.name} = aten.sigmoid.default(%{q.name})").run(text)
+
+    (rec,) = run_passes(prog, [RemoveDead()], PassContext())
+    assert rec.result.changed and rec.result.stats == {"nodes_removed": 3, "removed": 1}  # the buffer
+    text = printer.format_program(prog)
+    FileCheck().check_not("aten.sigmoid.default").check_not("@stale").check_not(f"%{neg.name} =").run(text)
+    assert text == before and "stale" not in dict(prog.gm.named_buffers())
+    (again,) = run_passes(prog, [RemoveDead()], PassContext())
+    assert again.result.changed is False and again.result.stats == {"nodes_removed": 0, "removed": 0}
+
+
 def test_pipeline_records(prog):
+    import time
+
+    t0 = time.perf_counter()
     records = Pipeline([("method", RTN(bits=8, group_size=-1)), ("finalize", RemoveDead())]).run(prog, PassContext())
+    wall = time.perf_counter() - t0
     assert [(r.phase, r.pass_.name, r.result.changed) for r in records] == [("method", "rtn", True), ("finalize", "remove-dead", False)]
     j = records[0].to_json()
     assert j["name"] == "rtn" and j["options"]["bits"] == 8 and j["phase"] == "method" and j["changed"] is True
-    assert j["stats"]["quantized"] == 28 and j["seconds"] >= 0
+    assert j["stats"]["quantized"] == 28 and j["seconds"] == round(records[0].seconds, 4)
+    assert 0 < records[0].seconds and records[0].seconds + records[1].seconds <= wall  # each pass timed on its own
 
 
 def test_print_after(prog):

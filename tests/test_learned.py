@@ -1,7 +1,8 @@
 """The shared machinery of the learned-transform passes: fake quantization that packs to exactly what
-it simulates, activation clipping through ``lowc::kron_transform`` + ``lowc::linear_wqaq``, the
-Kronecker op against ``torch.kron``, factorisation, Cayley orthogonality, and the block runner's
-two-stream mode (``propagate="both"``)."""
+it simulates (``fakequant``), activation clipping through ``lowc::kron_transform`` +
+``lowc::linear_wqaq``, the Kronecker op against ``torch.kron``, factorisation, Cayley orthogonality,
+smoothing scales (``transforms``), block training (``blocktrain``) and the block runner's two-stream
+mode (``propagate="both"``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import lowc
 from lowc.errors import CalibrationError
 from lowc.ir.dialect import ensure_registered, quant
 from lowc.ir.dialect.kron import kron_apply
-from lowc.passes.quant import learned as L
+from lowc.passes.quant import fakequant as FQ
+from lowc.passes.quant import transforms as T
 
 
 def _deq(qw):
@@ -24,7 +26,7 @@ def _deq(qw):
 def test_fake_quant_packs_to_what_it_simulates(bits, gs, sym, lwc):
     torch.manual_seed(0)
     w = torch.randn(12, 40) * torch.exp(torch.randn(40))  # K=40: padded for groups of 32 / 16
-    wq = L.WeightFakeQuant(w.shape, bits, gs, sym, lwc)
+    wq = FQ.WeightFakeQuant(w.shape, bits, gs, sym, lwc)
     if lwc:
         with torch.no_grad():
             for p in wq.clip_parameters():
@@ -40,28 +42,28 @@ def test_fake_quant_without_clipping_is_rtn():
     w = torch.randn(16, 72)
     for sym in (False, True):
         ref = quant.rtn_quantize(w, 4, 32, sym)
-        ours = L.WeightFakeQuant(w.shape, 4, 32, sym, None).quantize(w)
+        ours = FQ.WeightFakeQuant(w.shape, 4, 32, sym, None).quantize(w)
         assert torch.equal(ours.qweight, ref.qweight) and torch.equal(ours.scales, ref.scales)
 
 
 def test_fake_quant_gradients():
     torch.manual_seed(2)
     w = torch.randn(8, 64, requires_grad=True)
-    wq = L.WeightFakeQuant(w.shape, 3, 32, False, "group")
+    wq = FQ.WeightFakeQuant(w.shape, 3, 32, False, "group")
     wq(w).pow(2).sum().backward()
-    assert w.grad is not None and torch.isfinite(w.grad).all()  # straight-through rounding
-    assert wq.up.grad is not None and wq.up.grad.abs().sum() > 0  # clipping logits are trained
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0  # straight-through rounding: not all zero
+    assert wq.up.grad.abs().sum() > 0 and wq.low.grad.abs().sum() > 0  # clipping logits are trained
 
 
 def test_activation_fake_quant_matches_runtime():
     ensure_registered()
     torch.manual_seed(3)
     x = torch.randn(2, 5, 24) * torch.exp(torch.randn(24))
-    torch.testing.assert_close(L.fake_quant_act(x, 4), quant.fake_quantize_per_token(x, 4), rtol=0, atol=0)
+    torch.testing.assert_close(FQ.fake_quant_act(x, 4), quant.fake_quantize_per_token(x, 4), rtol=0, atol=0)
     # learned clipping in training == the online op's clip followed by the dynamic per-token quantizer
     p1, p2, d = torch.linalg.qr(torch.randn(4, 4))[0], torch.linalg.qr(torch.randn(6, 6))[0], torch.rand(24) + 0.5
     ratio = 0.8
-    train = L.fake_quant_act(L.clip_tokens(kron_apply(x, d, p1, p2), ratio), 4)
+    train = FQ.fake_quant_act(FQ.clip_tokens(kron_apply(x, d, p1, p2), ratio), 4)
     y = torch.ops.lowc.kron_transform(x, d, p1, p2, ratio)
     torch.testing.assert_close(train, quant.fake_quantize_per_token(y, 4), rtol=1e-5, atol=1e-5)
 
@@ -87,16 +89,16 @@ def test_kron_transform_reference_and_checks():
 
 
 def test_factorisation_and_cayley():
-    assert L.balanced_factors(4096) == (64, 64)
-    assert L.balanced_factors(11008) == (86, 128)
-    assert L.balanced_factors(384) == (16, 24)
-    assert L.balanced_factors(6) == (2, 3)
-    assert L.balanced_factors(97) == (1, 97)
+    assert T.balanced_factors(4096) == (64, 64)
+    assert T.balanced_factors(11008) == (86, 128)
+    assert T.balanced_factors(384) == (16, 24)
+    assert T.balanced_factors(6) == (2, 3)
+    assert T.balanced_factors(97) == (1, 97)
     raw = torch.randn(9, 9)
-    q = L.cayley(raw)
+    q = T.cayley(raw)
     torch.testing.assert_close(q @ q.t(), torch.eye(9), rtol=1e-5, atol=1e-5)
     g = torch.Generator().manual_seed(0)
-    r = L.random_orthogonal(5, g)
+    r = T.random_orthogonal(5, g)
     torch.testing.assert_close(r @ r.t(), torch.eye(5), rtol=1e-5, atol=1e-5)
 
 
@@ -134,3 +136,42 @@ def test_runner_both_streams():
             block.set_outputs([tuple(v * 0 for v in o) for o in block.float_outputs])
     with pytest.raises(CalibrationError, match="no longer the current block"):
         block.set_outputs([])
+
+
+def test_smoothing_scales_and_absmax():
+    """``s = max|X|^α / max|W|^(1−α)`` over the linears sharing the input, clamped away from 0;
+    the statistic is a running per-channel max and refuses non-finite activations."""
+    a = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    w1 = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.25, 1.0, -1.0, 0.0]])
+    w2 = torch.tensor([[-4.0, 0.5, 0.25, 0.0]])
+    s = T.smooth_scales(a, [w1, w2], 0.5)
+    want = torch.tensor([4.0 ** 0.5 / 4.0 ** 0.5, 1.0 / 2.0 ** 0.5, 1e-5 ** 0.5 / 1.0, 9.0 ** 0.5 / 1e-5 ** 0.5])
+    torch.testing.assert_close(s, want)
+    torch.testing.assert_close(T.smooth_scales(a, [w1], 1.0), a.clamp(min=1e-5))  # alpha=1: all range to weights
+    stats: dict = {}
+    T.update_absmax(stats, "x", torch.tensor([[[1.0, -3.0], [-2.0, 0.5]]]), "test")
+    T.update_absmax(stats, "x", torch.tensor([[0.5, 4.0]]), "test")
+    assert torch.equal(stats["x"], torch.tensor([2.0, 4.0]))
+    with pytest.raises(CalibrationError, match="test: non-finite activations reach x in calibration"):
+        T.update_absmax(stats, "x", torch.tensor([[float("nan"), 0.0]]), "test")
+
+
+def test_input_absmax_taps_the_block_copy():
+    """input_absmax over a block copy (one interpreter, Tapping, with BlockwiseRunner's hooks) sees
+    the same linear inputs as the runner's own hooks."""
+    from lowc.frontend.presets import tiny_llama
+    from lowc.passes.blockwise import BlockwiseRunner
+    from lowc.passes.quant.blocktrain import input_absmax
+
+    model, _ = tiny_llama(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=2)
+    prog = lowc.trace(model)
+    calib = [torch.randint(0, 259, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for block in BlockwiseRunner(prog, calib, progress=False):
+        names = [n.name for n in block.linears()]
+        got = input_absmax(block.module(), names, block.inputs, "cpu", "test")
+        want: dict = {}
+        block.run(lambda name, x, y: T.update_absmax(want, name, x, "runner"))
+        assert set(got) == set(want) == set(names)
+        for name in names:
+            assert torch.equal(got[name], want[name])

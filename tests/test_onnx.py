@@ -103,8 +103,24 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("target", ["onnx-fp32", "onnx-w4"])
 def test_tiny_llama_parity(tiny, target):
     ref, path = tiny[target]
-    assert ref.target.name == target and ref.manifest["files"]["backend/model.onnx"]["bytes"] > 0
+    assert ref.target.name == target and ref.manifest["files"]["backend/model.onnx"]["bytes"] == os.path.getsize(path)
     assert_parity_both(path, ref, CAUSAL_SHAPES, vocab=259, pad=False, quantized=target != "onnx-fp32")
+
+
+def test_onnx_check_changes_nothing_and_counts_layers(tiny):
+    """onnx-check is a check: on an expressible program it reports changed=False every time, leaves
+    the printed graph as it was and counts the compressed layers it checked (28; lm_head is float)."""
+    from lowc.backends.onnx.check import OnnxCheck
+    from lowc.ir import printer
+    from lowc.passes.base import PassContext
+    from lowc.passes.pipeline import run_passes
+
+    prog = tiny["onnx-w4"][0].program.clone()
+    before = printer.format_program(prog)
+    first, second = run_passes(prog, [OnnxCheck(), OnnxCheck()], PassContext(progress=False))
+    for rec in (first, second):
+        assert rec.result.changed is False and rec.result.stats == {"layers": 28}
+    assert printer.format_program(prog) == before
 
 
 def test_tiny_llama_file_io_names_and_sidecar(tiny):

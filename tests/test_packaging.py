@@ -64,8 +64,13 @@ def test_import_lowc_is_light():
 
 def test_lazy_attributes():
     assert lowc.__version__ == PYPROJECT["project"]["version"]
-    for name in lowc.__all__:
-        assert getattr(lowc, name) is not None
+    from lowc import api, errors
+    from lowc.backends.registry import all_targets
+    from lowc.frontend.trace import trace
+
+    # each lazy name resolves to the object it stands for, not just to something
+    assert {name: getattr(lowc, name) for name in lowc.__all__ if name != "__version__"} == {
+        "compile": api.compile, "load": api.load, "trace": trace, "targets": all_targets, "LowcError": errors.LowcError}
     try:
         lowc.no_such_thing
     except AttributeError as e:

@@ -168,6 +168,33 @@ def test_rtn_is_idempotent(tl_w4):
     assert printer.format_program(p) == text
 
 
+class _VectorWeight(torch.nn.Module):
+    """A linear layer and an ``F.linear`` with a 1-D weight (which cannot be packed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 16)
+        self.w = torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        return F.linear(self.a(x), self.w)
+
+
+def test_rtn_counts_and_logs_weights_it_cannot_pack():
+    """A linear whose weight is not 2-D stays float: counted as skipped (not as quantized) and
+    logged by name; a second run quantizes nothing and says so again."""
+    p = trace(_VectorWeight(), (torch.randn(3, 32),))
+    ctx = PassContext()
+    (rec,) = run_passes(p, [RTN(group_size=-1)], ctx)
+    assert rec.result.changed and rec.result.stats["quantized"] == 1 and rec.result.stats["skipped"] == 1
+    assert [nodemeta.get(n).layer for n in _ops(p, WQ)] == ["a"]
+    (left,) = p.linears()
+    assert p.attr(left.args[1].target).shape == (16,)
+    assert ctx.log == ["rtn: 1 linear(s) left in float, their weight is not 2-D: w (weight [16])"]
+    (again,) = run_passes(p, [RTN(group_size=-1)], ctx)
+    assert again.result.changed is False and again.result.stats["quantized"] == 0 and again.result.stats["skipped"] == 1
+
+
 # ---- numbers -------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lowc.errors import PassError
-from lowc.ir.program import LINEAR
+from lowc.ir.analysis import is_float_linear
 from lowc.passes.linearize import maps
 from lowc.passes.linearize.rewrite import Site, key_heads_for_maps
 
@@ -183,7 +183,7 @@ def lora_targets(program, sites: list[Site]) -> list[torch.fx.Node]:
             n = by_name.get(name)
             if n is None:
                 continue
-            if n.target != LINEAR or not isinstance(n.args[1], torch.fx.Node) or n.args[1].op != "get_attr":
+            if not is_float_linear(n):
                 raise PassError(f"pass 'linearize': layer {site.layer}: LoRA needs float linears, but %{name} is "
                                 f"{getattr(n.target, '__name__', n.target)}: run linearize before quantizing passes "
                                 "(or set lora_rank=0)")

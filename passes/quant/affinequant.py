@@ -28,7 +28,8 @@ As in the paper and its reference code (built on OmniQuant):
   straight-through gradient).
 * **learnable weight clipping** (OmniQuant LWC): per row and group, ``max`` and ``min`` scaled by
   ``sigmoid`` of logits initialised to 4.0 (``lwc_lr`` 1e-2).
-* **training**: block by block (:func:`lowc.passes.quant.learned.run_blockwise`), inputs from the
+* **training**: block by block (:func:`lowc.passes.quant.learned.run_blockwise`; the block's plan is
+  :func:`make_plan`, a function of the groups and their input maxima), inputs from the
   *quantized* model (the outputs of the already-quantized blocks, with activation fake-quantization
   when the target quantizes activations), targets from the *float* model (``BlockwiseRunner``'s
   ``propagate="both"``), MSE, AdamW (weight decay 0) with ``lr`` 5e-3 for ``A`` and ``lwc_lr`` for
@@ -53,9 +54,13 @@ from typing import Optional
 
 import torch
 
+from lowc.ir.analysis import BlockGroup
 from lowc.passes.base import PassContext, PassResult, opt
-from lowc.passes.quant import learned as L
-from lowc.passes.quant.common import linear_weight
+from lowc.passes.quant.common import EffectiveScheme, linear_weight
+from lowc.passes.quant.fold import fold_into_norm, insert_transform
+from lowc.passes.quant.learned import LearnedQuantPass, act_bits, run_blockwise
+from lowc.passes.quant.plan import BlockPlan, block_qlinears, param_groups, weight_clip_parameters
+from lowc.passes.quant.transforms import smooth_scales, smoothing_scale
 
 TRUNCATE = 1e-2
 
@@ -88,12 +93,13 @@ def _with_diag(a: torch.Tensor) -> torch.Tensor:
     return a + torch.diag_embed(_truncate_diag(d) - d)
 
 
-class _NormAffine:
-    """The transform of a group reading a norm output: ``diag(s)`` or a full masked matrix."""
+class NormAffine:
+    """The transform of a group reading a norm output: ``diag(s)`` or a full masked matrix ``A``.
+    ``online``: applied by an inserted op instead of being folded into the norm."""
 
-    def __init__(self, s: torch.Tensor, matrix: bool, sf: float, device):
+    def __init__(self, s: torch.Tensor, matrix: bool, sf: float, device, online: bool | None = None):
         self.matrix, self.sf, self.n = matrix, sf, s.numel()
-        self.online = matrix
+        self.online = matrix if online is None else online
         s = s.to(device)
         self.param = torch.nn.Parameter(torch.diag(s) if matrix else s.clone())
         self.mask = torch.eye(self.n, device=device) if matrix else None
@@ -116,7 +122,7 @@ class _NormAffine:
         return w @ self.A.transpose(0, 1) if self.matrix else w * self.s
 
 
-class _VOAffine:
+class VOAffine:
     """Block-diagonal ``A`` on the value heads (one ``[hd, hd]`` block per KV head)."""
 
     def __init__(self, s_kv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, sf: float, device):
@@ -144,12 +150,14 @@ class _VOAffine:
         return torch.einsum("nhi,hji->nhj", wr, a).reshape(w.shape[0], -1)
 
 
-class _Plan(L.BlockPlan):
-    def __init__(self):
+class AffinePlan(BlockPlan):
+    """One block's transforms: ``norms`` (group, :class:`NormAffine`) and ``vos`` (:class:`VOAffine`)."""
+
+    def __init__(self, epochs: int):
         super().__init__()
-        self.norms: list[tuple] = []  # (group, _NormAffine)
-        self.vos: list = []
-        self.epochs = 1
+        self.norms: list[tuple[BlockGroup, NormAffine]] = []
+        self.vos: list[VOAffine] = []
+        self.epochs = epochs
 
     def refresh(self) -> None:
         for _, t in self.norms:
@@ -163,28 +171,96 @@ class _Plan(L.BlockPlan):
         for t in self.vos:
             t.set_band(band_width(t.hd, epoch, self.epochs))
 
-    def fold(self, program, weights, quantize: bool) -> None:
+    def fold(self, program, weights) -> None:
         for group, t in self.norms:
             if t.matrix:
-                L.insert_transform(program, group, group_block(group), scale=None, p1=t.Ainv.detach(), p2=None,
-                                   clip=None, prefix="affine")
+                insert_transform(program, group, scale=None, p1=t.Ainv.detach(), p2=None, clip=None, prefix="affine")
             elif t.online:  # a diagonal the norm cannot absorb (its output also feeds the residual)
                 one = torch.ones(1, 1, device=t.s.device)
-                L.insert_transform(program, group, group_block(group), scale=1.0 / t.s.detach(), p1=one, p2=None,
-                                   clip=None, prefix="affine")
+                insert_transform(program, group, scale=1.0 / t.s.detach(), p1=one, p2=None, clip=None, prefix="affine")
             else:
                 s = t.s.detach()
-                L.fold_into_norm(program, group, lambda v, _s=s: v / _s.to(v.device))
-
-
-def group_block(group) -> int:
-    from lowc.ir import meta as nodemeta
-
-    return nodemeta.get(group.linears[0]).block
+                fold_into_norm(program, group.link, lambda v, _s=s: v / _s.to(v.device))
 
 
 @dataclass(frozen=True)
-class AffineQuant(L.LearnedQuantPass):
+class AffineSetup:
+    """What an affinequant block plan depends on: the pass options resolved against the target
+    (:meth:`AffineQuant.setup`). ``scheme`` None: no weight fake-quant."""
+
+    scheme: EffectiveScheme | None
+    a_bits: int
+    ln_matrix: bool
+    sf: float
+    alpha: float
+    lwc: bool
+    lr: float
+    lwc_lr: float
+    epochs: int
+    device: torch.device
+
+
+def vo_scale(amax: torch.Tensor, w_o: torch.Tensor, attn, alpha: float) -> torch.Tensor:
+    """The smoothing initialisation of the v/o transform, ``[KV, head_dim]``: activation and
+    ``o_proj`` weight maxima of each channel taken over the query heads sharing a KV head."""
+    kv, per_kv, hd = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
+    act = amax.reshape(kv, per_kv, hd).amax(dim=1).reshape(-1)
+    wmax = w_o.detach().abs().float().amax(dim=0).cpu().reshape(kv, per_kv, hd).amax(dim=1).reshape(-1)
+    return smoothing_scale(act, wmax, alpha).reshape(kv, hd)
+
+
+def make_plan(setup: AffineSetup, program, block_index: int, groups: list[BlockGroup], amax: dict[str, torch.Tensor],
+              targets: set[str]) -> AffinePlan:
+    """AffineQuant's plan for one block: a :class:`NormAffine` per ``"norm"`` group and a
+    :class:`VOAffine` per ``"o"`` group holding a target (``down_proj``-like groups: clipping only),
+    initialised from ``amax`` (input maxima by the group's first linear's name); every target linear
+    a :class:`QLinear` with weight fake-quant (learned clipping if ``setup.lwc``)."""
+    plan = AffinePlan(setup.epochs)
+    device = setup.device
+    in_fn, w_fns, b_fns = {}, {}, {}
+    transformed: set[str] = set()
+    for g in groups:
+        if not any(n.name in targets for n in g.linears):
+            continue
+        if g.kind == "norm":
+            sc = smooth_scales(amax[g.linears[0].name], [linear_weight(program, n) for n in g.linears], setup.alpha)
+            t = NormAffine(sc, setup.ln_matrix, setup.sf, device, online=setup.ln_matrix or not g.norm_foldable)
+            if t.online and not setup.ln_matrix:
+                plan.skipped.append(g.link.layer)
+            plan.norms.append((g, t))
+            for n in g.linears:
+                in_fn[n.name] = t.in_fn
+                w_fns.setdefault(n.name, []).insert(0, t.weight_fn)
+                transformed.add(n.name)
+        elif g.kind == "o":
+            a, o, v = g.attn, g.linears[0], g.v
+            t = VOAffine(vo_scale(amax[o.name], linear_weight(program, o), a, setup.alpha), a.num_heads,
+                         a.num_kv_heads, a.head_dim, setup.sf, device)
+            plan.vos.append(t)
+            w_fns.setdefault(o.name, []).insert(0, t.o_weight)
+            w_fns.setdefault(v.name, []).append(t.v_weight)
+            b_fns[v.name] = t.v_bias
+            transformed.update((o.name, v.name))
+    block_linears = [n for g in groups for n in g.linears]
+    block_linears += [g.v for g in groups if g.kind == "o" and g.v not in block_linears]
+    plan.modules = block_qlinears(program, block_linears, targets, transformed, setup.scheme,
+                                  "group" if setup.lwc else None, setup.a_bits, device, in_fn, w_fns, b_fns)
+    transforms = [t.param for _, t in plan.norms] + [t.param for t in plan.vos]
+    plan.param_groups = param_groups(transforms, setup.lr, weight_clip_parameters(plan.modules), setup.lwc_lr)
+    kinds = []
+    if plan.norms:
+        folded = sum(1 for _, t in plan.norms if not t.online)
+        what = "full matrices applied online" if setup.ln_matrix else f"diagonals, {folded} folded into the norms"
+        kinds.append(f"{len(plan.norms)} norm group(s) ({what})")
+    if plan.vos:
+        kinds.append(f"{len(plan.vos)} v/o head transform(s) folded")
+    if kinds:
+        plan.notes.append(", ".join(kinds) + " per block")
+    return plan
+
+
+@dataclass(frozen=True)
+class AffineQuant(LearnedQuantPass):
     name = "affinequant"
     lr_options = ("lr", "lwc_lr")
     summary = "AffineQuant: learned invertible affine transforms (gradual band mask) + learnable weight clipping, block by block"
@@ -204,70 +280,20 @@ class AffineQuant(L.LearnedQuantPass):
         if self.sf is not None and not 0.0 < self.sf <= 1.0:
             raise self.fail(f"sf={self.sf}: choose 0 < sf <= 1")
 
-    def _run(self, program, ctx: PassContext, quantize: bool = True) -> PassResult:
-        s = self.scheme(ctx)
-        a_bits = L.act_bits(ctx)
-        quant_acts = a_bits < 16
-        ln_matrix = self.ln_matrix if self.ln_matrix is not None else not quant_acts
-        sf = self.sf if self.sf is not None else (0.1 if quant_acts else 1e-2)
-        aug = self.aug_loss if self.aug_loss is not None else quant_acts
-        device = torch.device(ctx.device)
+    def setup(self, ctx: PassContext) -> AffineSetup:
+        """The options resolved against the target: defaults of ``ln_matrix`` and ``sf`` follow
+        whether the target quantizes activations."""
+        quant_acts = act_bits(ctx) < 16
+        return AffineSetup(
+            scheme=self.scheme(ctx), a_bits=act_bits(ctx),
+            ln_matrix=self.ln_matrix if self.ln_matrix is not None else not quant_acts,
+            sf=self.sf if self.sf is not None else (0.1 if quant_acts else 1e-2),
+            alpha=self.alpha, lwc=self.lwc, lr=self.lr, lwc_lr=self.lwc_lr, epochs=self.epochs,
+            device=torch.device(ctx.device))
 
-        def make_plan(block, groups, fm, float_inputs, targets):
-            plan = _Plan()
-            plan.epochs = self.epochs
-            where = f"{self.name}: {block.layer_prefix}"
-            stat = [g.linears[0].name for g in groups if g.kind in ("norm", "o")]
-            amax = L.input_absmax(fm, stat, float_inputs, device, where)
-            weight_of = functools.partial(linear_weight, program)
-            in_fn, w_fns, b_fns = {}, {}, {}
-            transformed: set[str] = set()
-            for g in groups:
-                if not any(n.name in targets for n in g.linears):
-                    continue
-                if g.kind == "norm":
-                    sc = L.smooth_scales(amax[g.linears[0].name], [weight_of(n) for n in g.linears], self.alpha)
-                    t = _NormAffine(sc, ln_matrix, sf, device)
-                    t.online = ln_matrix or not g.norm_foldable
-                    if t.online and not ln_matrix:
-                        plan.skipped.append(g.link.layer)
-                    plan.norms.append((g, t))
-                    for n in g.linears:
-                        in_fn[n.name] = t.in_fn
-                        w_fns.setdefault(n.name, []).insert(0, t.weight_fn)
-                        transformed.add(n.name)
-                elif g.kind == "o":
-                    a = g.attn
-                    o, v = g.linears[0], g.v
-                    groups_per_kv = a.num_heads // a.num_kv_heads
-                    act = amax[o.name].reshape(a.num_kv_heads, groups_per_kv, a.head_dim).amax(dim=1).reshape(-1)
-                    wmax = weight_of(o).detach().abs().float().amax(dim=0).cpu()
-                    wmax = wmax.reshape(a.num_kv_heads, groups_per_kv, a.head_dim).amax(dim=1).reshape(-1)
-                    sc = (act.clamp(min=1e-5).pow(self.alpha) / wmax.clamp(min=1e-5).pow(1 - self.alpha)).clamp(min=1e-5)
-                    t = _VOAffine(sc.reshape(a.num_kv_heads, a.head_dim), a.num_heads, a.num_kv_heads, a.head_dim, sf, device)
-                    plan.vos.append(t)
-                    w_fns.setdefault(o.name, []).insert(0, t.o_weight)
-                    w_fns.setdefault(v.name, []).append(t.v_weight)
-                    b_fns[v.name] = t.v_bias
-                    transformed.update((o.name, v.name))
-            block_linears = [n for g in groups for n in g.linears]
-            if any(g.kind == "o" for g in groups):
-                block_linears += [g.v for g in groups if g.kind == "o" and g.v not in block_linears]
-            plan.modules = L.block_qlinears(program, block_linears, targets, transformed, s, "group" if self.lwc else None,
-                                            a_bits, device, in_fn, w_fns, b_fns)
-            transforms = [t.param for _, t in plan.norms] + [t.param for t in plan.vos]
-            plan.param_groups = L.param_groups(transforms, self.lr, L.weight_clip_parameters(plan.modules), self.lwc_lr)
-            kinds = []
-            if plan.norms:
-                folded = sum(1 for _, t in plan.norms if not t.online)
-                what = "full matrices applied online" if ln_matrix else f"diagonals, {folded} folded into the norms"
-                kinds.append(f"{len(plan.norms)} norm group(s) ({what})")
-            if plan.vos:
-                kinds.append(f"{len(plan.vos)} v/o head transform(s) folded")
-            if kinds:
-                plan.notes.append(", ".join(kinds) + " per block")
-            return plan
-
+    def run(self, program, ctx: PassContext) -> PassResult:
+        setup = self.setup(ctx)
+        aug = self.aug_loss if self.aug_loss is not None else setup.a_bits < 16
         train = dict(epochs=self.epochs, batch_size=self.batch_size, weight_decay=0.0)
-        return L.run_blockwise(self, program, ctx, propagate="both", make_plan=make_plan, train=train, aug_loss=aug,
-                               quantize=quantize)
+        return run_blockwise(self, program, ctx, propagate="both", make_plan=functools.partial(make_plan, setup),
+                             train=train, aug_loss=aug)

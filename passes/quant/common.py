@@ -2,9 +2,11 @@
 ``symmetric``, ``ignore``; taken from the target unless given), selecting the linears to quantize,
 and rewriting an ``aten.linear`` node into ``lowc::linear_wq``.
 
-``ignore`` patterns match a layer (module path such as ``model.layers.0.mlp.down_proj``) when the
-pattern equals it, is a dotted suffix of it (``lm_head``, ``mlp.down_proj``), or matches it as a
-shell glob (``model.layers.0.*``). Embeddings are never linears, so they are never quantized here.
+``ignore`` patterns match a layer (module path such as ``model.layers.0.mlp.down_proj``, see
+:func:`lowc.ir.analysis.linear_layer`) when the pattern equals it, is a dotted suffix of it
+(``lm_head``, ``mlp.down_proj``), or matches it as a shell glob (``model.layers.0.*``). Embeddings are
+never linears, so they are never quantized here. A selected linear whose weight is not 2-D cannot be
+packed: :func:`quantize_linears` leaves it in float, counts it as skipped and logs it by layer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.fx
 
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import linear_layer
 from lowc.ir.dialect import quant
 from lowc.ir.dialect.args import LinearArgs
 from lowc.ir.scheme import Scheme
@@ -63,17 +66,9 @@ class WeightQuantPass(Pass):
         """Float linears this pass should quantize (not ignored, weight is a constant)."""
         out = []
         for node in program.linears():
-            if not matches(layer_name(node), self.ignore):
+            if not matches(linear_layer(node), self.ignore):
                 out.append(node)
         return out
-
-
-def layer_name(node: torch.fx.Node) -> str:
-    info = nodemeta.get(node)
-    if info.layer:
-        return info.layer
-    w = node.args[1]
-    return w.target.rpartition(".")[0] if isinstance(w, torch.fx.Node) and w.op == "get_attr" else node.name
 
 
 def linear_weight(program, node: torch.fx.Node) -> torch.Tensor:
@@ -114,24 +109,31 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
 
 def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn, method: str) -> tuple[int, dict]:
     """Shared driver: quantize each selected linear with ``quantize_fn(weight, node) -> QuantizedWeight``
-    (a progress bar per layer when ``ctx.progress``)."""
+    (a progress bar per layer when ``ctx.progress``). Returns the number quantized and the stats;
+    linears whose weight is not 2-D are left in float, counted in ``stats["skipped"]`` and logged by layer."""
     from lowc.progress import bar
 
     s = p.scheme(ctx)
     nodes = p.select(program)
-    padded = []
+    padded, skipped, done = [], [], 0
     for node in bar(nodes, desc=method, enabled=ctx.progress):
         w = linear_weight(program, node)
         if w.dim() != 2:
+            skipped.append(f"{linear_layer(node)} (weight {list(w.shape)})")
             continue
         qw = quantize_fn(w, node, s)
         if qw.k_pad != qw.in_features:
-            padded.append(layer_name(node))
+            padded.append(linear_layer(node))
         rewrite_linear(program, node, qw, s, method)
-    if nodes:
+        done += 1
+    if done:
         program.remove_dead()
-    stats = {"quantized": len(nodes), "bits": s.w_bits, "group_size": s.group_size, "symmetric": s.symmetric}
+    stats = {"quantized": done, "bits": s.w_bits, "group_size": s.group_size, "symmetric": s.symmetric}
     if padded:
         stats["padded"] = padded
         ctx.log.append(f"{method}: {len(padded)} layer(s) padded to a multiple of group_size={s.group_size}: {', '.join(padded[:4])}{'...' if len(padded) > 4 else ''}")
-    return len(nodes), stats
+    if skipped:
+        stats["skipped"] = len(skipped)
+        ctx.log.append(f"{method}: {len(skipped)} linear(s) left in float, their weight is not 2-D: {', '.join(skipped[:4])}"
+                       f"{'...' if len(skipped) > 4 else ''}")
+    return done, stats

@@ -10,7 +10,7 @@ MLP norm; down_proj; o_proj), a per-channel smoothing vector ``d`` and an invert
 and both ``x'`` and ``W'`` are quantized. As in the paper and its reference code:
 
 * ``P₁ ⊗ P₂`` uses the most balanced factorisation of the width (4096 → 64×64, 11008 → 86×128;
-  :func:`lowc.passes.quant.learned.balanced_factors`); each factor is ``U·diag(s)·Vᵀ`` with ``U``,
+  :func:`lowc.passes.quant.transforms.balanced_factors`); each factor is ``U·diag(s)·Vᵀ`` with ``U``,
   ``V`` orthogonal through the Cayley map of a learned matrix (initialised as in the reference code
   from a random orthogonal matrix, seeded), ``s`` initialised to ones; ``P⁻ᵀ = U·diag(1/s)·Vᵀ`` needs
   no matrix inverse.
@@ -24,7 +24,8 @@ and both ``x'`` and ``W'`` are quantized. As in the paper and its reference code
   group's input, ``sigmoid`` of a logit initialised to 4.0) when the target quantizes activations.
   The reference code has separate max/min activation factors per linear; lowc's activations are
   symmetric per token, so one ratio per shared input is the same family.
-* **training**: block by block on the float model's inputs, targets its outputs
+* **training**: block by block (:func:`lowc.passes.quant.learned.run_blockwise`; the block's plan is
+  :func:`make_plan`, a function of the groups and their input maxima) on the float model's inputs, targets its outputs
   (``BlockwiseRunner(propagate="float")``), activation fake-quantization when the target quantizes
   activations; MSE normalised as ``loss / loss.detach()``; AdamW (weight decay 0.01, PyTorch's
   default the reference code keeps), ``lr`` 5e-3 for the transforms and 10× for clipping, cosine
@@ -55,38 +56,43 @@ from dataclasses import dataclass
 
 import torch
 
+from lowc.ir.analysis import BlockGroup
 from lowc.ir.dialect.kron import kron_apply
 from lowc.passes.base import PassContext, PassResult, opt
-from lowc.passes.quant import learned as L
-from lowc.passes.quant.common import linear_weight
+from lowc.passes.quant.common import EffectiveScheme, linear_weight
+from lowc.passes.quant.fakequant import LWC_INIT, clip_tokens
+from lowc.passes.quant.fold import fold_into_norm, insert_transform
+from lowc.passes.quant.learned import LearnedQuantPass, act_bits, run_blockwise
+from lowc.passes.quant.plan import BlockPlan, block_qlinears, param_groups, qlinear, weight_clip_parameters
+from lowc.passes.quant.transforms import balanced_factors, cayley, random_orthogonal, smooth_scales
 
 
-class _Factor:
+class Factor:
     """One learned factor ``P = U·diag(s)·Vᵀ`` (``U``, ``V`` Cayley-orthogonal)."""
 
     def __init__(self, n: int, gen: torch.Generator, device):
         self.n = n
-        self.u = torch.nn.Parameter(L.random_orthogonal(n, gen).to(device))
-        self.v = torch.nn.Parameter(L.random_orthogonal(n, gen).to(device))
+        self.u = torch.nn.Parameter(random_orthogonal(n, gen).to(device))
+        self.v = torch.nn.Parameter(random_orthogonal(n, gen).to(device))
         self.s = torch.nn.Parameter(torch.ones(n, device=device))
 
     def params(self) -> list:
         return [self.u, self.v, self.s]
 
     def refresh(self) -> None:
-        u, v = L.cayley(self.u), L.cayley(self.v)
+        u, v = cayley(self.u), cayley(self.v)
         self.P = (u * self.s) @ v.transpose(0, 1)
         self.P_invT = (u / self.s) @ v.transpose(0, 1)
 
 
-class _Kron:
+class Kron:
     """``x -> clip((x ⊙ d)·(P₁⊗P₂))`` and its weight side ``W -> (W ⊘ d)·(P₁⊗P₂)⁻ᵀ``. ``p2`` None:
     the identity of size ``width / n1`` (the o_proj heads transform)."""
 
-    def __init__(self, f1: _Factor, f2: _Factor | None, d: torch.Tensor | None, clip: bool, device):
+    def __init__(self, f1: Factor, f2: Factor | None, d: torch.Tensor | None, clip: bool, device):
         self.f1, self.f2 = f1, f2
         self.d = torch.nn.Parameter(d.to(device)) if d is not None else None
-        self.clip = torch.nn.Parameter(torch.full((1,), L.LWC_INIT, device=device)) if clip else None
+        self.clip = torch.nn.Parameter(torch.full((1,), LWC_INIT, device=device)) if clip else None
         self.w_invT2: torch.Tensor | None = None  # o_proj: P_v⁻ᵀ applied on the weight side only
 
     def params(self) -> list:
@@ -103,7 +109,7 @@ class _Kron:
 
     def in_fn(self, x):
         y = kron_apply(x, self.d, self.f1.P, self.f2.P if self.f2 is not None else None)
-        return L.clip_tokens(y, self.ratio())
+        return clip_tokens(y, self.ratio())
 
     def weight_fn(self, w):
         if self.d is not None:
@@ -112,34 +118,130 @@ class _Kron:
         return kron_apply(w, None, self.f1.P_invT, p2)
 
 
-class _Plan(L.BlockPlan):
+class FlatPlan(BlockPlan):
+    """One block's transforms: ``krons`` (group, :class:`Kron`, where ``d`` is folded: ``"norm"``,
+    ``"up"``, ``"online"`` or None for the o_proj heads transform) and their ``factors``."""
+
     def __init__(self):
         super().__init__()
-        self.krons: list[tuple] = []  # (group, _Kron, how d is folded: "norm" | "up" | "online" | None)
-        self.factors: list[_Factor] = []
+        self.krons: list[tuple[BlockGroup, Kron, str | None]] = []
+        self.factors: list[Factor] = []
 
     def refresh(self) -> None:
         for f in self.factors:
             f.refresh()
 
-    def fold(self, program, weights, quantize: bool) -> None:
-        from lowc.ir import meta as nodemeta
-
+    def fold(self, program, weights) -> None:
         for group, k, how in self.krons:
             d = k.d.detach() if k.d is not None else None
             if how == "norm":
-                L.fold_into_norm(program, group, lambda v, _d=d: v * _d.to(v.device))
+                fold_into_norm(program, group.link, lambda v, _d=d: v * _d.to(v.device))
             elif how == "up":
                 w, b = weights[group.up.name]
                 weights[group.up.name] = [w * d[:, None], None if b is None else b * d]
-            clip = float(k.ratio()) if (k.clip is not None and quantize) else None
-            L.insert_transform(program, group, nodemeta.get(group.linears[0]).block,
-                               scale=d if how == "online" else None, p1=k.f1.P.detach(),
-                               p2=k.f2.P.detach() if k.f2 is not None else None, clip=clip, prefix="flat")
+            clip = float(k.ratio()) if k.clip is not None else None
+            insert_transform(program, group, scale=d if how == "online" else None, p1=k.f1.P.detach(),
+                             p2=k.f2.P.detach() if k.f2 is not None else None, clip=clip, prefix="flat")
 
 
 @dataclass(frozen=True)
-class FlatQuant(L.LearnedQuantPass):
+class FlatSetup:
+    """What a flatquant block plan depends on: the pass options resolved against the target
+    (:meth:`FlatQuant.setup`). ``scheme`` None: no weight fake-quant; ``lac``: learned activation
+    clipping (only with quantized activations); ``seed``: the factors of block ``i`` are drawn from a
+    generator seeded with ``seed * 100003 + i``."""
+
+    scheme: EffectiveScheme | None
+    a_bits: int
+    lac: bool
+    lwc: bool
+    alpha: float
+    lr: float
+    seed: int
+    device: torch.device
+
+
+def _vo_fns(f_v: Factor, kv: int, hd: int):
+    """``v_proj``'s weight and bias sides of the per-KV-head ``P_v`` folded from o_proj's input."""
+    def v_weight(w):  # rows per KV head: P_vᵀ W_j
+        return (f_v.P.transpose(0, 1) @ w.reshape(kv, hd, -1)).reshape(kv * hd, -1)
+
+    def v_bias(b):
+        return (b.reshape(kv, 1, hd) @ f_v.P).reshape(-1)
+
+    return v_weight, v_bias
+
+
+def make_plan(setup: FlatSetup, program, block_index: int, groups: list[BlockGroup], amax: dict[str, torch.Tensor],
+              targets: set[str]) -> FlatPlan:
+    """FlatQuant's plan for one block: per group holding a target a :class:`Kron` (``P_heads ⊗ P_v``
+    for an ``"o"`` group, with ``P_v`` folded into ``v_proj``; else balanced factors and a smoothing
+    vector ``d`` initialised from ``amax``, input maxima by the group's first linear's name), every
+    target linear a :class:`QLinear` with weight fake-quant (learned per-channel clipping if
+    ``setup.lwc``)."""
+    plan = FlatPlan()
+    device = setup.device
+    gen = torch.Generator().manual_seed(setup.seed * 100003 + block_index)
+    in_fn, w_fns, b_fns = {}, {}, {}
+    transformed: set[str] = set()
+    counts = {"norm": 0, "up": 0, "online": 0}
+    for g in groups:
+        if not any(n.name in targets for n in g.linears):
+            continue
+        if g.kind == "o":
+            a = g.attn
+            f_heads, f_v = Factor(a.num_heads, gen, device), Factor(a.head_dim, gen, device)
+            plan.factors += [f_heads, f_v]
+            k = Kron(f_heads, None, None, setup.lac, device)
+            k.w_invT2 = lambda _f=f_v: _f.P_invT
+            plan.krons.append((g, k, None))
+            o, v = g.linears[0], g.v
+            in_fn[o.name] = k.in_fn
+            w_fns.setdefault(o.name, []).append(k.weight_fn)
+            v_weight, v_bias = _vo_fns(f_v, a.num_kv_heads, a.head_dim)
+            w_fns.setdefault(v.name, []).append(v_weight)
+            b_fns[v.name] = v_bias
+            transformed.update((o.name, v.name))
+            continue
+        weights = [linear_weight(program, n) for n in g.linears]
+        n1, n2 = balanced_factors(int(weights[0].shape[1]))
+        f1, f2 = Factor(n1, gen, device), Factor(n2, gen, device)
+        plan.factors += [f1, f2]
+        d = 1.0 / smooth_scales(amax[g.linears[0].name], weights, setup.alpha)
+        k = Kron(f1, f2, d, setup.lac, device)
+        if g.kind == "norm" and g.norm_foldable:
+            how = "norm"
+        elif g.kind == "other" and g.up is not None:
+            how = "up"
+        else:
+            how = "online"
+            if g.kind == "norm":
+                plan.skipped.append(g.link.layer)
+        counts[how] += 1
+        plan.krons.append((g, k, how))
+        for n in g.linears:
+            in_fn[n.name] = k.in_fn
+            w_fns.setdefault(n.name, []).insert(0, k.weight_fn)
+            transformed.add(n.name)
+    block_linears = [n for g in groups for n in g.linears]
+    plan.modules = block_qlinears(program, block_linears, targets, transformed, setup.scheme,
+                                  "channel" if setup.lwc else None, setup.a_bits, device, in_fn, w_fns, b_fns)
+    # a "down" group folds d into up_proj's rows: up must be patched (it is, as a gate/up linear)
+    for g, k, how in plan.krons:
+        if how == "up" and g.up.name not in plan.modules:
+            plan.modules[g.up.name] = qlinear(program, g.up, device)
+    transforms = [p for f in plan.factors for p in f.params()] + [k.d for _, k, _ in plan.krons if k.d is not None]
+    clips = weight_clip_parameters(plan.modules) + [k.clip for _, k, _ in plan.krons if k.clip is not None]
+    plan.param_groups = param_groups(transforms, setup.lr, clips, 10 * setup.lr)
+    if plan.krons:
+        plan.notes.append(
+            f"{len(plan.krons)} online Kronecker transforms per block; smoothing folded into {counts['norm']} "
+            f"norm(s) and {counts['up']} up projection(s), kept in the online op for {counts['online']} group(s)")
+    return plan
+
+
+@dataclass(frozen=True)
+class FlatQuant(LearnedQuantPass):
     name = "flatquant"
     summary = "FlatQuant: learned per-group Kronecker transforms + smoothing + learnable clipping, block by block"
 
@@ -151,84 +253,13 @@ class FlatQuant(L.LearnedQuantPass):
     batch_size: int = opt(4, "calibration samples per optimizer step")
     gptq: bool = opt(False, "quantize the transformed weights with GPTQ (Hessians of the transformed inputs, the learned clipping bounding each group) instead of round-to-nearest, as the reference code's --gptq")
 
-    def _run(self, program, ctx: PassContext, quantize: bool = True) -> PassResult:
-        s = self.scheme(ctx)
-        a_bits = L.act_bits(ctx)
-        lac = self.lac and a_bits < 16
-        device = torch.device(ctx.device)
+    def setup(self, ctx: PassContext) -> FlatSetup:
+        """The options resolved against the target (activation clipping only when it quantizes
+        activations)."""
+        return FlatSetup(scheme=self.scheme(ctx), a_bits=act_bits(ctx), lac=self.lac and act_bits(ctx) < 16, lwc=self.lwc,
+                         alpha=self.alpha, lr=self.lr, seed=ctx.seed, device=torch.device(ctx.device))
 
-        def make_plan(block, groups, fm, float_inputs, targets):
-            plan = _Plan()
-            gen = torch.Generator().manual_seed(ctx.seed * 100003 + block.index)
-            where = f"{self.name}: {block.layer_prefix}"
-            stat = [g.linears[0].name for g in groups if g.kind != "o"]
-            amax = L.input_absmax(fm, stat, float_inputs, device, where)
-            weight_of = functools.partial(linear_weight, program)
-            in_fn, w_fns, b_fns = {}, {}, {}
-            transformed: set[str] = set()
-            counts = {"norm": 0, "up": 0, "online": 0}
-            for g in groups:
-                if not any(n.name in targets for n in g.linears):
-                    continue
-                if g.kind == "o":
-                    a = g.attn
-                    f_heads = _Factor(a.num_heads, gen, device)
-                    f_v = _Factor(a.head_dim, gen, device)
-                    plan.factors += [f_heads, f_v]
-                    k = _Kron(f_heads, None, None, lac, device)
-                    k.w_invT2 = lambda _f=f_v: _f.P_invT
-                    plan.krons.append((g, k, None))
-                    o, v = g.linears[0], g.v
-                    in_fn[o.name] = k.in_fn
-                    w_fns.setdefault(o.name, []).append(k.weight_fn)
-                    kv = a.num_kv_heads
-
-                    def v_weight(w, _f=f_v, _kv=kv, _hd=a.head_dim):  # rows per KV head: P_vᵀ W_j
-                        return (_f.P.transpose(0, 1) @ w.reshape(_kv, _hd, -1)).reshape(_kv * _hd, -1)
-
-                    def v_bias(b, _f=f_v, _kv=kv, _hd=a.head_dim):
-                        return (b.reshape(_kv, 1, _hd) @ _f.P).reshape(-1)
-
-                    w_fns.setdefault(v.name, []).append(v_weight)
-                    b_fns[v.name] = v_bias
-                    transformed.update((o.name, v.name))
-                    continue
-                width = int(weight_of(g.linears[0]).shape[1])
-                n1, n2 = L.balanced_factors(width)
-                f1, f2 = _Factor(n1, gen, device), _Factor(n2, gen, device)
-                plan.factors += [f1, f2]
-                d = 1.0 / L.smooth_scales(amax[g.linears[0].name], [weight_of(n) for n in g.linears], self.alpha)
-                k = _Kron(f1, f2, d, lac, device)
-                if g.kind == "norm" and g.norm_foldable:
-                    how = "norm"
-                elif g.kind == "other" and g.up is not None:
-                    how = "up"
-                else:
-                    how = "online"
-                    if g.kind == "norm":
-                        plan.skipped.append(g.link.layer)
-                counts[how] += 1
-                plan.krons.append((g, k, how))
-                for n in g.linears:
-                    in_fn[n.name] = k.in_fn
-                    w_fns.setdefault(n.name, []).insert(0, k.weight_fn)
-                    transformed.add(n.name)
-            block_linears = [n for g in groups for n in g.linears]
-            plan.modules = L.block_qlinears(program, block_linears, targets, transformed, s,
-                                            "channel" if self.lwc else None, a_bits, device, in_fn, w_fns, b_fns)
-            # a "down" group folds d into up_proj's rows: up must be patched (it is, as a gate/up linear)
-            for g, k, how in plan.krons:
-                if how == "up" and g.up.name not in plan.modules:
-                    plan.modules[g.up.name] = L.qlinear(program, g.up, device)
-            transforms = [p for f in plan.factors for p in f.params()] + [k.d for _, k, _ in plan.krons if k.d is not None]
-            clips = L.weight_clip_parameters(plan.modules) + [k.clip for _, k, _ in plan.krons if k.clip is not None]
-            plan.param_groups = L.param_groups(transforms, self.lr, clips, 10 * self.lr)
-            if plan.krons:
-                plan.notes.append(
-                    f"{len(plan.krons)} online Kronecker transforms per block; smoothing folded into {counts['norm']} "
-                    f"norm(s) and {counts['up']} up projection(s), kept in the online op for {counts['online']} group(s)")
-            return plan
-
+    def run(self, program, ctx: PassContext) -> PassResult:
         train = dict(epochs=self.epochs, batch_size=self.batch_size, weight_decay=0.01, normalize=True, cosine=True)
-        return L.run_blockwise(self, program, ctx, propagate="float", make_plan=make_plan, train=train,
-                               quantize=quantize, gptq={} if self.gptq else None)
+        return run_blockwise(self, program, ctx, propagate="float", make_plan=functools.partial(make_plan, self.setup(ctx)),
+                             train=train, gptq={} if self.gptq else None)

@@ -33,7 +33,7 @@ import torch
 from lowc.errors import CalibrationError
 from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult, opt
-from lowc.passes.quant.common import WeightQuantPass, layer_name, linear_weight, rewrite_linear
+from lowc.passes.quant.common import WeightQuantPass, linear_weight, rewrite_linear
 
 
 def _qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +156,7 @@ class GPTQ(WeightQuantPass):
             raise self.fail(f"block_size={self.block_size}: must be positive")
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.ir.analysis import linear_input
+        from lowc.ir.analysis import linear_input, linear_layer
         from lowc.passes.blockwise import BlockwiseRunner
 
         s = self.scheme(ctx)
@@ -202,7 +202,7 @@ class GPTQ(WeightQuantPass):
 
                 block.run(hook, nodes=names)
                 for node in stage:
-                    lname = layer_name(node)
+                    lname = linear_layer(node)
                     qw, info = gptq_quantize(linear_weight(program, node), hess[key_of[node.name]], s.w_bits,
                                              s.group_size, s.symmetric, act_order=self.act_order, damp=self.damp,
                                              block_size=self.block_size, name=lname)
@@ -225,7 +225,7 @@ class GPTQ(WeightQuantPass):
             rewrite_linear(program, node, qw, s, "rtn")
         if rest:
             ctx.log.append(f"gptq: {len(rest)} linear(s) outside transformer blocks quantized with RTN: "
-                           + ", ".join(layer_name(n) for n in rest[:4]))
+                           + ", ".join(linear_layer(n) for n in rest[:4]))
         program.remove_dead()
         stats = {"quantized": done, "rtn_outside_blocks": len(rest), "bits": s.w_bits, "group_size": s.group_size, "symmetric": s.symmetric,
                  "loss": round(total_loss, 6), "samples": len(ctx.calib)}

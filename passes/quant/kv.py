@@ -133,6 +133,8 @@ class QuantizeKV(Pass):
                  "symmetric": self.symmetric}
         if ignored:
             stats["ignored"] = ignored
+        if skipped:  # quantized by an earlier run (idempotence), said in the stats rather than dropped
+            stats["already_quantized"] = skipped
         if done:
             ctx.log.append(f"quantize-kv: {done} K/V tensor(s) of {len(attns) - ignored} attention(s) quantized to "
                            f"{self.bits} bits ({'symmetric' if self.symmetric else 'asymmetric'}, "

@@ -14,8 +14,14 @@ per-token int8 activations (``*-w8a8``) accurate. Run it before a weight-quantiz
 Scope (documented simplifications): scales are folded into norms only. Groups whose norm output
 also feeds something other than the group's linears cannot be folded exactly (post-norm models such
 as BERT, where the normalized value is also the residual stream) and are skipped, as are linears
-without a preceding norm (o_proj, down_proj); the pass reports how many groups it smoothed and
-skipped. Idempotent: smoothed linears carry ``smoothquant(alpha=...)`` in their NodeInfo transforms.
+without a preceding norm (o_proj, down_proj) and groups outside transformer blocks (no block-wise
+statistics); the pass reports how many groups it smoothed and skipped and logs the skipped ones by
+layer. Idempotent: smoothed linears carry ``smoothquant(alpha=...)`` in their NodeInfo transforms, and a
+second run leaves them alone (``already_smoothed`` in the stats).
+
+Precondition: the linears are still float. Smoothing a quantized linear would change its input
+without changing its packed weight, so a group with a linear that a method pass already quantized
+(and that smoothquant did not smooth before) raises a PassError that says to run smoothquant first.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lowc.errors import CalibrationError
+from lowc.errors import PassError
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import is_float_linear, linear_layer, norm_before_linears, only_reaches
+from lowc.ir.printer import target_name
 from lowc.passes.base import Pass, PassContext, PassResult, opt
-from lowc.passes.quant.common import layer_name, matches
+from lowc.passes.blockwise import BlockwiseRunner
+from lowc.passes.quant.common import matches
+from lowc.passes.quant.fold import fold_into_norm
+from lowc.passes.quant.transforms import smooth_scales, update_absmax
 
 
 @dataclass(frozen=True)
@@ -49,55 +60,47 @@ class SmoothQuant(Pass):
             ctx.log.append(f"smoothquant: {len(skipped)} group(s) not foldable into a norm, left unsmoothed: "
                            + ", ".join(skipped[:4]) + ("..." if len(skipped) > 4 else ""))
 
-    @staticmethod
-    def _only_feeds(norm: torch.fx.Node, linears) -> bool:
-        from lowc.ir.analysis import only_reaches
-
-        return only_reaches(norm, linears)
-
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.ir.analysis import norm_before_linears
-        from lowc.ir.program import LINEAR
-        from lowc.passes.blockwise import BlockwiseRunner
-
-        links, skipped = [], []
+        links, skipped, already = [], [], 0
         for link in norm_before_linears(program):
             lins = link.group.linears
-            if any(matches(layer_name(n), self.ignore) for n in lins):
+            if any(matches(linear_layer(n), self.ignore) for n in lins):
                 continue
-            if any(n.target != LINEAR or any(t.startswith("smoothquant") for t in nodemeta.get(n).transforms) for n in lins):
-                continue  # already quantized or already smoothed
-            if link.kind is None or link.weight is None or not self._only_feeds(link.norm, lins):
+            if any(t.startswith("smoothquant") for n in lins for t in nodemeta.get(n).transforms):
+                already += 1  # smoothed by an earlier run (and maybe quantized since): idempotence
+                continue
+            compressed = next((n for n in lins if not is_float_linear(n)), None)
+            if compressed is not None:
+                raise PassError(f"pass 'smoothquant': {linear_layer(compressed)} is already compressed "
+                                f"({target_name(compressed)}): smoothing must come before the quantizing pass, "
+                                "e.g. --pass smoothquant --pass rtn")
+            if link.kind is None or link.weight is None or not only_reaches(link.norm, lins):
                 skipped.append(link.layer)
                 continue
             links.append(link)
+        stats = {"smoothed": 0, "skipped": len(skipped), "alpha": self.alpha}
+        if already:
+            stats["already_smoothed"] = already
         if not links:
             self._log_skipped(ctx, skipped)
-            return PassResult(changed=False, stats={"smoothed": 0, "skipped": len(skipped), "alpha": self.alpha})
+            return PassResult(changed=False, stats=stats)
         # per-channel activation absmax of every group's input, block by block
         amax: dict[str, torch.Tensor] = {}
         first = {link.group.linears[0].name: link for link in links}
         by_block: dict[int | None, list[str]] = {}
         for name, link in first.items():
             by_block.setdefault(link.group.block, []).append(name)
-
-        def hook(name, x, y):
-            x = x.detach().reshape(-1, x.shape[-1]).abs().float()
-            if not torch.isfinite(x).all():
-                raise CalibrationError(f"smoothquant: non-finite activations reach {name} in calibration")
-            m = x.amax(dim=0).cpu()
-            amax[name] = torch.maximum(amax[name], m) if name in amax else m
-
         runner = BlockwiseRunner(program, ctx.calib, device=ctx.device, progress=ctx.progress,
                                  desc="smoothquant", propagate="float")
         for block in runner:
             names = [n for n in by_block.get(block.index, []) if n in {x.name for x in block.nodes}]
             if names:
-                block.run(hook, nodes=names)
+                block.run(lambda name, x, y: update_absmax(amax, name, x, "smoothquant"), nodes=names)
         runner.close()
         missing = [first[n].layer for n in first if n not in amax]
         if missing:  # groups outside transformer blocks: no block-wise statistics
-            skipped.extend(missing)
+            ctx.log.append(f"smoothquant: {len(missing)} group(s) outside transformer blocks (no block-wise statistics), "
+                           "left unsmoothed: " + ", ".join(missing[:4]) + ("..." if len(missing) > 4 else ""))
         smoothed = 0
         with torch.no_grad():
             for name, link in first.items():
@@ -106,18 +109,13 @@ class SmoothQuant(Pass):
                 lins = link.group.linears
                 targets = [n.args[1].target for n in lins]
                 weights = [program.attr(t) for t in targets]
-                w_max = torch.stack([w.detach().abs().float().amax(dim=0) for w in weights]).amax(dim=0).cpu()
-                a = amax[name].clamp(min=1e-5)
-                s = (a.pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)).clamp(min=1e-5)
-                # new tensors, never in-place: the program may share tensors with the user's model
-                for t in (link.weight, link.bias):
-                    if t is not None:
-                        v = program.attr(t)
-                        program.replace_attr(t, (v.detach().float() / s.to(v.device)).to(v.dtype))
+                s = smooth_scales(amax[name], weights, self.alpha)
+                fold_into_norm(program, link, lambda v, _s=s: v / _s.to(v.device))
                 for t, w in zip(targets, weights):
                     program.replace_attr(t, (w.detach().float() * s.to(w.device)).to(w.dtype))
                 for n in lins:
                     nodemeta.set_info(n, nodemeta.get(n).transformed(f"smoothquant(alpha={self.alpha})"))
                 smoothed += 1
         self._log_skipped(ctx, skipped)
-        return PassResult(changed=smoothed > 0, stats={"smoothed": smoothed, "skipped": len(skipped), "alpha": self.alpha})
+        stats.update(smoothed=smoothed, skipped=len(skipped) + len(missing))
+        return PassResult(changed=smoothed > 0, stats=stats)
