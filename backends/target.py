@@ -18,6 +18,21 @@ from lowc.ir.scheme import Scheme  # the one scheme form; targets name their def
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """What runs a compiled model: the implementation, whether it is the target's own kernels, a
+    one-line note for the reader of its timings, and, for a backend whose artifact is run by another
+    runtime (ONNX), a callable used instead of the loaded program."""
+
+    implementation: str  # "reference oracle", "Triton kernels", "LUT C kernels", "onnxruntime", ...
+    target_kernels: bool
+    note: str = ""
+    call: Callable[..., Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"implementation": self.implementation, "target_kernels": self.target_kernels, "note": self.note}
+
+
+@dataclass(frozen=True)
 class Phase:
     name: str
     passes: tuple

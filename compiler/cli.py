@@ -27,6 +27,10 @@ def _scheme_label(row: dict) -> str:
     return f"{row.get('method') or '?'} {Scheme.from_json(row['scheme']).label}"
 
 
+AGAINST_HELP = ("float model to compare with; default: the artifact's source when it is a preset or an HF "
+                "directory that has not changed (a factory is never imported from an artifact: name it here)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lowc", prog_name="lowc")
 def cli() -> None:

@@ -213,13 +213,14 @@ def two_linears_program(bits: tuple[int, int], group_size: int, symmetric: tuple
     ``lowc::linear_wq`` with their own bits and symmetry."""
     from lowc.frontend.trace import trace
     from lowc.ir.dialect import quant
+    from lowc.ir.scheme import Scheme
     from lowc.passes.quant.common import linear_weight, rewrite_linear
 
     torch.manual_seed(0)
     prog = trace(TwoLinears(), (torch.randn(3, 72),))
     for node, b, sym in zip(prog.linears(), bits, symmetric):
         qw = quant.rtn_quantize(linear_weight(prog, node), b, group_size, sym)
-        rewrite_linear(prog, node, qw, {"method": "rtn", "w_bits": b, "group_size": group_size})
+        rewrite_linear(prog, node, qw, Scheme(b, group_size, sym), "rtn")
     prog.remove_dead()
     return prog
 

@@ -101,7 +101,7 @@ def test_static_graph_and_target_lowering_is_a_no_op(static_w8a8):
         assert n.args[8] == 8 and n.args[9].op == "get_attr" and n.args[9].target.endswith(".act_scale")
         s = cm.program.attr(n.args[9].target)
         assert s.shape == (1,) and s.dtype == torch.float32 and float(s) > 0
-        assert nodemeta.get(n).scheme["a_static"] == "mse" and nodemeta.get(n).scheme["method"] == "rtn"
+        assert nodemeta.get(n).scheme.a_static == "mse" and nodemeta.get(n).method == "rtn"
     FileCheck().check("lowc.linear_wqaq.default(").check("8, @model.layers.0.self_attn.q_proj.act_scale)") \
         .check_not("lowc.linear_wq.default(").run(printer.format_program(cm.program))
     # the layer table still reads these as linear layers

@@ -52,7 +52,7 @@ def test_graph_w4a4_folds_everything(w4a4):
     assert text.count("lowc.linear_wqaq.default") == 14
     assert [l for l in text.splitlines() if "aten.linear.default" in l and "layer=lm_head" not in l] == []
     rows = [r for r in w4a4.layers() if r["block"] is not None]
-    assert len(rows) == 14 and all(r["scheme"]["method"] == "affinequant" and r["scheme"]["a_bits"] == 4 for r in rows)
+    assert len(rows) == 14 and all(r["method"] == "affinequant" and r["scheme"]["a_bits"] == 4 for r in rows)
     assert len(w4a4.manifest["passes"][0]["stats"]["block_loss"]) == 2
     assert any("2 norm group(s) (diagonals, 2 folded into the norms), 1 v/o head transform(s) folded" in l
                for l in w4a4.manifest["log"])

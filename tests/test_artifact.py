@@ -20,6 +20,8 @@ from lowc.artifact import sha256_file
 from lowc.errors import ArtifactError
 from lowc.ir import serialize
 
+from conftest import run_lowc
+
 IDS = torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(0))
 
 
@@ -110,7 +112,7 @@ def test_round_trip_in_fresh_process(saved, ref, tmp_path):
 
 def test_manifest(cm, saved):
     m = _read(saved, "manifest.json")
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["target"] == "ref-w4a16" and m["backend"] == "reference"
     assert m["scheme"] == {"w_bits": 4, "group_size": 128, "symmetric": False, "a_bits": 16}
     assert [(p["name"], p["phase"]) for p in m["passes"]] == [("rtn", "method"), ("remove-dead", "finalize")]
@@ -213,7 +215,7 @@ def test_wrong_format_version(art, version):
     else:
         m["format_version"] = version
     _write(art, "manifest.json", m)
-    with pytest.raises(ArtifactError, match=rf"manifest.json: format version {version!r} is not supported by this lowc \(expects 1\)"):
+    with pytest.raises(ArtifactError, match=rf"manifest.json: format version {version!r} is not supported by this lowc \(reads 1, 2\)"):
         lowc.load(art)
 
 
@@ -417,3 +419,37 @@ def test_failed_forced_save_keeps_the_old_artifact(cm, saved, tmp_path, monkeypa
         cm.save(out, force=True)
     assert _snapshot(out) == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ---- format version 1 still loads ---------------------------------------------------------------------
+
+V1 = os.path.join(os.path.dirname(__file__), "data", "artifact-v1")
+
+
+def test_format_version_1_still_loads(tmp_path):
+    """An artifact written by lowc before the typed scheme (format 1: one flat scheme dict holding the
+    method and the passes' notes) loads, runs as it did, shows in ``inspect``, and saves as format 2.
+    It was compiled with smoothquant, gptq{group_size=32} and static W8A8 activations."""
+    from safetensors.torch import load_file
+
+    from lowc.ir import meta as nodemeta
+    from lowc.ir.dialect.args import is_quantized_linear
+    from lowc.ir.scheme import Scheme
+
+    assert _read(V1, "manifest.json")["format_version"] == 1
+    cm = lowc.load(V1)
+    expected = load_file(os.path.join(os.path.dirname(V1), "artifact-v1-expected.safetensors"))
+    torch.testing.assert_close(cm(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
+    infos = [nodemeta.get(n) for n in cm.program.graph.nodes if is_quantized_linear(n)]
+    assert len(infos) == 7
+    assert all(i.scheme == Scheme(8, 32, True, a_bits=8, a_static="mse") and i.method == "gptq" for i in infos)
+    smoothed = {i.layer.rsplit(".", 1)[-1] for i in infos if i.transforms == ("smoothquant(alpha=0.5)",)}
+    assert smoothed == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    rows = {r["layer"].rsplit(".", 1)[-1]: r for r in cm.manifest["layers"]}
+    assert rows["q_proj"]["method"] == "gptq" and rows["q_proj"]["scheme"]["a_static"] == "mse"
+    r = run_lowc("inspect", V1)
+    assert r.returncode == 0 and "gptq W8A8 g32 sym static(mse)" in r.stdout, r.stdout + r.stderr
+    cm.save(tmp_path / "v2")
+    m = _read(str(tmp_path / "v2"), "manifest.json")
+    assert m["format_version"] == 2 and m["layers"][0]["transforms"] == ["smoothquant(alpha=0.5)"]
+    torch.testing.assert_close(lowc.load(tmp_path / "v2")(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)

@@ -17,6 +17,7 @@ from lowc.frontend.trace import load_source, trace
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.ir.dialect import quant
+from lowc.ir.scheme import Scheme
 from lowc.passes.blockwise import BlockwiseRunner, build_segment, segments
 from lowc.passes.calibration import load_calibration
 from lowc.passes.quant.common import linear_weight, rewrite_linear
@@ -47,7 +48,7 @@ def rtn_block(program, block, bits: int = 3) -> int:
     nodes = block.linears()
     for node in nodes:
         qw = quant.rtn_quantize(linear_weight(program, node), bits, 32, False)
-        rewrite_linear(program, node, qw, {"method": "rtn", "w_bits": bits, "group_size": 32})
+        rewrite_linear(program, node, qw, Scheme(bits, 32), "rtn")
     program.remove_dead()
     return len(nodes)
 

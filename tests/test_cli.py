@@ -55,7 +55,7 @@ def test_compile_writes_artifact_and_prints(compiled):
     assert m["passes"][0]["name"] == "rtn" and m["passes"][0]["options"]["group_size"] == 64
     # intermediate 200 is not a multiple of 64: down_proj was padded and says so
     down = [r for r in m["layers"] if r["layer"].endswith("down_proj")]
-    assert down and all(r["scheme"]["padded_in_features"] == 256 for r in down)
+    assert down and all(r["padded_in_features"] == 256 for r in down)
     assert not any(os.path.basename(p).startswith(".w4") for p in os.listdir(out.parent))  # no temp dirs left
 
 

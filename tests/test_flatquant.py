@@ -50,7 +50,7 @@ def test_graph(w4a4):
                     .check_same("method=flatquant")
     fc.check("= aten.linear.default(").check_same("@lm_head.weight)").run(text)
     rows = [r for r in w4a4.layers() if r["block"] is not None]
-    assert len(rows) == 14 and all(r["scheme"]["method"] == "flatquant" and r["scheme"]["a_bits"] == 4 for r in rows)
+    assert len(rows) == 14 and all(r["method"] == "flatquant" and r["scheme"]["a_bits"] == 4 for r in rows)
     stats = w4a4.manifest["passes"][0]["stats"]
     assert stats["quantized"] == 14 and len(stats["block_loss"]) == 2
     assert any("smoothing folded into 2 norm(s) and 1 up projection(s)" in l for l in w4a4.manifest["log"])
@@ -160,7 +160,7 @@ def test_group_sharing_input_with_a_compressed_linear_is_logged(odd_llama_dir):
     assert ("flatquant: 4 linear(s) share their input with an already compressed linear, so no transform was learned "
             "for them; quantized with RTN: model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, "
             "model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj") in ctx.log
-    assert {r["scheme"]["method"] for r in layer_table(prog) if r["scheme"] and r["layer"].endswith(("q_proj", "v_proj"))} == {"rtn"}
+    assert {r["method"] for r in layer_table(prog) if r["scheme"] and r["layer"].endswith(("q_proj", "v_proj"))} == {"rtn"}
 
 
 @pytest.mark.slow
@@ -214,4 +214,4 @@ def test_gptq_weights(wt2_llama):
     assert s_g > s_p + 3.0, (s_g, s_p)  # measured 13.8 vs 7.0 dB
     assert printer.format_program(fq).count("lowc.kron_transform.default") == 8
     rows = [r for r in layer_table(fq) if r["block"] is not None]
-    assert len(rows) == 14 and all(r["scheme"]["gptq"] for r in rows)
+    assert len(rows) == 14 and all(r["method"] == "flatquant+gptq" for r in rows)

@@ -121,7 +121,7 @@ def test_pass_rewrites_every_block_linear(tiny_gptq):
     assert cm.manifest["passes"][0]["name"] == "gptq"  # the default method when calibration is given
     rows = cm.layers()
     block_rows = [r for r in rows if r["block"] is not None]
-    assert len(block_rows) == 28 and all(r["scheme"]["method"] == "gptq" for r in block_rows)
+    assert len(block_rows) == 28 and all(r["method"] == "gptq" for r in block_rows)
     assert [r["scheme"] for r in rows if r["layer"] == "lm_head"] == [None]
     from lowc.ir import printer
 
@@ -144,7 +144,7 @@ def test_printed_graph(tiny_gptq):
 
     cm, _ = tiny_gptq
     text = printer.format_program(cm.program)
-    scheme = "scheme=a_bits=16,group_size=128,method=gptq,symmetric=False,w_bits=4\n"
+    scheme = "scheme=W4A16,g128,asym method=gptq\n"
     fc = FileCheck()
     for block in analysis.transformer_blocks(cm.program):
         shared = {r: f"%{block.linear(r).args[0].name}, " for r in PROJ}

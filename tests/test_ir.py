@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from lowc.errors import CalibrationError, PassError, VerificationError
 from lowc.frontend.trace import trace
 from lowc.ir import meta as nodemeta
 from lowc.ir import printer, verifier
+from lowc.ir.scheme import Scheme
 from lowc.passes.base import Pass, PassContext, PassResult
 from lowc.passes.cleanup import RemoveDead
 from lowc.passes.pipeline import Pipeline, run_passes
@@ -148,7 +150,7 @@ def test_printer_after_rtn(prog):
     ), wq[0]
     assert wq[0].endswith(
         "# layer=model.layers.0.self_attn.q_proj role=q block=0 "
-        "scheme=a_bits=16,group_size=128,method=rtn,symmetric=False,w_bits=4"
+        "scheme=W4A16,g128,asym method=rtn"
     ), wq[0]
     lm = [l for l in text.splitlines() if "role=lm_head" in l]
     assert len(lm) == 1 and "aten.linear.default" in lm[0] and "scheme=" not in lm[0]
@@ -179,8 +181,9 @@ def test_role_of(layer, role):
 
 
 def test_node_info_json_round_trip():
-    info = nodemeta.NodeInfo(layer="a.b", role="q", block=0, scheme={"w_bits": 4})
-    assert nodemeta.NodeInfo.from_json(info.to_json()) == info
+    info = nodemeta.NodeInfo(layer="a.b", role="q", block=0, scheme=Scheme(4, 64, True, a_bits=8, a_static="mse"),
+                             method="gptq", transforms=("smoothquant(alpha=0.5)",))
+    assert nodemeta.NodeInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
     assert nodemeta.NodeInfo().to_json() == {}
 
 

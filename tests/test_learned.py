@@ -13,6 +13,7 @@ import lowc
 from lowc.errors import CalibrationError
 from lowc.ir.dialect import ensure_registered, quant
 from lowc.ir.dialect.kron import kron_apply
+from lowc.ir.scheme import Scheme
 from lowc.passes.quant import fakequant as FQ
 from lowc.passes.quant import transforms as T
 
@@ -130,7 +131,7 @@ def test_runner_both_streams():
             assert all(torch.equal(x[hidden], torch.zeros_like(x[hidden])) for x in block.inputs)
             assert all(x[hidden].abs().sum() > 0 for x in fin)
         for node in block.linears():
-            rewrite_linear(prog, node, q.rtn_quantize(prog.attr(node.args[1].target), 2, 32, False), {"method": "rtn"})
+            rewrite_linear(prog, node, q.rtn_quantize(prog.attr(node.args[1].target), 2, 32, False), Scheme(2, 32), "rtn")
         if block.position == 0:
             (hidden_name,) = block.output_names
             block.set_outputs([tuple(v * 0 for v in o) for o in block.float_outputs])

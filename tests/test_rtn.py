@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowc.api import layer_table
 from lowc.backends.registry import get_target
 from lowc.backends.target import CompileOptions
 from lowc.errors import PassOptionError
@@ -20,6 +21,7 @@ from lowc.ir import meta as nodemeta
 from lowc.ir import printer, verifier
 from lowc.ir.dialect import quant
 from lowc.ir.program import LINEAR
+from lowc.ir.scheme import Scheme
 from lowc.passes.base import PassContext
 from lowc.passes.options import parse_pass
 from lowc.passes.pipeline import Pipeline, run_passes
@@ -114,7 +116,7 @@ def test_rtn_rewrites_every_linear_but_lm_head(tl_w4):
     assert [nodemeta.get(n).role for n in wq[:7]] == ["q", "k", "v", "o", "gate", "up", "down"]
     assert sorted({nodemeta.get(n).block for n in wq}) == [0, 1, 2, 3]
     for n in wq:
-        assert nodemeta.get(n).scheme == {"method": "rtn", "w_bits": 4, "group_size": 128, "symmetric": False, "a_bits": 16}
+        assert nodemeta.get(n).scheme == Scheme(4, 128, False, 16) and nodemeta.get(n).method == "rtn"
         layer = nodemeta.get(n).layer
         assert [a.target for a in n.args[1:4]] == [f"{layer}.qweight", f"{layer}.scales", f"{layer}.zeros"]
         assert n.args[5:] == (4, 128, p.attr(f"{layer}.scales").shape[1] * 128)
@@ -152,8 +154,8 @@ def test_rtn_pads_groups(tl, tl_ids, tl_ref):
     assert len(rec.result.stats["padded"]) == 28  # 256 -> 512 and 768 -> 1024
     assert any("28 layer(s) padded to a multiple of group_size=512" in line for line in ctx.log)
     by_role = {nodemeta.get(n).role: n for n in _ops(p, WQ)}
-    assert nodemeta.get(by_role["q"]).scheme["padded_in_features"] == 512
-    assert nodemeta.get(by_role["down"]).scheme["padded_in_features"] == 1024
+    rows = {r["role"]: r for r in layer_table(p)}
+    assert rows["q"]["padded_in_features"] == 512 and rows["down"]["padded_in_features"] == 1024
     assert by_role["down"].args[7] == 768
     assert _tl_cos(p, tl_ids, tl_ref).mean() > 0.999
 
@@ -277,14 +279,14 @@ def test_scheme_from_target_unless_overridden(tl):
     p = tl.clone()
     run_passes(p, [RTN(bits=4)], _ctx("ref-w8a16"))
     scheme = nodemeta.get(_ops(p, WQ)[0]).scheme
-    assert scheme == {"method": "rtn", "w_bits": 4, "group_size": -1, "symmetric": True, "a_bits": 16}
+    assert scheme == Scheme(4, -1, True, 16) and nodemeta.get(_ops(p, WQ)[0]).method == "rtn"
     assert p.attr("model.layers.0.self_attn.q_proj.scales").shape == (256, 1)
     with pytest.raises(AttributeError):
         p.attr("model.layers.0.self_attn.q_proj.zeros")  # symmetric: no zeros stored
     # no target scheme: the pass's own defaults (4 bits, g128, asymmetric)
     q = tl.clone()
     run_passes(q, [RTN()], _ctx(None))
-    assert nodemeta.get(_ops(q, WQ)[0]).scheme == {"method": "rtn", "w_bits": 4, "group_size": 128, "symmetric": False, "a_bits": 16}
+    assert nodemeta.get(_ops(q, WQ)[0]).scheme == Scheme(4, 128, False, 16)
 
 
 def test_target_pipeline_with_user_pass_overrides_target_bits(tl):
@@ -297,7 +299,7 @@ def test_target_pipeline_with_user_pass_overrides_target_bits(tl):
     records = Pipeline(steps).run(p, PassContext(target=target, scheme=target.scheme))
     assert records[0].to_json()["options"]["bits"] == 4 and records[0].to_json()["options"]["group_size"] is None
     schemes = [nodemeta.get(n).scheme for n in _ops(p, WQ)]
-    assert len(schemes) == 28 and all(s["w_bits"] == 4 and s["group_size"] == -1 and s["symmetric"] for s in schemes)
+    assert len(schemes) == 28 and all(s.w_bits == 4 and s.group_size == -1 and s.symmetric for s in schemes)
     # the target alone: 8 bits
     default = [p.spelling() for ph in target.phases(CompileOptions()) for p in ph.passes]
     assert default == ["rtn", "remove-dead"]
@@ -323,7 +325,7 @@ def test_quantize_activations(tl_w4):
     wqaq = _ops(p, WQAQ)
     assert len(wqaq) == 28
     for n in wqaq:
-        assert nodemeta.get(n).scheme == {"method": "rtn", "w_bits": 4, "group_size": 128, "symmetric": False, "a_bits": 8}
+        assert nodemeta.get(n).scheme == Scheme(4, 128, False, 8) and nodemeta.get(n).method == "rtn"
         assert n.args[8:] == (8, None)
     assert len(p.linears()) == 1  # lm_head stays float
 

@@ -46,11 +46,11 @@ def test_printed_graph(outlier_model):
     for b in range(4):
         fc = fc.check(f"aten.mul.Tensor(@model.layers.{b}.input_layernorm.weight,")
         for role in ("q", "k", "v"):
-            fc = fc.check("aten.linear.default(").check_same(f"role={role} block={b} scheme=smoothquant_alpha=0.5\n")
+            fc = fc.check("aten.linear.default(").check_same(f"role={role} block={b} transforms=smoothquant(alpha=0.5)\n")
         fc = fc.check(f"# layer=model.layers.{b}.self_attn.o_proj role=o block={b}\n")
         fc = fc.check(f"aten.mul.Tensor(@model.layers.{b}.post_attention_layernorm.weight,")
         for role in ("gate", "up"):
-            fc = fc.check("aten.linear.default(").check_same(f"role={role} block={b} scheme=smoothquant_alpha=0.5\n")
+            fc = fc.check("aten.linear.default(").check_same(f"role={role} block={b} transforms=smoothquant(alpha=0.5)\n")
         fc = fc.check(f"# layer=model.layers.{b}.mlp.down_proj role=down block={b}\n")
     fc.check("@lm_head.weight").check_same("role=lm_head\n").run(text)
     strip = lambda t: [l.split("  # ")[0] for l in t.splitlines()]  # noqa: E731 - the ops without metadata
@@ -96,7 +96,7 @@ def test_improves_w8a8_over_rtn(outlier_model):
         res[name] = ev.compare(lambda **k: ref, lambda **k: cm(ids).logits, [{}], "causal-lm").sqnr_db
         if name == "sq":
             q = [r for r in cm.layers() if r["layer"] == "model.layers.0.self_attn.q_proj"][0]
-            assert q["scheme"]["smoothquant_alpha"] == 0.5 and q["scheme"]["a_bits"] == 8
+            assert q["transforms"] == ["smoothquant(alpha=0.5)"] and q["scheme"]["a_bits"] == 8 and q["method"] == "rtn"
     assert res["sq"] > res["rtn"] + 1.0, res  # measured 35.3 vs 32.2 dB
 
 

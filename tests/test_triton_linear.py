@@ -156,7 +156,7 @@ def test_triton_lower_pass():
         prog.gm.code)
     nodes = list(prog.nodes(torch.ops.lowc.linear_wq_tr.default))
     assert [n.args[5] for n in nodes] == [4, 8] and [n.args[8] for n in nodes] == [50, 33]
-    assert all(nodemeta.get(n).scheme["layout"] == "k-packed-int32" for n in nodes)
+    assert [nodemeta.get(n).scheme.w_bits for n in nodes] == [4, 8]  # the layers keep their schemes; the op is the layout
     assert not any(k.endswith(".qweight") for k in prog.state_tensors())
     assert prog.attr("a.tr_qweight").dtype == torch.int32
     assert not p.run(prog, PassContext()).changed  # idempotent
@@ -296,7 +296,7 @@ def test_targets_and_cli_compile(w4):
     manifest = json.loads(open(os.path.join(w4, "w4", "manifest.json")).read())
     assert manifest["backend"] == "triton"
     assert [p["name"] for p in manifest["passes"]] == ["rtn", "triton-lower", "remove-dead"]
-    assert {r["scheme"]["layout"] for r in manifest["layers"] if r["scheme"]} == {"k-packed-int32"}
+    assert {r["op"] for r in manifest["layers"] if r["scheme"]} == {"lowc::linear_wq_tr"}
     assert [(r["out_features"], r["in_features"]) for r in manifest["layers"] if r["layer"].endswith("down_proj")] == [(64, 160)]
     # on the CPU the reference implementation runs: exactly ref-w4a16 (same RTN, same arithmetic)
     cm, ref = lowc.load(os.path.join(w4, "w4")), lowc.load(os.path.join(w4, "ref"))
@@ -311,7 +311,7 @@ def test_cuda_w8a16_is_ref_w8a16():
     x, model = torch.randn(5, 72), TwoLinears()
     w8 = lowc.compile(model, "cuda-w8a16", example_inputs=(x,), progress=False)
     ref8 = lowc.compile(model, "ref-w8a16", example_inputs=(x,), progress=False)
-    assert [(r["scheme"]["w_bits"], r["scheme"]["layout"]) for r in w8.layers()] == [(8, "k-packed-int32")] * 2
+    assert [(r["scheme"]["w_bits"], r["op"]) for r in w8.layers()] == [(8, "lowc::linear_wq_tr")] * 2
     assert w8.size()["bytes"] == ref8.size()["bytes"]
     with torch.inference_mode():
         assert torch.equal(w8(x), ref8(x))

@@ -251,7 +251,7 @@ def _quantized_layers(program) -> list:
             return quant.dequantize(q, s, z, b, g, kp, torch.float32).cpu().numpy()
 
         out.append(QuantizedLayer(name=layer_of(node), prefix=f"gm.{module}." if module else "", n=int(scales.shape[0]),
-                                  k=int(k), k_pad=int(k_pad), dequantized=dequantized))
+                                  k=int(a.in_features), k_pad=int(k_pad), dequantized=dequantized))
     return out
 
 

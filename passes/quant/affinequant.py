@@ -56,7 +56,8 @@ import torch
 
 from lowc.ir.analysis import BlockGroup
 from lowc.passes.base import PassContext, PassResult, opt
-from lowc.passes.quant.common import EffectiveScheme, linear_weight
+from lowc.ir.scheme import Scheme
+from lowc.passes.quant.common import linear_weight
 from lowc.passes.quant.fold import fold_into_norm, insert_transform
 from lowc.passes.quant.learned import LearnedQuantPass, act_bits, run_blockwise
 from lowc.passes.quant.plan import BlockPlan, block_qlinears, param_groups, weight_clip_parameters
@@ -188,7 +189,7 @@ class AffineSetup:
     """What an affinequant block plan depends on: the pass options resolved against the target
     (:meth:`AffineQuant.setup`). ``scheme`` None: no weight fake-quant."""
 
-    scheme: EffectiveScheme | None
+    scheme: Scheme | None
     a_bits: int
     ln_matrix: bool
     sf: float

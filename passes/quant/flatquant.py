@@ -59,7 +59,8 @@ import torch
 from lowc.ir.analysis import BlockGroup
 from lowc.ir.dialect.kron import kron_apply
 from lowc.passes.base import PassContext, PassResult, opt
-from lowc.passes.quant.common import EffectiveScheme, linear_weight
+from lowc.ir.scheme import Scheme
+from lowc.passes.quant.common import linear_weight
 from lowc.passes.quant.fakequant import LWC_INIT, clip_tokens
 from lowc.passes.quant.fold import fold_into_norm, insert_transform
 from lowc.passes.quant.learned import LearnedQuantPass, act_bits, run_blockwise
@@ -151,7 +152,7 @@ class FlatSetup:
     clipping (only with quantized activations); ``seed``: the factors of block ``i`` are drawn from a
     generator seeded with ``seed * 100003 + i``."""
 
-    scheme: EffectiveScheme | None
+    scheme: Scheme | None
     a_bits: int
     lac: bool
     lwc: bool
