@@ -14,7 +14,7 @@ only by the backends that need them.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lowc.version import __version__  # a constant; no heavy import
 
 __all__ = ["compile", "load", "trace", "targets", "LowcError", "__version__"]
 
@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
         return load
     if name == "trace":
-        from lowc.frontend.trace import trace
+        from lowc.ir.capture import trace
 
         return trace
     if name == "targets":

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from lowc.version import __version__
 from lowc.errors import ArtifactError, CalibrationError, GenerationError, LowcError, PassOptionError
 
 #: default calibration size (GPTQ's reference uses 128 x 2048; 512 keeps CPU calibration practical)
@@ -18,7 +19,7 @@ DEFAULT_SEQ_LEN = 512
 
 def _as_passes(passes: Iterable[Any] | None) -> list | None:
     from lowc.passes.base import Pass
-    from lowc.passes.options import build_pass, parse_pass
+    from lowc.backends.registry import build_pass, parse_pass
 
     if passes is None:
         return None
@@ -256,10 +257,11 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     from lowc.backends.registry import get_target
     from lowc.backends.target import CompileOptions
     from lowc.frontend.presets import random_weights_note
-    from lowc.frontend.trace import check_finite, resolve_device, trace
+    from lowc.frontend.trace import resolve_device
+    from lowc.ir.capture import check_finite, trace
     from lowc.passes.base import PassContext
     from lowc.passes.calibration import load_calibration
-    from lowc.passes.options import load_recipe
+    from lowc.backends.registry import load_recipe
     from lowc.passes.pipeline import Pipeline
     from lowc.progress import current, reporting, step, to_stderr
 
@@ -312,7 +314,7 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
             step(f"preparing the {tgt.backend} backend's kernels for {device}")
             tgt.prepare(program, device)
     manifest = {
-        "lowc_version": _version(),
+        "lowc_version": __version__,
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.machine(),
@@ -374,12 +376,6 @@ def _output_check(program, inputs: list, float_out) -> dict[str, Any]:
     kind = program.info.kind if program.info.call_by_name else "module"
     # Program.call binds positional inputs by name for HF programs, so one call serves both kinds
     return ev.compare(lambda **kw: float_out, lambda **kw: program.call(*inputs), [batch], kind).to_json()
-
-
-def _version() -> str:
-    import lowc
-
-    return lowc.__version__
 
 
 def load(path: str | os.PathLike, device: str = "cpu", check_hashes: bool = True) -> CompiledModel:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from lowc.errors import ArtifactError
-from lowc.ir import untrusted as U
+from lowc import untrusted as U
 
 #: version 2 stores each layer's scheme as a typed :class:`~lowc.ir.scheme.Scheme` with the method
 #: and transforms beside it; version 1 (one flat dict of scheme fields and notes) still loads
@@ -555,7 +555,8 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
     """Rebuild the Program: module tree from the tensor table, graph from graph.json."""
     from safetensors import safe_open
 
-    from lowc.frontend.canonicalize import retarget_device
+    from lowc.backends.registry import define_op
+    from lowc.ir.canonicalize import retarget_device
     from lowc.ir import serialize
     from lowc.ir.program import ModelInfo, Program
 
@@ -588,7 +589,8 @@ def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
         raise ArtifactError(f"{wpath} is corrupt or truncated: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     root = _module_tree(table, tensors, gpath)
     gm = serialize.graph_from_json(graph, root, tensors=set(table), inputs=[s.name for s in info.inputs],
-                                   by_name=info.call_by_name, what=gpath, version=manifest["format_version"])
+                                   by_name=info.call_by_name, what=gpath, version=manifest["format_version"],
+                                   define_op=define_op)
     retarget_device(gm, device)  # device constants baked in at capture (arange(device=...))
     program = Program(gm, info)
     tok_dir = os.path.join(path, TOKENIZER)

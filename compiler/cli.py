@@ -76,7 +76,7 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
     from lowc.backends.registry import get_target
     from lowc.errors import ArtifactError, CalibrationError
     from lowc.frontend.trace import resolve_device
-    from lowc.passes.options import load_recipe, parse_pass
+    from lowc.backends.registry import load_recipe, parse_pass
     from lowc.progress import reporting, step, to_stderr
 
     get_target(target)  # fail fast on an unknown target, before loading anything
@@ -149,7 +149,7 @@ def list_passes():
     import typing
 
     from lowc.passes.options import format_value
-    from lowc.passes.registry import all_passes
+    from lowc.backends.registry import all_passes
 
     for name, cls in all_passes().items():
         req = f"  [requires {', '.join(sorted(cls.requires))}]" if cls.requires else ""
@@ -367,11 +367,11 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
     from lowc.artifact import check_file_output
 
     check_file_output(output, protect=[artifact])
-    from lowc.backends.onnx import export_onnx
+    from lowc.export import export as export_to
 
     with reporting(to_stderr):
-        r = export_onnx(artifact, output, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                        external_data=external_data or None, force=True)
+        r = export_to(artifact, output, format=fmt, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
+                      external_data=external_data or None, force=True)
     from collections import Counter
 
     forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from lowc.errors import LowcError, ModelLoadError
+from lowc.frontend.outputs import main_tensor  # noqa: F401  (callers import it from here too)
 
 #: Built-in sentences (written for lowc) used when no --data file is given: enough for an embedding
 #: cosine check, not a benchmark.
@@ -40,22 +41,6 @@ SENTENCES = [
     "Farmers planted wheat in the fields along the old road.",
     "The team won the championship after a long and difficult season.",
 ]
-
-
-def main_tensor(out: Any) -> torch.Tensor:
-    """The tensor a metric compares: logits, last_hidden_state, or the first tensor output."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        v = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
-        if isinstance(v, torch.Tensor):
-            return v
-    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
-        seq = out.to_tuple() if hasattr(out, "to_tuple") else out
-        for v in seq:
-            if isinstance(v, torch.Tensor):
-                return v
-    raise LowcError(f"cannot find a tensor in the model output ({type(out).__name__})")
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from lowc.ir import dialect
+
 #: namespaces whose OpOverloads are allowed (resolved through ``torch.ops.<ns>``)
 OP_NAMESPACES = ("aten", "prims", "lowc")
 
@@ -46,8 +48,13 @@ _PART = re.compile(r"_?[A-Za-z][A-Za-z0-9_]*\Z")
 _DUNDER_OP = re.compile(r"__[a-z]+__\Z")  # aten.__and__.Tensor (``a & b`` in HF mask code)
 
 
-def resolve_op(qualname: str) -> torch._ops.OpOverload:
+def resolve_op(qualname: str, define: Callable[[str], bool] | None = None) -> torch._ops.OpOverload:
     """``aten.linear.default`` -> the OpOverload; raises KeyError for anything not allowed.
+
+    A ``lowc`` op is defined first by name through ``define`` (default: this layer's dialect
+    registry, :func:`lowc.ir.dialect.define`; the artifact loader passes the registry of every
+    layer, :func:`lowc.backends.registry.define_op`), so resolving never depends on what happened
+    to be imported before.
 
     ``qualname`` may come from an untrusted file: each part must be a plain name (the op name may
     be an operator dunder such as ``__and__``), the namespace one of :data:`OP_NAMESPACES`, the op
@@ -60,9 +67,7 @@ def resolve_op(qualname: str) -> torch._ops.OpOverload:
     if DENIED_OPS.match(parts[1]):
         raise KeyError(qualname)
     if parts[0] == "lowc":
-        from lowc.ir.dialect import ensure_registered
-
-        ensure_registered()
+        (define or dialect.define)(parts[1])
     ns = getattr(torch.ops, parts[0])
     try:
         packet = getattr(ns, parts[1])

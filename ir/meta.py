@@ -14,7 +14,7 @@ from typing import Any
 import torch.fx
 
 from lowc.errors import ArtifactError
-from lowc.ir import untrusted as U
+from lowc import untrusted as U
 from lowc.ir.scheme import Scheme
 
 KEY = "lowc"

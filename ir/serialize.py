@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from lowc.errors import ArtifactError
 from lowc.ir import known
 from lowc.ir import meta as nodemeta
-from lowc.ir import untrusted as U
+from lowc import untrusted as U
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -237,11 +237,11 @@ def _load_treespec(s: Any, what: str):
 _NODE_KEYS = ("name", "op", "target", "args", "kwargs", "meta")
 
 
-def _resolve_target(name: Any, what: str):
+def _resolve_target(name: Any, what: str, define_op=None):
     U.typed(name, str, what)
     try:
         if name.count(".") == 2:
-            return known.resolve_op(name)
+            return known.resolve_op(name, define_op)
         return known.python_callables()[name]
     except KeyError:
         raise ArtifactError(f"{what}: unknown op {U._show(name)}") from None
@@ -270,13 +270,14 @@ def _node_meta(m: Any, what: str, version: int) -> tuple[dict | None, nodemeta.N
 
 def graph_from_json(d: dict[str, Any], root: torch.nn.Module, device: torch.device | str | None = None,
                     tensors: set[str] | None = None, inputs: list[str] | None = None, by_name: bool = True,
-                    what: str = GRAPH, version: int = 2) -> torch.fx.GraphModule:
+                    what: str = GRAPH, version: int = 2, define_op=None) -> torch.fx.GraphModule:
     """Rebuild a GraphModule over ``root`` (which holds the attributes) from :func:`graph_to_json`.
 
     ``tensors``: the attribute paths ``get_attr`` nodes may read (default: any valid path);
     ``inputs``: the model's inputs in order, when the caller knows them: the graph must have as many
     placeholders, of the same names if ``by_name`` (models called with keyword inputs). ``version``:
-    the artifact format version the node metadata was written in (1 or 2)."""
+    the artifact format version the node metadata was written in (1 or 2). ``define_op(name)``
+    defines the op ``lowc::<name>`` a node calls (default: the IR dialect's own registry)."""
     dev = torch.device(device) if device is not None else None
     U.fields(d, what, ("nodes", "pytree", "tensors"), ("nodes",))
     graph = torch.fx.Graph()
@@ -306,7 +307,7 @@ def graph_from_json(d: dict[str, Any], root: torch.nn.Module, device: torch.devi
                 if tensors is not None and target not in tensors:
                     raise ArtifactError(f"{w}: reads {target!r}, which is not in the tensor table")
         elif op == "call_function":
-            target = _resolve_target(nd.get("target"), w)
+            target = _resolve_target(nd.get("target"), w, define_op)
             _check_kwargs(target, kwargs, w)
         elif op == "output":
             if "target" in nd and nd["target"] not in (None, "output"):

@@ -18,9 +18,13 @@ import os
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 from lowc.errors import PassOptionError
+from lowc.passes.registry import get_pass_class
+
+#: a pass registry: ``lookup(name) -> pass class`` (raises PassOptionError for an unknown name)
+Lookup = Callable[[str], type]
 
 _NAME = re.compile(r"[A-Za-z][\w-]*")
 
@@ -150,11 +154,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build_pass(name: str, options: dict[str, Any] | None = None):
-    """Instantiate the registered pass ``name`` from raw option values (strings or typed)."""
-    from lowc.passes.registry import get_pass_class
-
-    cls = get_pass_class(name)
+def build_pass(name: str, options: dict[str, Any] | None = None, lookup: Lookup | None = None):
+    """Instantiate the registered pass ``name`` from raw option values (strings or typed).
+    ``lookup(name) -> class`` is the registry (default: the passes layer's own,
+    :func:`lowc.passes.registry.get_pass_class`; :mod:`lowc.backends.registry` gives every pass)."""
+    cls = (lookup or get_pass_class)(name)
     options = dict(options or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -172,30 +176,30 @@ def build_pass(name: str, options: dict[str, Any] | None = None):
         raise PassOptionError(f"pass '{name}': {e}") from None
 
 
-def parse_pass(spelling: str):
+def parse_pass(spelling: str, lookup: Lookup | None = None):
     name, opts = parse_spelling(spelling)
-    return build_pass(name, opts)
+    return build_pass(name, opts, lookup)
 
 
-def from_json(d: dict[str, Any]):
-    return build_pass(d["name"], d.get("options", {}))
+def from_json(d: dict[str, Any], lookup: Lookup | None = None):
+    return build_pass(d["name"], d.get("options", {}), lookup)
 
 
-def _item_to_pass(item: Any, where: str):
+def _item_to_pass(item: Any, where: str, lookup: Lookup | None):
     if isinstance(item, str):
-        return parse_pass(item)
+        return parse_pass(item, lookup)
     if isinstance(item, dict):
         if "name" in item:
             opts = item.get("options", {k: v for k, v in item.items() if k != "name"})
-            return build_pass(item["name"], opts)
+            return build_pass(item["name"], opts, lookup)
         if len(item) == 1:
             (name, opts), = item.items()
-            return build_pass(name, opts or {})
+            return build_pass(name, opts or {}, lookup)
     raise PassOptionError(f"{where}: each recipe item must be a pass spelling or a mapping, got {item!r}")
 
 
-def load_recipe(path: str) -> list:
-    """Passes from a YAML/JSON recipe file (see module docstring)."""
+def load_recipe(path: str, lookup: Lookup | None = None) -> list:
+    """Passes from a YAML/JSON recipe file (see module docstring), looked up in ``lookup``."""
     if not os.path.isfile(path):
         raise PassOptionError(f"recipe {path!r} does not exist")
     with open(path) as f:
@@ -213,4 +217,4 @@ def load_recipe(path: str) -> list:
         data = data["passes"]
     if not isinstance(data, list):
         raise PassOptionError(f"recipe {path}: expected a list of passes")
-    return [_item_to_pass(item, f"recipe {path}") for item in data]
+    return [_item_to_pass(item, f"recipe {path}", lookup) for item in data]

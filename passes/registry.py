@@ -1,6 +1,9 @@
-"""The one pass registry: name -> "module:Class", imported only when the pass is asked for.
+"""The passes layer's pass registry: name -> "module:Class", imported only when the pass is asked for.
 
-Registering a pass is adding a line here; nothing registers itself on import.
+Registering a pass of this layer is adding a line here; nothing registers itself on import.
+Backends add their own lowering passes in their packages' ``PASSES``; the registry of every pass,
+which the API, the CLI and recipes use, is :mod:`lowc.backends.registry` (this layer cannot name
+backend modules).
 """
 
 from __future__ import annotations
@@ -18,25 +21,25 @@ PASSES: dict[str, str] = {
     "quantize-activations": "lowc.passes.quant.activations:QuantizeActivations",
     "quantize-kv": "lowc.passes.quant.kv:QuantizeKV",
     "remove-dead": "lowc.passes.cleanup:RemoveDead",
-    "onnx-check": "lowc.backends.onnx.check:OnnxCheck",
-    "lut-lower": "lowc.backends.cpu_lut.lower:LutLower",
     "linearize": "lowc.passes.linearize.linearize:Linearize",
-    "triton-lower": "lowc.backends.triton.lower:TritonLower",
 }
 
 
-def get_pass_class(name: str):
+def get_pass_class(name: str, table: dict[str, str] | None = None):
+    """The pass class registered as ``name`` in ``table`` (default: this layer's :data:`PASSES`)."""
+    table = PASSES if table is None else table
     try:
-        spec = PASSES[name]
+        spec = table[name]
     except KeyError:
         import difflib
 
-        close = difflib.get_close_matches(name, PASSES, n=1)
+        close = difflib.get_close_matches(name, table, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PassOptionError(f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(PASSES))}") from None
+        raise PassOptionError(f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(table))}") from None
     mod_name, cls_name = spec.split(":")
     return getattr(importlib.import_module(mod_name), cls_name)
 
 
-def all_passes() -> dict[str, type]:
-    return {name: get_pass_class(name) for name in sorted(PASSES)}
+def all_passes(table: dict[str, str] | None = None) -> dict[str, type]:
+    table = PASSES if table is None else table
+    return {name: get_pass_class(name, table) for name in sorted(table)}

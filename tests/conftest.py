@@ -211,7 +211,7 @@ class TwoLinears(torch.nn.Module):
 def two_linears_program(bits: tuple[int, int], group_size: int, symmetric: tuple[bool, bool]):
     """:class:`TwoLinears` (seed 0) traced, its linears ``a`` and ``b`` RTN-quantized into
     ``lowc::linear_wq`` with their own bits and symmetry."""
-    from lowc.frontend.trace import trace
+    from lowc.ir.capture import trace
     from lowc.ir.dialect import quant
     from lowc.ir.scheme import Scheme
     from lowc.passes.quant.common import linear_weight, rewrite_linear

@@ -13,7 +13,8 @@ from torch.testing import FileCheck
 
 import lowc
 from lowc.errors import CalibrationError
-from lowc.frontend.trace import load_source, trace
+from lowc.frontend.trace import load_source
+from lowc.ir.capture import trace
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.ir.dialect import quant

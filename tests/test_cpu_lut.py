@@ -202,7 +202,7 @@ def test_lut_lower_mixed_precision(lib):
 
 def test_lut_lower_rejects_wide_layers():
     from lowc.backends.cpu_lut.lower import LutLower
-    from lowc.frontend.trace import trace
+    from lowc.ir.capture import trace
     from lowc.passes.base import PassContext
     from lowc.passes.quant.rtn import RTN
 

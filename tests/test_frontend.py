@@ -169,7 +169,7 @@ def test_dynamic_export_keeps_both_dims_symbolic():
 
 def test_identity_slices_are_canonicalized_away():
     """`x[:, :, None]` exports with full-range aten.slice on some torch versions; lowc drops them."""
-    from lowc.frontend.canonicalize import canonicalize
+    from lowc.ir.canonicalize import canonicalize
 
     kw = _hf_kwargs()
     # build the slices explicitly, as torch 2.11's export leaves them

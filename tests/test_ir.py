@@ -11,7 +11,7 @@ import torch
 from torch.testing import FileCheck
 
 from lowc.errors import CalibrationError, PassError, VerificationError
-from lowc.frontend.trace import trace
+from lowc.ir.capture import trace
 from lowc.ir import meta as nodemeta
 from lowc.ir import printer, verifier
 from lowc.ir.scheme import Scheme

@@ -25,6 +25,7 @@ import torch
 import lowc
 from conftest import make_llama_dir, run_lowc
 from lowc.backends.onnx import OnnxExportError, export_onnx, session_options
+from lowc.export import export
 from lowc.evaluate import main_tensor
 from test_cli import assert_clean_error
 
@@ -406,7 +407,7 @@ def _artifact_of(path: str) -> str:
 
 
 def test_export_reuses_the_file_the_target_wrote(tiny, tmp_path, monkeypatch, capsys):
-    import lowc.api
+    import lowc.export
     from lowc.backends.onnx import export as onnx_export
     from lowc.cli import main
 
@@ -422,7 +423,7 @@ def test_export_reuses_the_file_the_target_wrote(tiny, tmp_path, monkeypatch, ca
         raise AssertionError("the artifact was loaded to be exported again")
 
     monkeypatch.setattr(onnx_export, "export_program", spy)
-    monkeypatch.setattr(lowc.api, "load", no_load)
+    monkeypatch.setattr(lowc.export, "load", no_load)
     out = tmp_path / "m.onnx"
     main(["export", _artifact_of(path), "-o", str(out)])
     cap = capsys.readouterr()
@@ -458,7 +459,7 @@ def test_export_reuse_checks_hash_and_recorded_options(tiny, tmp_path, monkeypat
     m = json.load(open(mpath))
     m["files"]["backend/onnx.json"] = {"bytes": os.path.getsize(side_path), "sha256": sha256_file(side_path)}
     json.dump(m, open(mpath, "w"))
-    r = export_onnx(art, tmp_path / "o.onnx")
+    r = export(art, tmp_path / "o.onnx")
     assert len(calls) == 1 and r.reused_from is None
     # a file that is not the one the manifest hashes is refused, naming it
     with open(os.path.join(art, "backend", "model.onnx"), "r+b") as f:
@@ -467,4 +468,4 @@ def test_export_reuse_checks_hash_and_recorded_options(tiny, tmp_path, monkeypat
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
     with pytest.raises(ArtifactError, match=r"backend/model\.onnx is corrupt: sha256"):
-        export_onnx(art, tmp_path / "o2.onnx")
+        export(art, tmp_path / "o2.onnx")

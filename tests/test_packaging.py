@@ -66,7 +66,7 @@ def test_lazy_attributes():
     assert lowc.__version__ == PYPROJECT["project"]["version"]
     from lowc import api, errors
     from lowc.backends.registry import all_targets
-    from lowc.frontend.trace import trace
+    from lowc.ir.capture import trace
 
     # each lazy name resolves to the object it stands for, not just to something
     assert {name: getattr(lowc, name) for name in lowc.__all__ if name != "__version__"} == {

@@ -16,7 +16,7 @@ from lowc.api import layer_table
 from lowc.backends.registry import get_target
 from lowc.backends.target import CompileOptions
 from lowc.errors import PassOptionError
-from lowc.frontend.trace import trace
+from lowc.ir.capture import trace
 from lowc.ir import meta as nodemeta
 from lowc.ir import printer, verifier
 from lowc.ir.dialect import quant

@@ -166,7 +166,7 @@ def test_triton_lower_pass():
 
 def test_triton_lower_rejects_what_the_kernels_cannot_take():
     from lowc.backends.triton.lower import TritonLower
-    from lowc.frontend.trace import trace
+    from lowc.ir.capture import trace
     from lowc.passes.base import PassContext
     from lowc.passes.quant.activations import QuantizeActivations
     from lowc.passes.quant.rtn import RTN

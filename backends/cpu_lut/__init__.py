@@ -4,12 +4,18 @@ Files: ``layout.py`` (offline weight repacking), ``codegen.py`` (C source), ``bu
 compiler, cache, ctypes), ``runtime.py`` (calling kernels, threads), ``op.py`` (``lowc::linear_lut``),
 ``lower.py`` (the ``lut-lower`` pass), ``targets.py`` (targets, emit, prepare).
 
-Importing the backend (which the target registry does when targets are listed) defines
-``lowc::linear_lut``, so that reading a cpu-lut artifact's graph, which contains the op, resolves it:
-``lowc.load`` asks for the target before it reads the graph.
+The registry (:mod:`lowc.backends.registry`) reads this package's :func:`targets`, :data:`PASSES` and
+:data:`OPS`; importing the package defines no op (``lowc::linear_lut`` is defined when its module is
+imported by name, e.g. by the artifact loader resolving a cpu-lut graph).
 """
 
 from __future__ import annotations
 
-from lowc.backends.cpu_lut import op  # noqa: F401  (defines lowc::linear_lut)
-from lowc.backends.cpu_lut.targets import targets  # noqa: F401  (the registry's entry point)
+from lowc.backends.cpu_lut.targets import targets
+
+#: this backend's passes: name -> "module:Class"
+PASSES: dict[str, str] = {"lut-lower": "lowc.backends.cpu_lut.lower:LutLower"}
+#: this backend's ops: name (``lowc::<name>``) -> the module that declares it
+OPS: dict[str, str] = {"linear_lut": "lowc.backends.cpu_lut.op"}
+
+__all__ = ["targets", "PASSES", "OPS"]

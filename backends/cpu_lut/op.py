@@ -68,6 +68,10 @@ def _linear_lut_fake(x, weight, scales, zeros, bias, bits, group_size, in_featur
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+#: the op, for passes and tables that build or find its nodes
+LINEAR_LUT = torch.ops.lowc.linear_lut.default
+
+
 _cpu_registered = False
 
 

@@ -26,7 +26,12 @@ from __future__ import annotations
 from lowc.backends.onnx.errors import OnnxExportError
 from lowc.backends.onnx.targets import targets
 
-__all__ = ["targets", "export_onnx", "session_options", "OnnxExportError"]
+__all__ = ["targets", "export_onnx", "session_options", "OnnxExportError", "PASSES", "OPS"]
+
+#: this backend's passes: name -> "module:Class"
+PASSES: dict[str, str] = {"onnx-check": "lowc.backends.onnx.check:OnnxCheck"}
+#: ``lowc::`` ops this backend adds to saved graphs: none (its ``lowc_onnx`` ops exist only while exporting)
+OPS: dict[str, str] = {}
 
 
 def export_onnx(model, path, **kw):

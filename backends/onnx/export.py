@@ -18,8 +18,8 @@ one it was exported for and the session option that gives it (:func:`session_opt
 The MatMulNBits form (``matmulnbits=True``) carries the level in its nodes, so any session honours it.
 
 Reuse: an artifact compiled for an ``onnx-*`` target already holds ``backend/model.onnx`` and, in
-``backend/onnx.json``, the options it was written with; :func:`export_onnx` given that artifact and
-the same options copies the file (after checking its sha256 against the manifest) instead of
+``backend/onnx.json``, the options it was written with (:func:`write_sidecar`); the API's
+:func:`lowc.export.export` given that artifact and the same options copies the file instead of
 exporting again.
 """
 
@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from lowc.backends.onnx.errors import OnnxExportError
+from lowc.frontend.outputs import main_tensor
+from lowc.version import __version__
 
 OPSET = 21
 #: onnxruntime's session option for the accuracy level of DequantizeLinear->MatMul it fuses into MatMulNBits
@@ -127,8 +128,6 @@ class _Wrapper(torch.nn.Module):
             return out
         if self.out_key is not None:
             return out[self.out_key]
-        from lowc.evaluate import main_tensor
-
         return main_tensor(out)
 
 
@@ -219,13 +218,7 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
                         output=out_name, bytes=size, layers=report.layers, ops=summary["ops"],
                         initializer_bytes=summary["initializer_bytes"], accuracy_level=accuracy_level,
                         session_config=session_config, arithmetic=text,
-                        options=export_options(matmulnbits, accuracy_level, external_data), lowc_version=_lowc_version())
-
-
-def _lowc_version() -> str:
-    import lowc
-
-    return lowc.__version__
+                        options=export_options(matmulnbits, accuracy_level, external_data), lowc_version=__version__)
 
 
 def _quantized_layers(program) -> list:
@@ -257,82 +250,11 @@ def _quantized_layers(program) -> list:
 
 def export_onnx(model, path: str | os.PathLike, *, matmulnbits: bool = False, accuracy_level: int = 0,
                 external_data: bool | None = None, force: bool = True) -> ExportResult:
-    """Export a :class:`lowc.api.CompiledModel`, an artifact directory, or a Program to ONNX at ``path``.
-
-    An artifact directory whose ``backend/model.onnx`` was written with the same options is copied,
-    not exported again (:func:`reuse_emitted`)."""
-    if isinstance(model, (str, os.PathLike)):
-        import lowc
-        from lowc.progress import step
-
-        reused = reuse_emitted(os.fspath(model), path, export_options(matmulnbits, accuracy_level, external_data),
-                               force=force)
-        if reused is not None:
-            return reused
-        step(f"loading {os.fspath(model)}")
-        model = lowc.load(os.fspath(model))
+    """Export a :class:`lowc.api.CompiledModel` or a Program to ONNX at ``path`` (an artifact
+    directory is the API's business: :func:`lowc.export.export`, which also reuses an emitted file)."""
     program = getattr(model, "program", model)
     return export_program(program, os.fspath(path), matmulnbits=matmulnbits, accuracy_level=accuracy_level,
                           external_data=external_data, force=force)
-
-
-def reuse_emitted(artifact: str, path: str | os.PathLike, options: dict, force: bool = True) -> ExportResult | None:
-    """Copy ``artifact``'s ``backend/model.onnx`` to ``path`` when it was written with ``options``
-    by this lowc and holds its weights inline; None when it cannot be reused. Raises ArtifactError
-    when the file is not the one the manifest hashes."""
-    import shutil
-
-    from lowc.artifact import check_files, read_manifest
-    from lowc.progress import step
-
-    manifest = read_manifest(artifact)
-    files = manifest.get("files", {})
-    names = ("backend/model.onnx", "backend/onnx.json")
-    if not all(n in files for n in names):
-        return None
-    check_files(artifact, manifest, hashes=names)
-    side = _read_sidecar(os.path.join(artifact, "backend", "onnx.json"))
-    if side.get("options") != options or side.get("lowc_version") != _lowc_version() or side.get("external_data"):
-        return None
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not force:
-        raise OnnxExportError(f"output {path} already exists (use --force / force=True to replace it)")
-    if os.path.isdir(path):
-        raise OnnxExportError(f"output {path} is a directory; give a file name such as model.onnx")
-    src = os.path.join(artifact, "backend", "model.onnx")
-    step(f"reusing {src} (written at compile time with the same options; sha256 checked)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        tmp = os.path.join(tmpdir, os.path.basename(path))
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    known = {f.name for f in dataclasses.fields(ExportResult)}
-    result = ExportResult(**{k: v for k, v in side.items() if k in known})
-    result.path, result.reused_from = path, os.path.abspath(src)
-    return result
-
-
-def _read_sidecar(path: str) -> dict:
-    """``backend/onnx.json`` of an artifact (untrusted like the rest of it): the fields of
-    :class:`ExportResult` with their JSON types, else an ArtifactError naming the file."""
-    from lowc.errors import ArtifactError
-    from lowc.ir import untrusted as U
-
-    side = U.fields(U.load_json(path), path, [f.name for f in dataclasses.fields(ExportResult)])
-    types = {"path": str, "opset": int, "matmulnbits": bool, "external_data": bool, "inputs": list, "output": str,
-             "bytes": int, "layers": list, "ops": dict, "initializer_bytes": dict, "accuracy_level": int,
-             "session_config": dict, "arithmetic": str, "options": dict, "lowc_version": str,
-             "reused_from": (str, type(None))}
-    for k, v in side.items():
-        U.typed(v, types[k], f"{path}: {k}")
-    for i, row in enumerate(side.get("layers", [])):
-        if not (isinstance(row, dict) and isinstance(row.get("onnx"), str)):
-            raise ArtifactError(f"{path}: layers[{i}] has no ONNX form")
-    return side
 
 
 def write_sidecar(result: ExportResult, path: str) -> None:

@@ -42,3 +42,8 @@ def targets() -> list[Target]:
         t("ref-w8a8", Scheme(8, -1, True, a_bits=8), "int8 weights per channel + int8 per-token dynamic activations"),
         t("ref-w4a4", Scheme(4, -1, True, a_bits=4), "int4 weights per channel + int4 per-token dynamic activations"),
     ]
+
+
+#: the reference backend adds no pass and no op: it runs the dialect's reference implementations
+PASSES: dict[str, str] = {}
+OPS: dict[str, str] = {}

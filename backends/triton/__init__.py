@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import importlib
 
-from lowc.backends.triton.targets import targets  # noqa: F401  (the registry's entry point; no triton import)
+from lowc.backends.triton.targets import targets  # no triton import
+
+#: this backend's passes: name -> "module:Class"
+PASSES: dict[str, str] = {"triton-lower": "lowc.backends.triton.lower:TritonLower"}
+#: this backend's ops: name (``lowc::<name>``) -> the module that declares it
+OPS: dict[str, str] = {"linear_wq_tr": "lowc.backends.triton.op"}
 
 #: kernel modules of this package, each with ``register_cuda()`` (add a line per new module)
 KERNEL_MODULES: tuple[str, ...] = ("linear_attention", "wq")

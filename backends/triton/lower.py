@@ -54,7 +54,6 @@ class TritonLower(Pass):
 
     def run(self, program, ctx: PassContext) -> PassResult:
         from lowc.backends.lowering import lower_linear_wq
-        from lowc.backends.triton import layout
         from lowc.backends.triton import op as tr_op  # noqa: F401  (defines lowc::linear_wq_tr)
 
         return lower_linear_wq(program, torch.ops.lowc.linear_wq_tr.default, kernels="cuda-* Triton kernels",

@@ -72,3 +72,7 @@ def linear_wq_tr(
 def _linear_wq_tr_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features):
     check(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+#: the op, for passes and tables that build or find its nodes
+LINEAR_WQ_TR = torch.ops.lowc.linear_wq_tr.default

@@ -25,7 +25,7 @@ import torch
 
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
 from lowc.ir.scheme import Scheme
-from lowc.backends.triton import op  # noqa: F401  (defines lowc::linear_wq_tr so saved graphs resolve)
+from lowc.backends.triton import op as tr_op
 from lowc.errors import KernelError
 
 
@@ -44,7 +44,7 @@ def layer_rows(program) -> list[dict]:
     from lowc.ir.dialect.args import LinearQArgs
 
     rows = []
-    for node in program.nodes(torch.ops.lowc.linear_wq_tr.default):
+    for node in program.nodes(tr_op.LINEAR_WQ_TR):
         a = LinearQArgs.of(node)
         bits, gs, k, n, z_n, b_n = a.bits, a.group_size, a.in_features, a.out_features, a.zeros, a.bias
         w, s = program.attr(a.weight.target), program.attr(a.scales.target)

@@ -1,10 +1,12 @@
-"""``lowc.trace``: capture a model into a :class:`lowc.ir.Program`.
+"""Capture a model with torch.export: the frontend half of ``lowc.trace``.
 
-Accepts an ``nn.Module`` with example inputs, a Hugging Face ``PreTrainedModel``, a Hugging Face
+:func:`capture` accepts an ``nn.Module`` with example inputs, a Hugging Face ``PreTrainedModel``, a Hugging Face
 model directory, a preset name (``tiny-llama``, ``minilm``) or ``package.module:factory``. Capture
 uses ``torch.export.export(..., strict=False)`` (transformers models are exported with
 ``use_cache=False``); batch and sequence dims of HF inputs are dynamic. The exported program is
-unlifted to a GraphModule, canonicalized, and annotated with lowc node metadata.
+unlifted to a GraphModule and returned as a :class:`Capture` with its :class:`ModelInfo`;
+:func:`lowc.ir.capture.trace` canonicalizes and annotates it into the IR. The frontend is the
+lowest layer: it imports nothing of lowc but the base modules.
 
 Example inputs of a transformers model (token ids, ``(ids, mask)``, or what a tokenizer returns:
 a ``BatchEncoding``/dict with ``input_ids``, ``attention_mask``, ``token_type_ids``) fix only the
@@ -20,14 +22,15 @@ import os
 import re
 import traceback
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.fx
 
 from lowc.errors import CaptureError, DeviceError, ModelLoadError
-from lowc.frontend import canonicalize as canon
 from lowc.frontend import hf, presets
-from lowc.ir.program import InputSpec, ModelInfo, Program, as_input_tensor
+from lowc.frontend.spec import InputSpec, ModelInfo, as_input_tensor
 
 #: the smallest size a dynamic dim is captured at (torch.export specializes sizes 0 and 1)
 MIN_DYNAMIC = 2
@@ -67,16 +70,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     elif d.type != "cpu":
         raise DeviceError(f"device {device!r} is not supported (expected cpu, cuda or cuda:N)")
     return d
-
-
-def check_finite(program: Program) -> None:
-    """Fail naming the first parameter or buffer that holds NaN or inf: compressing it would only
-    give an artifact whose outputs are NaN."""
-    for name, t in program.state_tensors().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ModelLoadError(f"weight {name} has {bad} NaN/inf value(s) of {t.numel()}: the source model is broken "
-                                 "(pass --allow-nonfinite / allow_nonfinite=True to compile it anyway)")
 
 
 def _user_frame(e: BaseException) -> str:
@@ -145,19 +138,26 @@ def _export_dynamic(model: torch.nn.Module, kwargs: dict, dims: dict[str, tuple[
     return ep
 
 
-def _finish(ep, info: ModelInfo, tokenizer=None) -> Program:
-    gm = canon.canonicalize(ep.module())
-    for h in list(gm._forward_pre_hooks):  # export's input-constraint hooks: our own call() checks inputs
+@dataclass
+class Capture:
+    """What capture produces: the exported module (unlifted: parameters and buffers are attributes),
+    how it is called and where it came from, and the model's tokenizer. :func:`lowc.ir.capture.trace`
+    canonicalizes it into a :class:`lowc.ir.Program`."""
+
+    module: torch.fx.GraphModule
+    info: ModelInfo
+    tokenizer: Any = None
+
+
+def _captured(ep, info: ModelInfo, tokenizer=None) -> Capture:
+    gm = ep.module()
+    for h in list(gm._forward_pre_hooks):  # export's input-constraint hooks: Program.call checks inputs
         del gm._forward_pre_hooks[h]
-    program = Program(gm, info)
-    program.tokenizer = tokenizer
-    program.remove_dead()  # export keeps buffers no node reads (e.g. rotary original_inv_freq)
-    program.annotate()
-    return program
+    return Capture(gm, info, tokenizer)
 
 
-def trace_hf_model(model, tokenizer=None, *, kind: str | None = None, source: dict | None = None,
-                   batch: int = 2, seq_len: int = 16, device: str = "cpu") -> Program:
+def capture_hf_model(model, tokenizer=None, *, kind: str | None = None, source: dict | None = None,
+                   batch: int = 2, seq_len: int = 16, device: str = "cpu") -> Capture:
     """Capture a transformers PreTrainedModel called as ``model(input_ids, attention_mask)``."""
     cfg = model.config
     if kind is None:
@@ -184,10 +184,10 @@ def trace_hf_model(model, tokenizer=None, *, kind: str | None = None, source: di
         call_by_name=True,
         hf_config=cfg.to_dict(),
     )
-    return _finish(ep, info, tokenizer)
+    return _captured(ep, info, tokenizer)
 
 
-def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes=None) -> Program:
+def capture_module(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes=None) -> Capture:
     """Capture a plain nn.Module called as ``model(*example_inputs)``."""
     args = tuple(example_inputs)
     if not all(isinstance(a, torch.Tensor) for a in args):
@@ -204,7 +204,7 @@ def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_
         source={"type": "module", "name": type(model).__name__, "sha256": hf.fingerprint_module(model)},
         inputs=[InputSpec(f"input_{i}", str(a.dtype).replace("torch.", ""), list(a.shape), dyn[i]) for i, a in enumerate(args)],
     )
-    return _finish(ep, info)
+    return _captured(ep, info)
 
 
 def load_source(model: Any, dtype: torch.dtype = torch.float32):
@@ -247,34 +247,34 @@ def _is_hf_model(model: Any) -> bool:
     return isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "to_dict")
 
 
-def trace(model: Any, example_inputs: Sequence[Any] | None = None, *, dynamic_shapes=None,
-          device: str = "cpu", dtype: str | torch.dtype | None = None, tokenizer=None,
-          seq_len: int = 16, batch: int = 2) -> Program:
-    """Capture ``model`` (module, HF model, directory, preset or factory) into a Program."""
+def capture(model: Any, example_inputs: Sequence[Any] | None = None, *, dynamic_shapes=None,
+            device: str = "cpu", dtype: str | torch.dtype | None = None, tokenizer=None,
+            seq_len: int = 16, batch: int = 2) -> Capture:
+    """Capture ``model`` (module, HF model, directory, preset or factory) with torch.export."""
     torch_dtype = resolve_dtype(dtype, device)
     if isinstance(model, (str, os.PathLike)):
         m, tok, kind, source = load_source(model, torch_dtype)
         if not _is_hf_model(m):
             if example_inputs is None:
                 raise CaptureError(f"model {model!r} is not a transformers model: pass example_inputs")
-            return trace_module(m.to(device), example_inputs, dynamic_shapes)
-        return trace_hf_model(m, tokenizer or tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
+            return capture_module(m.to(device), example_inputs, dynamic_shapes)
+        return capture_hf_model(m, tokenizer or tok, kind=kind, source=source, batch=batch, seq_len=seq_len, device=device)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"cannot trace a {type(model).__name__}: expected an nn.Module, a path or a preset name")
     if example_inputs is None and _is_hf_model(model):
         if dtype is not None:
             model = model.to(torch_dtype)
-        return trace_hf_model(model, tokenizer, batch=batch, seq_len=seq_len, device=device)
+        return capture_hf_model(model, tokenizer, batch=batch, seq_len=seq_len, device=device)
     if example_inputs is None:
         raise CaptureError(f"{type(model).__name__} is a plain nn.Module: pass example_inputs")
     if _is_hf_model(model) and dynamic_shapes is None:
         example = hf_example(example_inputs, type(model).__name__)
         if example is not None:
             b, s = example["input_ids"].shape
-            return trace_hf_model(model, tokenizer, batch=max(b, MIN_DYNAMIC), seq_len=max(s, MIN_DYNAMIC), device=device)
+            return capture_hf_model(model, tokenizer, batch=max(b, MIN_DYNAMIC), seq_len=max(s, MIN_DYNAMIC), device=device)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    return trace_module(model, example_inputs, dynamic_shapes)
+    return capture_module(model, example_inputs, dynamic_shapes)
 
 
 def hf_example(example_inputs: Any, what: str) -> dict[str, torch.Tensor] | None:

@@ -1,17 +1,35 @@
 """lowc's compressed-op dialect (custom torch.library ops) and the packing/quantization math behind it.
 
-Each dialect module below declares its ops with ``torch.library`` (schema, fake kernel, plain-PyTorch
-reference implementation). :func:`ensure_registered` imports all of them; it is the only place that
-defines ops, so reading a saved graph (``lowc.ir.known.resolve_op``) always finds every lowc op.
+:data:`OPS` is the registry of this layer's ops: op name -> the module that declares it (schema,
+fake kernel, plain-PyTorch reference implementation). An op is defined when that module is imported,
+and modules are imported on demand by name: :func:`define` for one op, :func:`ensure_registered`
+for all of them. Backends keep their own tables of the ops they add (their packages' ``OPS``);
+:func:`lowc.backends.registry.define_op` looks a name up in all of them, which is what the artifact
+loader uses, so a saved graph resolves its ops whatever was imported before.
 """
 
 import importlib
 
-#: modules under ``lowc.ir.dialect`` that declare ops (add a line when a new one is written)
-OP_MODULES: tuple[str, ...] = ("ops", "linear_attention", "kv", "kron")
+#: op name (``lowc::<name>``) -> module under ``lowc.ir.dialect`` that declares it (add a line per new op)
+OPS: dict[str, str] = {
+    "linear_wq": "lowc.ir.dialect.ops",
+    "linear_wqaq": "lowc.ir.dialect.ops",
+    "linear_attention": "lowc.ir.dialect.linear_attention",
+    "fake_quant_kv": "lowc.ir.dialect.kv",
+    "kron_transform": "lowc.ir.dialect.kron",
+}
+
+
+def define(name: str) -> bool:
+    """Define the dialect op ``lowc::<name>`` (import its module); False if this layer has no such op."""
+    module = OPS.get(name)
+    if module is None:
+        return False
+    importlib.import_module(module)
+    return True
 
 
 def ensure_registered() -> None:
-    """Define the dialect ops (idempotent). Call before running or loading a program that uses them."""
-    for name in OP_MODULES:
-        importlib.import_module(f"lowc.ir.dialect.{name}")
+    """Define every op of this layer (idempotent). Call before running or building a program that uses them."""
+    for module in dict.fromkeys(OPS.values()):
+        importlib.import_module(module)

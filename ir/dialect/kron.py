@@ -26,7 +26,7 @@ register itself for CUDA through :func:`lowc.ir.dialect.ops.register_backend_ker
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -87,7 +87,3 @@ def _kron_transform_fake(x, scale, p1, p2, clip):
     _check(x, scale, p1, p2, clip)
     return torch.empty_like(x)
 
-
-#: op name -> OpOverload / reference implementation (as :mod:`lowc.ir.dialect.ops` lists its ops)
-DIALECT: dict[str, torch._ops.OpOverload] = {"kron_transform": torch.ops.lowc.kron_transform.default}
-REFERENCE: dict[str, Callable] = {"kron_transform": kron_transform}

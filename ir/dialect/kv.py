@@ -17,7 +17,7 @@
 
 The reference implementation (:func:`fake_quantize_kv`) is the oracle; a backend with a real
 quantized cache stores the codes and the per-group scale/zero and must read back the same values.
-Importing this module defines the op (imported through :func:`lowc.ir.dialect.ensure_registered`).
+Importing this module defines the op; it is imported by name through the dialect registry (:data:`lowc.ir.dialect.OPS`).
 """
 
 from __future__ import annotations
@@ -64,6 +64,3 @@ def _fake_quant_kv_fake(x, bits, group_size, symmetric):
 
 
 FAKE_QUANT_KV = torch.ops.lowc.fake_quant_kv.default
-
-#: op name -> plain-PyTorch reference implementation (callable like the op)
-REFERENCE = {"fake_quant_kv": fake_quant_kv}

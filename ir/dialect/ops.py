@@ -20,8 +20,8 @@ Ops
     reference simulates integer arithmetic in floating point (quantize-dequantize), which is exact for
     the integer products up to fp32 accumulation order.
 
-Importing this module defines the ops (the dialect's only side effect, required for any program
-that uses them to run or load); it is imported lazily by the passes and the artifact loader.
+Importing this module defines the ops; it is imported by name through the dialect's registry
+(:data:`lowc.ir.dialect.OPS`, :func:`lowc.ir.dialect.define`), never for its side effect elsewhere.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lowc.ir.dialect import quant
+from lowc.ir.dialect import define, quant
 
 NAMESPACE = "lowc"
 
@@ -100,27 +100,10 @@ def _linear_wqaq_fake(x, qweight, scales, zeros, bias, bits, group_size, in_feat
     return x.new_empty((*x.shape[:-1], n))
 
 
-#: op name -> OpOverload; the verifier treats these as known ops.
-DIALECT: dict[str, torch._ops.OpOverload] = {
-    "linear_wq": torch.ops.lowc.linear_wq.default,
-    "linear_wqaq": torch.ops.lowc.linear_wqaq.default,
-}
-
-#: op name -> plain-PyTorch reference implementation (callable like the op).
-REFERENCE: dict[str, Callable] = {"linear_wq": linear_wq, "linear_wqaq": linear_wqaq}
-
-
 def register_backend_kernel(op_name: str, device_type: str, fn: Callable) -> None:
     """Register ``fn`` as ``lowc::<op_name>``'s implementation on ``device_type`` (e.g. "cuda").
 
-    ``op_name`` is any op of the dialect: those of this module (:data:`DIALECT`) or of the other
-    modules in ``lowc.ir.dialect.OP_MODULES`` (e.g. ``linear_attention``), looked up as
-    ``torch.ops.lowc.<op_name>`` after :func:`lowc.ir.dialect.ensure_registered`.
-    """
-    if op_name not in DIALECT:
-        from lowc.ir.dialect import ensure_registered
-
-        ensure_registered()
-        if not hasattr(getattr(torch.ops, NAMESPACE), op_name):
-            raise KeyError(f"unknown dialect op lowc::{op_name}")
+    ``op_name`` is any op of this layer's registry (:data:`lowc.ir.dialect.OPS`), defined here first."""
+    if not define(op_name):
+        raise KeyError(f"unknown dialect op lowc::{op_name}")
     torch.library.register_kernel(f"{NAMESPACE}::{op_name}", device_type, fn)

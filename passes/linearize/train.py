@@ -219,7 +219,7 @@ def lora_finetune(program, teacher, sites: list[Site], calib, *, rank: int, alph
     (``logits_of(input_ids)`` runs the model with the current adapters, without gradients: for curves)."""
     from tqdm.auto import tqdm
 
-    from lowc.evaluate import main_tensor
+    from lowc.frontend.outputs import main_tensor
     from lowc.passes.blockwise import calibration_inputs
 
     if schedule not in LORA_SCHEDULES:
