@@ -19,8 +19,10 @@ import torch
 
 from lowc.errors import KernelError
 from lowc.ir import meta as nodemeta
+from lowc.ir.dialect import ensure_registered
 from lowc.ir.dialect.args import LinearQArgs
 from lowc.passes.base import PassResult
+from lowc.progress import bar
 
 #: ``check(layer, bits, group_size, in_features, scales) -> message or None``
 Check = Callable[[str, int, int, int, torch.Tensor], Optional[str]]
@@ -33,8 +35,6 @@ def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: 
     """Rewrite every ``linear_wq`` node of ``program`` into ``op`` (module docstring). ``kernels`` names
     the backend's kernels in the error for ``linear_wqaq`` (e.g. "cpu-lut kernels"); ``buffers`` are
     the names of the repacked weight, scales and zeros buffers; ``progress`` shows a bar per layer."""
-    from lowc.ir.dialect import ensure_registered
-    from lowc.progress import bar
 
     ensure_registered()
     for node in program.nodes(torch.ops.lowc.linear_wqaq.default):

@@ -14,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lowc.ir.scheme import Scheme  # the one scheme form; targets name their default with it
+from lowc.ir.scheme import (
+    Scheme,  # the one scheme form; targets name their default with it
+)
+from lowc.passes.quant.gptq import GPTQ
+from lowc.passes.quant.rtn import RTN
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,5 @@ def method_passes(target: Target, options: CompileOptions) -> tuple:
         return tuple(options.user_passes)
     if target.scheme is None:
         return ()
-    from lowc.passes.quant.gptq import GPTQ
-    from lowc.passes.quant.rtn import RTN
 
     return (GPTQ(),) if options.has_calib else (RTN(),)

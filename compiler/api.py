@@ -8,9 +8,33 @@ import platform
 from typing import Any, Iterable, Sequence
 
 import torch
+from transformers import AutoTokenizer
 
+from lowc import data
+from lowc import evaluate as ev
+from lowc.artifact import check_files, read_manifest, read_program, write_artifact
+from lowc.backends.registry import build_pass, get_target, load_recipe, parse_pass
+from lowc.backends.target import CompileOptions
+from lowc.errors import (
+    ArtifactError,
+    CalibrationError,
+    GenerationError,
+    LowcError,
+    PassOptionError,
+)
+from lowc.frontend.presets import random_weights_note
+from lowc.frontend.trace import hf_example, resolve_device
+from lowc.ir import meta as nodemeta
+from lowc.ir import verifier
+from lowc.ir.capture import check_finite, trace
+from lowc.ir.dialect.args import LinearArgs, LinearQArgs, is_quantized_linear
+from lowc.ir.program import LINEAR
+from lowc.passes.base import Pass, PassContext
+from lowc.passes.calibration import load_calibration
+from lowc.passes.pipeline import Pipeline
+from lowc.progress import current, reporting, step, to_stderr
+from lowc.runtime import GenerationConfig, generate, make_decoder
 from lowc.version import __version__
-from lowc.errors import ArtifactError, CalibrationError, GenerationError, LowcError, PassOptionError
 
 #: default calibration size (GPTQ's reference uses 128 x 2048; 512 keeps CPU calibration practical)
 DEFAULT_CALIB_SAMPLES = 128
@@ -18,9 +42,6 @@ DEFAULT_SEQ_LEN = 512
 
 
 def _as_passes(passes: Iterable[Any] | None) -> list | None:
-    from lowc.passes.base import Pass
-    from lowc.backends.registry import build_pass, parse_pass
-
     if passes is None:
         return None
     if isinstance(passes, (str, Pass)):
@@ -41,7 +62,6 @@ def _as_passes(passes: Iterable[Any] | None) -> list | None:
 def tokenizer_of(program):
     tok = getattr(program, "tokenizer", None)
     if tok is None and program.info.tokenizer_dir:
-        from transformers import AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(program.info.tokenizer_dir, local_files_only=True, trust_remote_code=False)
@@ -95,7 +115,6 @@ class CompiledModel:
         ``"recurrent"``, ``"kv-cache"`` or ``"recompute"`` (:mod:`lowc.runtime.strategy`; the
         decoder is kept for the next call). ``on_token(i, decoder)`` is called after each token.
         """
-        from lowc.runtime import GenerationConfig, generate
 
         ids, mask = self._prompt_ids(prompt, attention_mask)
         model_eos = isinstance(eos_token_id, str)
@@ -123,7 +142,6 @@ class CompiledModel:
     def decoder(self, strategy: str = "auto"):
         """The :class:`lowc.runtime.Decoder` that :meth:`generate` uses for ``strategy`` (built once and
         kept: a Hugging Face rebuild is checked against the graph when it is made)."""
-        from lowc.runtime import make_decoder
 
         if strategy not in self._decoders:
             self._decoders[strategy] = make_decoder(self, strategy)
@@ -186,8 +204,6 @@ class CompiledModel:
 
     # ---- artifact ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, force: bool = False) -> str:
-        from lowc.artifact import write_artifact
-
         manifest = {**self.manifest, "layers": self.layers(), "size": self.size()}
         emit = None
         if self.target.emit is not None:
@@ -206,9 +222,6 @@ def layer_table(program) -> list[dict[str, Any]]:
     """One row per linear-like layer: name, role, block, scheme (or None for a float layer), the
     method that chose its values and the transforms folded into it, the op that runs it, shape,
     bytes stored and float bytes (``padded_in_features`` when the input width was padded)."""
-    from lowc.ir import meta as nodemeta
-    from lowc.ir.dialect.args import LinearArgs, LinearQArgs, is_quantized_linear
-    from lowc.ir.program import LINEAR
 
     def nbytes(*nodes) -> int:
         return sum(program.attr(n.target).numel() * program.attr(n.target).element_size() for n in nodes if n is not None)
@@ -254,16 +267,6 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (checked before anything runs). Weights with NaN or
     inf fail the compile, naming the tensor, unless ``allow_nonfinite``.
     """
-    from lowc.backends.registry import get_target
-    from lowc.backends.target import CompileOptions
-    from lowc.frontend.presets import random_weights_note
-    from lowc.frontend.trace import resolve_device
-    from lowc.ir.capture import check_finite, trace
-    from lowc.passes.base import PassContext
-    from lowc.passes.calibration import load_calibration
-    from lowc.backends.registry import load_recipe
-    from lowc.passes.pipeline import Pipeline
-    from lowc.progress import current, reporting, step, to_stderr
 
     device = str(resolve_device(device))
     # Everything that depends on the arguments alone is checked here, before the model is loaded or
@@ -340,7 +343,6 @@ def _check_inputs(program, example_inputs) -> list:
     if example_inputs is None:
         return program.example_inputs(seed=1)
     if program.info.call_by_name:
-        from lowc.frontend.trace import hf_example
 
         example = hf_example(example_inputs, program.info.source.get("name", "the model"))
         if example is None:
@@ -361,7 +363,6 @@ def _check_calib_argument(calib: Any, calib_samples: int, seq_len: int) -> None:
     if calib_samples < 1 or seq_len < 1:
         raise CalibrationError(f"calibration needs at least one sample of at least one token (got {calib_samples} x {seq_len})")
     if isinstance(calib, (str, os.PathLike)):
-        from lowc import data
 
         data.resolve(calib, "calibration file", CalibrationError)
 
@@ -369,7 +370,6 @@ def _check_calib_argument(calib: Any, calib_samples: int, seq_len: int) -> None:
 def _output_check(program, inputs: list, float_out) -> dict[str, Any]:
     """Compressed vs float output on the (random-token) example inputs: a smoke check recorded in
     the manifest; real quality numbers come from ``lowc eval`` on text."""
-    from lowc import evaluate as ev
 
     names = [s.name for s in program.info.inputs]
     batch = dict(zip(names, inputs))
@@ -384,10 +384,6 @@ def load(path: str | os.PathLike, device: str = "cpu", check_hashes: bool = True
     The artifact is untrusted input: nothing in it is executed or imported, every file must be in
     the manifest's hash table (``check_hashes=False`` skips only the sha256 of each file, not the
     listing or the sizes), and any malformed content is an :class:`ArtifactError` naming the file."""
-    from lowc.artifact import check_files, read_manifest, read_program
-    from lowc.backends.registry import get_target
-    from lowc.frontend.trace import resolve_device
-    from lowc.ir import verifier
 
     path = os.fspath(path)
     device = str(resolve_device(device))

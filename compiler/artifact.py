@@ -42,9 +42,17 @@ import tempfile
 from typing import Any, Callable, Iterable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from lowc.errors import ArtifactError
 from lowc import untrusted as U
+from lowc.backends.registry import define_op
+from lowc.errors import ArtifactError, LowcError
+from lowc.ir import serialize
+from lowc.ir.canonicalize import retarget_device
+from lowc.ir.meta import _scheme_v1
+from lowc.ir.program import ModelInfo, Program
+from lowc.ir.scheme import Scheme
 
 #: version 2 stores each layer's scheme as a typed :class:`~lowc.ir.scheme.Scheme` with the method
 #: and transforms beside it; version 1 (one flat dict of scheme fields and notes) still loads
@@ -227,10 +235,7 @@ def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = F
                    emit: Callable[[str], None] | None = None, protect: Iterable[str] = ()) -> str:
     """Write ``program`` + ``manifest`` to ``path`` atomically; ``emit(dir)`` adds backend files.
     ``protect``: paths (the input model) the output must never replace."""
-    from safetensors.torch import save_file
 
-    from lowc.errors import LowcError
-    from lowc.ir import serialize
 
     path = os.path.abspath(path)
     if os.path.lexists(path) and not force:
@@ -341,8 +346,6 @@ _LAYER_REQUIRED = ("layer", "role", "block", "scheme", "out_features", "in_featu
 
 
 def _layers(v, what):
-    from lowc.ir.scheme import Scheme
-
     for i, r in enumerate(U.typed(v, list, what)):
         w = f"{what}[{i}]"
         U.fields(r, w, _LAYER_KEYS, _LAYER_REQUIRED)
@@ -365,7 +368,6 @@ def _layers(v, what):
 def _layers_v1(v: Any, what: str) -> Any:
     """Version-1 layer rows (the scheme dict held the method and the passes' notes) in the
     version-2 form; anything malformed is left for :func:`_layers` to refuse."""
-    from lowc.ir.meta import _scheme_v1
 
     if not isinstance(v, list):
         return v
@@ -400,15 +402,11 @@ def _files(v, what):
 
 
 def _target_scheme(v, what):
-    from lowc.ir.scheme import Scheme
-
     Scheme.from_json(v, what)
     return v
 
 
 def _model(v, what):
-    from lowc.ir.program import ModelInfo
-
     ModelInfo.from_json(v, what)
     return v
 
@@ -553,12 +551,7 @@ def _module_tree(table: dict[str, Any], tensors: dict[str, torch.Tensor], what: 
 
 def read_program(path: str, manifest: dict[str, Any], device: str = "cpu"):
     """Rebuild the Program: module tree from the tensor table, graph from graph.json."""
-    from safetensors import safe_open
 
-    from lowc.backends.registry import define_op
-    from lowc.ir.canonicalize import retarget_device
-    from lowc.ir import serialize
-    from lowc.ir.program import ModelInfo, Program
 
     info = ModelInfo.from_json(manifest["model"], f"{MANIFEST}: model")
     gpath = os.path.join(path, GRAPH)

@@ -70,13 +70,11 @@ def _compile_help() -> str:
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe, device, dtype, seed, force,
             allow_nonfinite, print_after, no_verify, quiet):
-    import lowc
-    from lowc import data
+    from lowc import api, data
     from lowc.artifact import check_output
-    from lowc.backends.registry import get_target
+    from lowc.backends.registry import get_target, load_recipe, parse_pass
     from lowc.errors import ArtifactError, CalibrationError
     from lowc.frontend.trace import resolve_device
-    from lowc.backends.registry import load_recipe, parse_pass
     from lowc.progress import reporting, step, to_stderr
 
     get_target(target)  # fail fast on an unknown target, before loading anything
@@ -92,7 +90,7 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
     # lowc.compile checks the passes' requirements (--calib) before it loads or traces the model,
     # and reports each step as it starts (loading, tracing, each pass) on stderr
     with reporting(None if quiet else to_stderr):
-        cm = lowc.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
+        cm = api.compile(model, target=target, calib=calib, passes=user, device=device, dtype=dtype, seed=seed,
                           calib_samples=calib_samples, seq_len=seq_len, print_after=print_after,
                           progress=not quiet, verify=not no_verify,
                           allow_nonfinite=allow_nonfinite)
@@ -148,8 +146,8 @@ def list_passes():
     import dataclasses
     import typing
 
-    from lowc.passes.options import format_value
     from lowc.backends.registry import all_passes
+    from lowc.passes.options import format_value
 
     for name, cls in all_passes().items():
         req = f"  [requires {', '.join(sorted(cls.requires))}]" if cls.requires else ""
@@ -212,8 +210,7 @@ def inspect(artifact, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 def eval_cmd(artifact, text, against, seq_len, max_windows, max_sentences, device, as_json):
     """Quality of ARTIFACT vs the float model: perplexity, KL, top-1 (causal LMs); cosine (encoders)."""
-    import lowc
-    from lowc import data
+    from lowc import api, data
     from lowc import evaluate as ev
     from lowc.errors import LowcError
     from lowc.frontend.presets import random_weights_note
@@ -221,7 +218,7 @@ def eval_cmd(artifact, text, against, seq_len, max_windows, max_sentences, devic
 
     if text is not None:
         data.resolve(text, "--data")
-    cm = lowc.load(artifact, device=device)
+    cm = api.load(artifact, device=device)
     with reporting(to_stderr):
         ref_fn, ref_tok = ev.float_reference(cm.manifest, against, device)
     note = random_weights_note(cm.manifest.get("source"))
@@ -307,11 +304,11 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
     implementation that ran (reference oracle, Triton, LUT C, onnxruntime)."""
     import torch
 
-    import lowc
+    from lowc import api
     from lowc import evaluate as ev
     from lowc.progress import reporting, to_stderr
 
-    cm = lowc.load(artifact, device=device)
+    cm = api.load(artifact, device=device)
     rt = cm.target.runtime_on(device, artifact)  # which implementation runs the compressed model here
     run = rt.call or cm
     with reporting(to_stderr):
@@ -410,11 +407,11 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p
     import secrets
     import time
 
-    import lowc
+    from lowc import api
     from lowc.errors import LowcError
     from lowc.frontend.presets import random_weights_note
 
-    cm = lowc.load(artifact, device=device)
+    cm = api.load(artifact, device=device)
     tok = cm.tokenizer
     if tok is None:
         raise LowcError(f"{artifact}: the model has no tokenizer, so a text prompt cannot be encoded")

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from lowc.errors import LowcError, ModelLoadError
+from lowc.frontend import hf, presets
 from lowc.frontend.outputs import main_tensor  # noqa: F401  (callers import it from here too)
+from lowc.frontend.trace import load_source, resolve_dtype
 
 #: Built-in sentences (written for lowc) used when no --data file is given: enough for an embedding
 #: cosine check, not a benchmark.
@@ -120,7 +123,6 @@ def perplexity(fn: Callable, windows: torch.Tensor, batch_size: int = 4, device:
     nll, count = 0.0, 0
     it = range(0, len(windows), batch_size)
     if progress:
-        from tqdm import tqdm
 
         it = tqdm(it, desc="perplexity", unit="batch", leave=False)
     with torch.inference_mode():
@@ -141,7 +143,6 @@ def source_spelling(manifest: dict[str, Any]) -> str:
     at compile time (weights are safetensors; transformers never runs remote code here). A factory
     (``package.module:factory``) or an in-memory module is never rebuilt from the manifest: the user
     names it with ``--against``."""
-    from lowc.frontend import hf, presets
 
     src = manifest.get("source") or {}
     kind, name, path = src.get("type"), src.get("name"), src.get("path")
@@ -163,7 +164,6 @@ def source_spelling(manifest: dict[str, Any]) -> str:
 def float_reference(manifest: dict[str, Any], against: str | None, device: str = "cpu"):
     """(eager float model callable, tokenizer) for ``against`` (any model spelling the user gives),
     else for the artifact's source when :func:`source_spelling` allows it."""
-    from lowc.frontend.trace import load_source, resolve_dtype
 
     dtype = resolve_dtype(manifest.get("dtype"), device) if manifest.get("dtype") else torch.float32
     spec = against if against is not None else source_spelling(manifest)

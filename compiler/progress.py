@@ -17,6 +17,8 @@ import contextvars
 import sys
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from tqdm.auto import tqdm
+
 T = TypeVar("T")
 Reporter = Callable[[str], None]
 
@@ -57,7 +59,6 @@ def step(line: str) -> None:
 def bar(items: Iterable[T], desc: str, *, total: int | None = None, unit: str = "layer",
         enabled: bool | None = None) -> Iterable[T]:
     """``items`` with a tqdm bar on stderr; shown when ``enabled`` (default: while reporting)."""
-    from tqdm.auto import tqdm
 
     show = active() if enabled is None else enabled
     if not show:

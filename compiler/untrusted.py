@@ -24,6 +24,9 @@ import os
 import re
 from typing import Any, Iterable
 
+import torch
+import torch.fx
+
 from lowc.errors import ArtifactError
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -49,8 +52,6 @@ def identifier(s: Any, what: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _reserved_attrs() -> frozenset[str]:
     """Names a tensor path must not use: attributes every GraphModule already has."""
-    import torch
-    import torch.fx
 
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
     return frozenset(dir(gm)) | frozenset(vars(gm))

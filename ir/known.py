@@ -18,7 +18,10 @@ OP_NAMESPACES = ("aten", "prims", "lowc")
 def _hops() -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     try:
-        from torch._higher_order_ops.wrap import wrap_with_autocast, wrap_with_set_grad_enabled
+        from torch._higher_order_ops.wrap import (  # optional: torch-internal, not in every version
+            wrap_with_autocast,
+            wrap_with_set_grad_enabled,
+        )
 
         out["wrap_with_set_grad_enabled"] = wrap_with_set_grad_enabled
         out["wrap_with_autocast"] = wrap_with_autocast

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch.fx
 
-from lowc.errors import ArtifactError
 from lowc import untrusted as U
+from lowc.errors import ArtifactError
 from lowc.ir.scheme import Scheme
 
 KEY = "lowc"

@@ -13,16 +13,23 @@ parameter/buffer is read by some node.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Iterator
 
 import torch
 import torch.fx
 
+from lowc.errors import InputError
+from lowc.frontend.spec import (  # noqa: F401  (the IR's model description)
+    INPUT_DTYPES,
+    KINDS,
+    InputSpec,
+    ModelInfo,
+    as_input_tensor,
+)
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import is_float_linear
-
-from lowc.frontend.spec import INPUT_DTYPES, KINDS, InputSpec, ModelInfo, as_input_tensor  # noqa: F401  (the IR's model description)
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -162,7 +169,6 @@ class Program:
         (``ones_like:X``) are filled in, and ``token_type_ids`` that are all zero (what a tokenizer
         returns for single sentences) are dropped when the program was captured without them: they
         are what the model uses when they are absent. Anything else raises :class:`InputError`."""
-        from lowc.errors import InputError
 
         names = [s.name for s in self.info.inputs]
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
@@ -201,8 +207,6 @@ class Program:
         return self.gm(*args, **kwargs)
 
     def clone(self) -> "Program":
-        import warnings
-
         with warnings.catch_warnings():
             # deep-copying the graph's pytree specs goes through torch's own LeafSpec deprecation shim,
             # which is torch's business, not the user's

@@ -21,6 +21,8 @@ Node ``val`` metadata is not stored; the verifier recomputes it by fake-tensor p
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import json
 import math
 import re
@@ -28,13 +30,16 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
+import transformers
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
+from transformers.utils import ModelOutput
 
+from lowc import untrusted as U
 from lowc.errors import ArtifactError
 from lowc.ir import known
 from lowc.ir import meta as nodemeta
-from lowc import untrusted as U
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -166,10 +171,7 @@ def _model_output_class(type_name: str, what: str) -> None:
     if m is None:
         raise ArtifactError(f"{what}: output type {U._show(type_name)} is not allowed "
                             "(only builtins containers and transformers ModelOutput classes)")
-    import importlib
-    import importlib.util
 
-    import transformers
 
     module = type_name.rpartition(".")[0]
     try:
@@ -180,7 +182,6 @@ def _model_output_class(type_name: str, what: str) -> None:
         raise ArtifactError(f"{what}: output type {type_name} is not in the installed transformers "
                             f"{transformers.__version__}") from None
     cls = getattr(mod, m.group(3), None)
-    from transformers.utils import ModelOutput
 
     if not (isinstance(cls, type) and issubclass(cls, ModelOutput)):
         raise ArtifactError(f"{what}: output type {type_name} is not a transformers ModelOutput")
@@ -352,8 +353,6 @@ _EXPRS = (ast.Name, ast.Constant, ast.Tuple, ast.List, ast.Dict, ast.Call, ast.k
 
 
 def _allowed_global(value: Any) -> bool:
-    import torch.fx._pytree as fx_pytree
-
     if value is torch or value is fx_pytree or value is pytree or value is torch.device or value is type(None):
         return True
     if isinstance(value, float) and not math.isfinite(value):

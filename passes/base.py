@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lowc.errors import CalibrationError, PassError, PassOptionError
+from lowc.passes.options import format_value
 
 #: what a pass may require (``Pass.requires``) and :meth:`PassContext.require` can check
 REQUIREMENTS = frozenset({"calibration"})
@@ -91,7 +92,6 @@ class Pass:
 
     def spelling(self) -> str:
         """``name{k=v,...}`` listing options that differ from their defaults."""
-        from lowc.passes.options import format_value
 
         parts = []
         for f in dataclasses.fields(self):

@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
+from tqdm.auto import tqdm
 
 from lowc.errors import CalibrationError
 from lowc.ir import meta as nodemeta
@@ -500,7 +501,6 @@ class BlockwiseRunner:
         if self._started:
             raise CalibrationError("a BlockwiseRunner runs its blocks once: make a new one")
         self._started = True
-        from tqdm.auto import tqdm
 
         self._run_prefix()
         self._bar = tqdm(total=self.n_blocks, desc=self.desc, unit="block", disable=not self.progress)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lowc import data
 from lowc.errors import CalibrationError
 
 
@@ -62,7 +63,6 @@ def load_calibration(calib: Any, tokenizer=None, n_samples: int = 128, seq_len: 
     if isinstance(calib, CalibrationData):
         return calib
     if isinstance(calib, (str, os.PathLike)):
-        from lowc import data
 
         text = data.read(calib, "calibration file", CalibrationError)
         if not text.strip():

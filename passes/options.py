@@ -20,6 +20,8 @@ import types
 import typing
 from typing import Any, Callable
 
+import yaml
+
 from lowc.errors import PassOptionError
 from lowc.passes.registry import get_pass_class
 
@@ -208,8 +210,6 @@ def load_recipe(path: str, lookup: Lookup | None = None) -> list:
         if path.endswith(".json"):
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as e:
         raise PassOptionError(f"recipe {path}: cannot parse ({str(e).splitlines()[0]})") from None

@@ -8,6 +8,7 @@ backend modules).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from lowc.errors import PassOptionError
@@ -31,8 +32,6 @@ def get_pass_class(name: str, table: dict[str, str] | None = None):
     try:
         spec = table[name]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(name, table, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise PassOptionError(f"unknown pass '{name}'{hint}; known passes: {', '.join(sorted(table))}") from None

@@ -47,7 +47,10 @@ them and ``force_scalar`` is 0, else the portable scalar loop.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from lowc.backends.cpu_lut.layout import ROW_OF_BYTE
 
 #: software prefetch distance of the AVX2 tile loop, bytes ahead in the tile's weight stream (one
 #: prefetch per 64-byte line, clamped to the last line of the task's run of tiles). The hardware prefetchers alone left
@@ -483,14 +486,11 @@ def kernel_source(cfg: KernelConfig, prefetch: int = PREFETCH) -> str:
 
 
 def _replace_word(text: str, word: str, value: str) -> str:
-    import re
-
     return re.sub(rf"\b{word}\b", value, text)
 
 
 def generate(configs, prefetch: int = PREFETCH) -> str:
     """The whole translation unit for ``configs`` (deduplicated, in a stable order)."""
-    from lowc.backends.cpu_lut.layout import ROW_OF_BYTE
 
     cfgs = sorted(set(configs))
     head = PRELUDE.replace("ROW_OF_BYTE_INIT", ", ".join(map(str, ROW_OF_BYTE))).replace("HALF_SIGN_INIT", _half_sign_init())

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lowc.backends.cpu_lut import layout
+from lowc.backends.cpu_lut import op as lut_op
+from lowc.backends.lowering import lower_linear_wq
 from lowc.passes.base import Pass, PassContext, PassResult
 
 
@@ -26,8 +29,6 @@ def _check(layer: str, bits: int, group_size: int, in_features: int, scales: tor
 
 
 def _repack(qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> tuple:
-    from lowc.backends.cpu_lut import layout
-
     lw = layout.from_reference(qweight, scales, zeros, bits, group_size, in_features)
     dev = qweight.device
     return lw.weight.to(dev), lw.scales.to(dev), lw.zeros.to(dev) if lw.zeros is not None else None, lw.out_features
@@ -39,9 +40,6 @@ class LutLower(Pass):
     summary = "repack 1-4-bit linear_wq weights into the cpu-lut layout (lowc::linear_lut)"
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.backends.cpu_lut import op as lut_op  # noqa: F401  (defines lowc::linear_lut)
-        from lowc.backends.lowering import lower_linear_wq
-
-        return lower_linear_wq(program, torch.ops.lowc.linear_lut.default, kernels="cpu-lut kernels", check=_check,
+        return lower_linear_wq(program, lut_op.LINEAR_LUT, kernels="cpu-lut kernels", check=_check,
                                repack=_repack, buffers=("lut_weight", "lut_scales", "lut_zeros"),
                                progress=ctx.progress)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from lowc.backends.cpu_lut import layout
+from lowc.backends.cpu_lut import layout, runtime
 from lowc.ir.dialect import quant
 
 
@@ -76,8 +76,6 @@ _cpu_registered = False
 
 
 def _cpu_kernel(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features):
-    from lowc.backends.cpu_lut import runtime
-
     _check(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features)
     return runtime.run(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features)
 

@@ -14,27 +14,27 @@ import os
 
 import torch
 
+from lowc.backends.cpu_lut import build, codegen, op
+from lowc.backends.cpu_lut import runtime as lut_runtime
+from lowc.backends.cpu_lut.codegen import KernelConfig
+from lowc.backends.cpu_lut.lower import LutLower
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
-from lowc.ir.scheme import Scheme
 from lowc.errors import KernelError
+from lowc.ir import meta as nodemeta
+from lowc.ir.dialect.args import LinearQArgs
+from lowc.ir.scheme import Scheme
+from lowc.passes.cleanup import RemoveDead
 
 
 def lut_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
-    from lowc.backends.cpu_lut.lower import LutLower
-    from lowc.passes.cleanup import RemoveDead
-
     return [Phase("method", method_passes(target, options)), Phase("lower", (LutLower(),)), Phase("finalize", (RemoveDead(),))]
 
 
 def layer_kernels(program) -> list[dict]:
     """One row per ``linear_lut`` node: layer, kernel config, shapes."""
-    from lowc.backends.cpu_lut import op  # noqa: F401
-    from lowc.backends.cpu_lut.codegen import KernelConfig
-    from lowc.ir import meta as nodemeta
-    from lowc.ir.dialect.args import LinearQArgs
 
     rows = []
-    for node in program.nodes(torch.ops.lowc.linear_lut.default):
+    for node in program.nodes(op.LINEAR_LUT):
         a = LinearQArgs.of(node)
         cfg = KernelConfig(a.bits, a.group_size, a.zeros is None)
         g = program.attr(a.scales.target).shape[1]
@@ -49,8 +49,6 @@ def configs_of(program):
 
 
 def emit(program, backend_dir: str) -> None:
-    from lowc.backends.cpu_lut import build, codegen
-
     rows = layer_kernels(program)
     source = codegen.generate(r["_config"] for r in rows)
     with open(os.path.join(backend_dir, "kernels.c"), "w") as f:
@@ -66,19 +64,15 @@ def emit(program, backend_dir: str) -> None:
 
 
 def prepare(program, device: str) -> None:
-    from lowc.backends.cpu_lut import op, runtime
-
     if torch.device(device).type != "cpu":
         raise KernelError(f"cpu-lut targets run on the CPU only, not on device '{device}'")
     configs = configs_of(program)
     if configs:
-        runtime.ensure(configs)
+        lut_runtime.ensure(configs)
     op.register_cpu_kernel()
 
 
 def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Runtime:
-    from lowc.backends.cpu_lut import runtime as lut_runtime
-
     scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0") or not lut_runtime.has_avx2()
     path = "portable scalar C" if scalar else "AVX2"
     return Runtime(f"LUT C kernels ({path}, {lut_runtime.num_threads()} threads)", True)

@@ -24,6 +24,8 @@ when something is exported or run.
 from __future__ import annotations
 
 from lowc.backends.onnx.errors import OnnxExportError
+from lowc.backends.onnx.export import export_onnx as _export
+from lowc.backends.onnx.export import session_options as _options
 from lowc.backends.onnx.targets import targets
 
 __all__ = ["targets", "export_onnx", "session_options", "OnnxExportError", "PASSES", "OPS"]
@@ -37,7 +39,6 @@ OPS: dict[str, str] = {}
 def export_onnx(model, path, **kw):
     """Export a CompiledModel, an artifact directory or a Program to ``path`` (see
     :func:`lowc.backends.onnx.export.export_onnx`)."""
-    from lowc.backends.onnx.export import export_onnx as _export
 
     return _export(model, path, **kw)
 
@@ -45,6 +46,5 @@ def export_onnx(model, path, **kw):
 def session_options(path):
     """``onnxruntime.SessionOptions`` giving the arithmetic the file at ``path`` was exported for
     (see :func:`lowc.backends.onnx.export.session_options`)."""
-    from lowc.backends.onnx.export import session_options as _options
 
     return _options(path)

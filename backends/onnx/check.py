@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lowc.backends.onnx.lower import check_program
 from lowc.passes.base import Pass, PassResult
 
 
@@ -15,6 +16,4 @@ class OnnxCheck(Pass):
     summary = "check that ONNX can express every compressed layer (names the layer and scheme if not)"
 
     def run(self, program, ctx) -> PassResult:
-        from lowc.backends.onnx.lower import check_program
-
         return PassResult(changed=False, stats={"layers": check_program(program)})

@@ -26,14 +26,22 @@ exporting again.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lowc.backends.onnx import lower
 from lowc.backends.onnx.errors import OnnxExportError
+from lowc.backends.onnx.lower import dialect_nodes, layer_of
 from lowc.frontend.outputs import main_tensor
+from lowc.ir.dialect import quant
+from lowc.ir.dialect.args import LinearQArgs
+from lowc.progress import step
 from lowc.version import __version__
 
 OPSET = 21
@@ -161,11 +169,10 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     activations to int8 inside MatMulNBits (faster; what a default session does when it fuses
     DequantizeLinear->MatMul itself). The MatMulNBits form carries it in its nodes; the
     DequantizeLinear form records it, and the session option that gives it, in the metadata."""
-    import logging
-    import warnings
-
-    from lowc.backends.onnx import finalize, lower, translate
-    from lowc.progress import step
+    from lowc.backends.onnx import (  # optional: they import onnx_ir and onnxscript (lowc[onnx])
+        finalize,
+        translate,
+    )
 
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not force:
@@ -210,8 +217,6 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
         for name in sorted(os.listdir(tmpdir)):
             os.replace(os.path.join(tmpdir, name), os.path.join(parent, name))
     finally:
-        import shutil
-
         shutil.rmtree(tmpdir, ignore_errors=True)
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if used_external else 0)
     return ExportResult(path=path, opset=OPSET, matmulnbits=matmulnbits, external_data=used_external, inputs=names,
@@ -224,10 +229,9 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
 def _quantized_layers(program) -> list:
     """Every quantized linear of ``program`` as :class:`~lowc.backends.onnx.finalize.QuantizedLayer`
     (initializer names of the exported file are ``gm.`` + the attribute's name: see ``_Wrapper``)."""
-    from lowc.backends.onnx.finalize import QuantizedLayer
-    from lowc.backends.onnx.lower import dialect_nodes, layer_of
-    from lowc.ir.dialect import quant
-    from lowc.ir.dialect.args import LinearQArgs
+    from lowc.backends.onnx.finalize import (
+        QuantizedLayer,  # optional: finalize imports onnx_ir (lowc[onnx])
+    )
 
     out = []
     for node in dialect_nodes(program):

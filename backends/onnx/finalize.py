@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -31,7 +32,6 @@ def _nodes(graph: ir.Graph):
 
 def fold_weight_casts(model: ir.Model) -> int:
     """Replace ``Cast(initializer, to=UINT4|INT4)`` by a 4-bit initializer. Returns how many."""
-    import ml_dtypes
 
     graph = model.graph
     folded = 0

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowc.backends.onnx import ops
 from lowc.backends.onnx.errors import OnnxExportError
 from lowc.ir import meta as nodemeta
-from lowc.ir.dialect.args import LinearQArgs
 from lowc.ir.dialect import packing
+from lowc.ir.dialect.args import LinearQArgs
+from lowc.progress import bar
 
 WEIGHT_BITS = (4, 8)
 ACT_BITS = (4, 8)
@@ -162,8 +164,6 @@ def _nbits_tensors(qweight, scales, zeros, bits: int, group_size: int, in_featur
 
 def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
     """A copy of ``program`` with every dialect op rewritten to ``lowc_onnx`` ops; and a report."""
-    from lowc.backends.onnx import ops
-    from lowc.progress import bar
 
     check_program(program, matmulnbits)
     prog = program.clone()

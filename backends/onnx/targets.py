@@ -15,21 +15,27 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
+from lowc.backends.onnx.check import OnnxCheck
+from lowc.backends.onnx.export import (
+    META_LEVEL,
+    META_SESSION,
+    export_program,
+    session_options,
+    write_sidecar,
+)
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
 from lowc.ir.scheme import Scheme
+from lowc.passes.cleanup import RemoveDead
 
 
 def onnx_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
-    from lowc.backends.onnx.check import OnnxCheck
-    from lowc.passes.cleanup import RemoveDead
-
     return [Phase("method", method_passes(target, options)), Phase("lower", (OnnxCheck(),)),
             Phase("finalize", (RemoveDead(),))]
 
 
 def emit(program, backend_dir: str) -> None:
-    from lowc.backends.onnx.export import export_program, write_sidecar
-
     result = export_program(program, os.path.join(backend_dir, "model.onnx"))
     result.path = "model.onnx"
     write_sidecar(result, os.path.join(backend_dir, "onnx.json"))
@@ -52,9 +58,7 @@ def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Run
     if why:
         return Runtime("reference oracle", False, f"{target.name}: {why}; these are the reference ops' times, "
                        "not onnxruntime's")
-    import torch
 
-    from lowc.backends.onnx.export import META_LEVEL, META_SESSION, session_options
 
     so = session_options(path)
     so.intra_op_num_threads = torch.get_num_threads()

@@ -23,6 +23,8 @@ import onnxscript
 from onnxscript import FLOAT, UINT8
 from onnxscript import opset21 as op
 
+from lowc.backends.onnx import ops
+
 MS = onnxscript.values.Opset("com.microsoft", 1)
 OPSET = 21
 
@@ -67,6 +69,5 @@ def qdq_per_token(x, bits: int = 8, scale=None, k: int = 0):
 
 def table() -> dict:
     """OpOverload -> translation function."""
-    from lowc.backends.onnx import ops
 
     return {ops.DQ_MATMUL: dq_matmul, ops.MATMUL_NBITS: matmul_nbits, ops.QDQ_PER_TOKEN: qdq_per_token}

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
 from lowc.ir.scheme import Scheme
+from lowc.passes.cleanup import RemoveDead
+from lowc.passes.quant.activations import QuantizeActivations
 
 
 def reference_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
-    from lowc.passes.cleanup import RemoveDead
-    from lowc.passes.quant.activations import QuantizeActivations
-
     method = method_passes(target, options)
     lower = ()
     if target.scheme is not None and target.scheme.a_bits < 16:

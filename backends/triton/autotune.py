@@ -31,6 +31,8 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields, replace
 
+from lowc.errors import KernelError
+
 #: SMs assumed when the device cannot be asked (the interpreter)
 DEFAULT_SMS = 132
 
@@ -191,7 +193,6 @@ def heuristic(p: Problem, sms: int = DEFAULT_SMS) -> Config:
     if f is None:  # a group size the preferred tile does not divide: the first candidate that fits
         cs = candidates(p, sms)
         if not cs:
-            from lowc.errors import KernelError
 
             raise KernelError(f"lowc::linear_wq_tr: no Triton kernel configuration fits N={p.n}, K_pad={p.k_pad}, "
                               f"group_size={p.group_size}, bits={p.bits} (group sizes must be multiples of 16)")

@@ -37,6 +37,9 @@ import warnings
 import torch
 
 from lowc.errors import KernelError
+from lowc.ir.dialect.linear_attention import _check
+from lowc.ir.dialect.linear_attention_chunked import chunked_linear_attention
+from lowc.ir.dialect.ops import register_backend_kernel
 
 BLOCK = 64
 MAX_WIDTH = 256
@@ -162,8 +165,6 @@ def _check_kernel_shapes(fq, fk, v, q, k) -> None:
 
 def linear_attention_triton(fq, fk, v, q, k, window_factor, linear_factor, key_mask, causal, window, scale, eps):
     """``lowc::linear_attention`` on the Triton kernel (module docstring for scope and fallbacks)."""
-    from lowc.ir.dialect.linear_attention import _check
-    from lowc.ir.dialect.linear_attention_chunked import chunked_linear_attention
 
     _check(fq, fk, v, q, k, window_factor, linear_factor, key_mask, causal, window, scale, eps)
     if kernel_supports(fq, fk, v, q, k, causal, window) is not None:
@@ -207,7 +208,6 @@ def linear_attention_triton(fq, fk, v, q, k, window_factor, linear_factor, key_m
 def register(device_type: str = "cuda") -> None:
     """Register the kernel as ``lowc::linear_attention``'s implementation on ``device_type``
     (``"cpu"`` only makes sense under ``TRITON_INTERPRET=1``, for tests)."""
-    from lowc.ir.dialect.ops import register_backend_kernel
 
     register_backend_kernel("linear_attention", device_type, linear_attention_triton)
 

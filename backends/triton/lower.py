@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from lowc.backends.lowering import lower_linear_wq
+from lowc.backends.triton import layout
+from lowc.backends.triton import op as tr_op
 from lowc.passes.base import Pass, PassContext, PassResult
 
 
 def unsupported_reason(bits: int, group_size: int, n_groups: int) -> str | None:
     """Why the Triton kernels cannot take a layer, or None."""
-    from lowc.backends.triton import layout
 
     if bits not in layout.SUPPORTED_BITS:
         return f"Triton kernels take 4- or 8-bit weights, got bits={bits}"
@@ -41,8 +43,6 @@ def _check(layer: str, bits: int, group_size: int, in_features: int, scales: tor
 
 
 def _repack(qweight, scales, zeros, bits: int, group_size: int, in_features: int) -> tuple:
-    from lowc.backends.triton import layout
-
     tw = layout.from_reference(qweight, scales, zeros, bits, group_size, in_features)
     return tw.qweight, tw.scales, tw.zeros, tw.out_features
 
@@ -53,9 +53,6 @@ class TritonLower(Pass):
     summary = "repack 4/8-bit linear_wq weights into the Triton kernels' layout (lowc::linear_wq_tr)"
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.backends.lowering import lower_linear_wq
-        from lowc.backends.triton import op as tr_op  # noqa: F401  (defines lowc::linear_wq_tr)
-
-        return lower_linear_wq(program, torch.ops.lowc.linear_wq_tr.default, kernels="cuda-* Triton kernels",
+        return lower_linear_wq(program, tr_op.LINEAR_WQ_TR, kernels="cuda-* Triton kernels",
                                check=_check, repack=_repack, buffers=("tr_qweight", "tr_scales", "tr_zeros"),
                                progress=ctx.progress)

@@ -24,24 +24,23 @@ import os
 import torch
 
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
-from lowc.ir.scheme import Scheme
+from lowc.backends.triton import autotune, layout, linear_attention, wq
 from lowc.backends.triton import op as tr_op
+from lowc.backends.triton.lower import TritonLower
 from lowc.errors import KernelError
+from lowc.ir import meta as nodemeta
+from lowc.ir.dialect.args import LinearQArgs
+from lowc.ir.scheme import Scheme
+from lowc.passes.cleanup import RemoveDead
 
 
 def triton_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
-    from lowc.backends.triton.lower import TritonLower
-    from lowc.passes.cleanup import RemoveDead
-
     return [Phase("method", method_passes(target, options)), Phase("lower", (TritonLower(),)),
             Phase("finalize", (RemoveDead(),))]
 
 
 def layer_rows(program) -> list[dict]:
     """One row per ``linear_wq_tr`` node: layer, scheme, shapes, the heuristic configs at M = 1 and 2048."""
-    from lowc.backends.triton import autotune
-    from lowc.ir import meta as nodemeta
-    from lowc.ir.dialect.args import LinearQArgs
 
     rows = []
     for node in program.nodes(tr_op.LINEAR_WQ_TR):
@@ -62,8 +61,6 @@ def layer_rows(program) -> list[dict]:
 
 
 def emit(program, backend_dir: str) -> None:
-    from lowc.backends.triton import autotune, layout
-
     meta = {
         "backend": "triton",
         "op": "lowc::linear_wq_tr",
@@ -92,15 +89,14 @@ def emit(program, backend_dir: str) -> None:
 
 
 def prepare(program, device: str) -> None:
-    from lowc.backends.triton import register_cuda_kernels, wq
-
     dev = torch.device(device)
     if dev.type == "cuda":
         wq.require_triton()
         if not torch.cuda.is_available():
             raise KernelError(f"cuda-* targets run their Triton kernels on a CUDA GPU, and none is available for "
                               f"device '{device}'; load with device='cpu' to run the reference implementation")
-        register_cuda_kernels()
+        wq.register_cuda()
+        linear_attention.register_cuda()
     elif dev.type == "cpu":
         if wq.interpreting():
             wq.register_interpreter()
@@ -110,8 +106,6 @@ def prepare(program, device: str) -> None:
 
 
 def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Runtime:
-    from lowc.backends.triton import wq
-
     dev = torch.device(device).type
     if dev == "cuda":
         return Runtime("Triton kernels", True)

@@ -3,7 +3,7 @@
 :func:`linear` checks the operands, flattens ``x`` to ``[M, K]``, picks a configuration
 (:mod:`lowc.backends.triton.autotune`: timed and cached on CUDA, heuristic otherwise), launches the
 GEMV or the ``tl.dot`` GEMM (plus the split-K reduction when split) and returns ``[..., N]`` in the
-activation dtype. :func:`register_cuda` (this module is listed in ``KERNEL_MODULES``) makes it the CUDA
+activation dtype. :func:`register_cuda` (called by the ``cuda-*`` targets' ``prepare``) makes it the CUDA
 implementation of the op; :func:`register_interpreter` makes it the CPU implementation when
 ``TRITON_INTERPRET=1`` (the kernels then run in triton's interpreter on CPU tensors: the tests and
 ``--interpret-smoke`` benchmarks use this; it is slow and not a performance measurement).
@@ -14,6 +14,7 @@ Triton is imported on first use, not when this module is imported.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import torch
@@ -45,7 +46,9 @@ def require_triton() -> None:
 
 def _kernels():
     require_triton()
-    from lowc.backends.triton import wq_kernels
+    from lowc.backends.triton import (
+        wq_kernels,  # optional: the kernels' module imports triton
+    )
 
     return wq_kernels
 
@@ -96,8 +99,6 @@ def compile_for_gpu(cfg: autotune.Config, p: autotune.Problem, arch: int = 90, h
     """Compile one configuration ahead of time for ``sm_<arch>`` without a GPU (triton's ``ASTSource``
     and its bundled ``ptxas``); returns the shared memory and the PTX instruction counts that matter.
     A check that the kernels build for real GPUs where only the interpreter can run them (CI)."""
-    import re
-    from collections import Counter
 
     import triton
     from triton.backends.compiler import GPUTarget

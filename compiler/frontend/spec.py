@@ -18,7 +18,6 @@ import torch
 from lowc import untrusted as U
 from lowc.errors import ArtifactError
 
-
 #: dtypes a graph input may have, and the largest example input a stored spec may ask for
 INPUT_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "bool", "float32", "float16", "bfloat16", "float64")
 MAX_EXAMPLE_DIM = 1 << 16

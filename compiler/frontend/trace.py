@@ -31,13 +31,13 @@ import torch.fx
 from lowc.errors import CaptureError, DeviceError, ModelLoadError
 from lowc.frontend import hf, presets
 from lowc.frontend.spec import InputSpec, ModelInfo, as_input_tensor
+from lowc.progress import step
 
 #: the smallest size a dynamic dim is captured at (torch.export specializes sizes 0 and 1)
 MIN_DYNAMIC = 2
 
 #: what a transformers model's token inputs are called, in its positional order
 HF_TOKEN_INPUTS = ("input_ids", "attention_mask")
-from lowc.progress import step
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

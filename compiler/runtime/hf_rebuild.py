@@ -101,7 +101,10 @@ def rebuild_hf(model, check: bool = True):
 
     ``model``: a ``CompiledModel`` (from ``lowc.compile`` or ``lowc.load``) or a Program of a causal LM.
     ``check``: compare its logits with the compiled graph's once (:func:`check_rebuild`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: imported when a model is rebuilt
+    from transformers import (  # optional: transformers' model classes are imported when a model is rebuilt
+        AutoConfig,
+        AutoModelForCausalLM,
+    )
 
     program = program_of(model)
     why = rebuild_blocker(program)

@@ -53,6 +53,12 @@ from typing import Optional
 
 import torch
 
+from lowc.ir.dialect.linear_attention_chunked import (
+    chunked_linear_attention,
+    head_factor,
+    window_weights,
+)
+
 
 def _check(fq, fk, v, q, k, window_factor, linear_factor, key_mask, causal, window, scale, eps) -> None:
     op = "lowc::linear_attention"
@@ -96,21 +102,6 @@ def masks(lq: int, lk: int, causal: bool, window: int, device=None) -> tuple[tor
     return win, ~win
 
 
-def head_factor(t: Optional[torch.Tensor], h: int, device=None) -> torch.Tensor:
-    """A per-query-head factor (``window_factor``/``linear_factor``) as fp32 ``[H]``; ``None`` is ones."""
-    return t.float() if t is not None else torch.ones(h, dtype=torch.float32, device=device)
-
-
-def window_weights(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """The window part's weights before ``window_factor``: ``exp(s - m)`` where ``allowed`` (a bool
-    mask broadcasting to ``s``) and 0 elsewhere, ``m`` the maximum of the scores ``s`` over the allowed
-    keys of the row (last dim; 0 for a row with none), as the LoLCATs reference subtracts it."""
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.exp(s - m)  # exp(-inf) = 0 outside
-
-
 def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
     """Repeat key/value heads [B, Hk, ...] to the H query heads (GQA)."""
     return t if t.shape[1] == h else t.repeat_interleave(h // t.shape[1], dim=1)
@@ -150,7 +141,6 @@ def linear_attention(
     eps: float,
 ) -> torch.Tensor:
     _check(fq, fk, v, q, k, window_factor, linear_factor, key_mask, causal, window, scale, eps)
-    from lowc.ir.dialect.linear_attention_chunked import chunked_linear_attention
 
     return chunked_linear_attention(fq, fk, v, q, k, window_factor, linear_factor, key_mask, causal, window, scale, eps)
 
@@ -169,7 +159,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     """Recompute through the chunked form with autograd (O(L) memory like the forward)."""
-    from lowc.ir.dialect.linear_attention_chunked import chunked_linear_attention
 
     *tensors, key_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad[:7]

@@ -34,12 +34,25 @@ from typing import Optional
 
 import torch
 
-from lowc.ir.dialect.linear_attention import head_factor, window_weights
-
 #: chunk (block) length along the sequence, as in the kernels
 CHUNK = 64
 #: upper bound on the elements of one score tensor [B, H, group, C, inside]; sets the query-chunk group size
 _SCORE_BUDGET = 1 << 22
+
+
+def head_factor(t: Optional[torch.Tensor], h: int, device=None) -> torch.Tensor:
+    """A per-query-head factor (``window_factor``/``linear_factor``) as fp32 ``[H]``; ``None`` is ones."""
+    return t.float() if t is not None else torch.ones(h, dtype=torch.float32, device=device)
+
+
+def window_weights(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The window part's weights before ``window_factor``: ``exp(s - m)`` where ``allowed`` (a bool
+    mask broadcasting to ``s``) and 0 elsewhere, ``m`` the maximum of the scores ``s`` over the allowed
+    keys of the row (last dim; 0 for a row with none), as the LoLCATs reference subtracts it."""
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp(s - m)  # exp(-inf) = 0 outside
 
 
 def _lookback(window: int, chunk: int) -> int:

@@ -35,9 +35,16 @@ from typing import Optional
 import torch
 
 from lowc.errors import PassError
+from lowc.ir.analysis import attention_subgraphs
 from lowc.passes.base import Pass, PassContext, PassResult, opt
-from lowc.passes.linearize import maps
-from lowc.passes.linearize.train import LORA_SCHEDULES
+from lowc.passes.blockwise import BlockwiseRunner
+from lowc.passes.linearize import maps, rewrite
+from lowc.passes.linearize.train import (
+    LORA_SCHEDULES,
+    SiteData,
+    lora_finetune,
+    transfer,
+)
 
 DEFAULT_FEATURE_DIM = {"lolcats": 64}  # hedgehog: the head size
 DEFAULT_WINDOW = {"hedgehog": 0, "lolcats": 64}
@@ -121,9 +128,6 @@ class Linearize(Pass):
 
     # ---- run ------------------------------------------------------------------------------------------
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.ir.analysis import attention_subgraphs
-        from lowc.passes.linearize import rewrite
-
         done_before = rewrite.existing_layers(program)
         atts = attention_subgraphs(program)
         if not atts and not done_before:
@@ -170,7 +174,6 @@ class Linearize(Pass):
                 ctx.log.append(f"linearize: {s['layer']}: attention-output MSE {s['mse_before']:.4g} -> "
                                f"{s['mse_after']:.4g} ({s['loss']} {s['loss_before']:.4g} -> {s['loss_after']:.4g})")
         if self.eff_lora_rank > 0:
-            from lowc.passes.linearize.train import lora_finetune
 
             lstats = lora_finetune(program, teacher, sites, ctx.calib, rank=self.eff_lora_rank, alpha=self.lora_alpha,
                                    lr=self.lora_lr, epochs=self.lora_epochs, device=ctx.device, seed=ctx.seed,
@@ -185,9 +188,6 @@ class Linearize(Pass):
         return PassResult(changed=True, stats=stats)
 
     def _transfer(self, program, teacher, sites, ctx: PassContext, init) -> list[dict]:
-        from lowc.passes.blockwise import BlockwiseRunner
-        from lowc.passes.linearize.train import SiteData, transfer
-
         outside = [s.layer for s in sites if s.block is None]
         if outside:
             raise PassError(f"pass 'linearize': layer {outside[0]} lies outside the model's transformer blocks; "

@@ -38,7 +38,10 @@ from torch.fx.proxy import GraphAppendingTracer
 from lowc.errors import PassError
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import ancestors
+from lowc.ir.dialect import ensure_registered
+from lowc.ir.program import Program
 from lowc.passes.linearize import maps
+from lowc.passes.quant.common import matches
 
 LINEAR_ATTENTION = "lowc.linear_attention"
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -207,7 +210,6 @@ def select(atts: list, layers: tuple[str, ...], done: list[tuple[int | None, str
     suffixes, globs); all of them when ``layers`` is empty. ``done``: layers already linearized
     (:func:`existing_layers`), which a spec may name without error (a second run changes nothing).
     Raises PassError for an index out of range or a pattern matching no layer."""
-    from lowc.passes.quant.common import matches
 
     if not layers:
         return list(atts)
@@ -319,7 +321,6 @@ def _erase_dead(graph: torch.fx.Graph, nodes) -> None:
 def emit_site(program, site: Site, method: str, window: int, kv_head_maps: bool,
               params: dict[str, torch.Tensor], key_mask: torch.fx.Node | None) -> torch.fx.Node:
     """Replace ``site``'s SDPA node; ``params`` are stored as fp32 buffers (the maps compute in fp32)."""
-    from lowc.ir.dialect import ensure_registered
 
     ensure_registered()
     graph = program.graph
@@ -363,7 +364,6 @@ def emit_site(program, site: Site, method: str, window: int, kv_head_maps: bool,
 
 def shallow_copy(program):
     """A Program with a copy of the graph over the same tensors (the float teacher)."""
-    from lowc.ir.program import Program
 
     g = torch.fx.Graph()
     out = g.graph_copy(program.graph, {})

@@ -35,9 +35,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from lowc.errors import PassError
+from lowc.frontend.outputs import main_tensor
 from lowc.ir.analysis import is_float_linear
+from lowc.ir.dialect import ensure_registered
+from lowc.passes.blockwise import calibration_inputs
 from lowc.passes.linearize import maps
 from lowc.passes.linearize.rewrite import Site, key_heads_for_maps
 
@@ -47,7 +51,6 @@ MSE_FACTOR = 1000.0
 def _op():
     """``lowc::linear_attention`` itself: its registered (chunked, O(L)-memory) implementation is
     differentiable, so training runs exactly what the graph runs."""
-    from lowc.ir.dialect import ensure_registered
 
     ensure_registered()
     return torch.ops.lowc.linear_attention.default
@@ -217,10 +220,7 @@ def lora_finetune(program, teacher, sites: list[Site], calib, *, rank: int, alph
     a seeded random order, learning rate ``lr`` times :func:`_lr_factor` of ``schedule``.
     ``on_step(step, total, loss, lr, logits_of)``, if given, is called after every optimizer step
     (``logits_of(input_ids)`` runs the model with the current adapters, without gradients: for curves)."""
-    from tqdm.auto import tqdm
 
-    from lowc.frontend.outputs import main_tensor
-    from lowc.passes.blockwise import calibration_inputs
 
     if schedule not in LORA_SCHEDULES:
         raise PassError(f"pass 'linearize': lora_schedule={schedule!r}: choose one of {', '.join(LORA_SCHEDULES)}")

@@ -41,8 +41,10 @@ import torch
 
 from lowc.errors import CalibrationError
 from lowc.ir import meta as nodemeta
+from lowc.ir.dialect import ensure_registered
 from lowc.ir.dialect.args import LinearQArgs
 from lowc.passes.base import Pass, PassContext, PassResult, opt
+from lowc.passes.blockwise import BlockwiseRunner
 
 OBSERVERS = ("mse", "minmax", "percentile")
 HIST_BINS = 2048
@@ -98,8 +100,6 @@ class QuantizeActivations(Pass):
         return frozenset({"calibration"}) if self.static else frozenset()
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.ir.dialect import ensure_registered
-
         ensure_registered()
         bits = self.bits if self.bits is not None else (ctx.scheme.a_bits if ctx.scheme else None)
         if bits is None or bits >= 16:
@@ -148,8 +148,6 @@ class QuantizeActivations(Pass):
         return new
 
     def _calibrate_and_lower(self, program, ctx: PassContext, nodes, bits: int) -> int:
-        from lowc.passes.blockwise import BlockwiseRunner
-
         wanted = {n.name for n in nodes}
         qmax = (1 << (bits - 1)) - 1
         need_hist = self.observer != "minmax"

@@ -55,12 +55,17 @@ from typing import Optional
 import torch
 
 from lowc.ir.analysis import BlockGroup
-from lowc.passes.base import PassContext, PassResult, opt
 from lowc.ir.scheme import Scheme
+from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.quant.common import linear_weight
 from lowc.passes.quant.fold import fold_into_norm, insert_transform
 from lowc.passes.quant.learned import LearnedQuantPass, act_bits, run_blockwise
-from lowc.passes.quant.plan import BlockPlan, block_qlinears, param_groups, weight_clip_parameters
+from lowc.passes.quant.plan import (
+    BlockPlan,
+    block_qlinears,
+    param_groups,
+    weight_clip_parameters,
+)
 from lowc.passes.quant.transforms import smooth_scales, smoothing_scale
 
 TRUNCATE = 1e-2

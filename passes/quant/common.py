@@ -20,10 +20,11 @@ import torch.fx
 
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import linear_layer
-from lowc.ir.dialect import quant
+from lowc.ir.dialect import ensure_registered, quant
 from lowc.ir.dialect.args import LinearArgs
 from lowc.ir.scheme import Scheme
 from lowc.passes.base import Pass, PassContext, opt
+from lowc.progress import bar
 
 VALID_GROUP_SIZES = "-1 (per channel) or a multiple of 8 such as 32, 64, 128"
 
@@ -87,7 +88,6 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
     weight is dropped by :meth:`Program.remove_dead` once nothing reads it. The new node's NodeInfo
     records ``scheme`` and ``method`` and keeps the layer's earlier transforms.
     """
-    from lowc.ir.dialect import ensure_registered
 
     ensure_registered()
     lin = LinearArgs.of(node)
@@ -111,7 +111,6 @@ def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn,
     """Shared driver: quantize each selected linear with ``quantize_fn(weight, node) -> QuantizedWeight``
     (a progress bar per layer when ``ctx.progress``). Returns the number quantized and the stats;
     linears whose weight is not 2-D are left in float, counted in ``stats["skipped"]`` and logged by layer."""
-    from lowc.progress import bar
 
     s = p.scheme(ctx)
     nodes = p.select(program)

@@ -58,14 +58,25 @@ import torch
 
 from lowc.ir.analysis import BlockGroup
 from lowc.ir.dialect.kron import kron_apply
-from lowc.passes.base import PassContext, PassResult, opt
 from lowc.ir.scheme import Scheme
+from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.quant.common import linear_weight
 from lowc.passes.quant.fakequant import LWC_INIT, clip_tokens
 from lowc.passes.quant.fold import fold_into_norm, insert_transform
 from lowc.passes.quant.learned import LearnedQuantPass, act_bits, run_blockwise
-from lowc.passes.quant.plan import BlockPlan, block_qlinears, param_groups, qlinear, weight_clip_parameters
-from lowc.passes.quant.transforms import balanced_factors, cayley, random_orthogonal, smooth_scales
+from lowc.passes.quant.plan import (
+    BlockPlan,
+    block_qlinears,
+    param_groups,
+    qlinear,
+    weight_clip_parameters,
+)
+from lowc.passes.quant.transforms import (
+    balanced_factors,
+    cayley,
+    random_orthogonal,
+    smooth_scales,
+)
 
 
 class Factor:

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from lowc.errors import CalibrationError
+from lowc.ir.analysis import linear_input, linear_layer
 from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult, opt
+from lowc.passes.blockwise import BlockwiseRunner
 from lowc.passes.quant.common import WeightQuantPass, linear_weight, rewrite_linear
 
 
@@ -156,9 +158,6 @@ class GPTQ(WeightQuantPass):
             raise self.fail(f"block_size={self.block_size}: must be positive")
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.ir.analysis import linear_input, linear_layer
-        from lowc.passes.blockwise import BlockwiseRunner
-
         s = self.scheme(ctx)
         targets = {n.name for n in self.select(program)}
         if not targets:

@@ -31,6 +31,8 @@ import torch
 import torch.fx
 
 from lowc.ir import meta as nodemeta
+from lowc.ir.analysis import attention_subgraphs
+from lowc.ir.dialect import ensure_registered
 from lowc.passes.base import Pass, PassContext, PassResult, opt
 from lowc.passes.quant.common import matches
 
@@ -88,9 +90,6 @@ class QuantizeKV(Pass):
             raise self.fail(f"tensors={list(self.tensors)}: choose k, v or [k,v]")
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from lowc.ir.analysis import attention_subgraphs
-        from lowc.ir.dialect import ensure_registered
-
         ensure_registered()
         op = torch.ops.lowc.fake_quant_kv.default
         attns = attention_subgraphs(program)

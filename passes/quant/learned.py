@@ -38,8 +38,14 @@ from lowc.ir.dialect import quant
 from lowc.ir.dialect.args import LinearArgs
 from lowc.passes.base import PassResult
 from lowc.passes.blockwise import BlockwiseRunner
-from lowc.passes.quant.blocktrain import (check_finite, collect_hessians, input_absmax, patch_linears, to_device,
-                                         train_block)
+from lowc.passes.quant.blocktrain import (
+    check_finite,
+    collect_hessians,
+    input_absmax,
+    patch_linears,
+    to_device,
+    train_block,
+)
 from lowc.passes.quant.common import WeightQuantPass, linear_weight, rewrite_linear
 from lowc.passes.quant.fakequant import QLinear, cached_weights
 from lowc.passes.quant.gptq import gptq_quantize

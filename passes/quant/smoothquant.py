@@ -32,7 +32,12 @@ import torch
 
 from lowc.errors import PassError
 from lowc.ir import meta as nodemeta
-from lowc.ir.analysis import is_float_linear, linear_layer, norm_before_linears, only_reaches
+from lowc.ir.analysis import (
+    is_float_linear,
+    linear_layer,
+    norm_before_linears,
+    only_reaches,
+)
 from lowc.ir.printer import target_name
 from lowc.passes.base import Pass, PassContext, PassResult, opt
 from lowc.passes.blockwise import BlockwiseRunner
