@@ -79,11 +79,12 @@ def _imports(path: str):
         else:
             continue
         local = node.col_offset > 0
+        text = "\n".join(lines[node.lineno - 1:node.end_lineno])  # the whole statement, comments included
         for t in targets:
             if t == "lowc" or t.startswith("lowc."):
-                lowc_imports.append((t, node.lineno, local))
+                lowc_imports.append((t, node.lineno, local, text))
             elif local:
-                local_others.append((t.split(".")[0], node.lineno, lines[node.lineno - 1]))
+                local_others.append((t.split(".")[0], node.lineno, text))
     return lowc_imports, local_others
 
 
@@ -115,7 +116,7 @@ def test_no_import_from_a_layer_above(module):
         return
     mine = LAYERS.index(layer_of(module))
     lowc_imports, _ = _imports(MODULES[module])
-    for target, line, _local in lowc_imports:
+    for target, line, _local, _text in lowc_imports:
         target = _resolve(target)
         assert target != "lowc", f"{module}:{line} imports the lowc facade; import the module that defines the name"
         theirs = layer_of(target)
@@ -128,12 +129,10 @@ def test_no_import_from_a_layer_above(module):
 def test_function_local_imports_only_for_optional_dependencies(module):
     """A function-local import hides the module graph; it is allowed for an optional dependency
     (triton, onnx...) or a module that imports one, each with a comment saying so."""
-    path = MODULES[module]
-    lines = open(path).read().splitlines()
-    lowc_imports, others = _imports(path)
-    for target, line, local in lowc_imports:
+    lowc_imports, others = _imports(MODULES[module])
+    for target, line, local, text in lowc_imports:
         if local:
-            assert "# optional" in lines[line - 1], (
+            assert "# optional" in text, (
                 f"{module}:{line}: function-local import of {target}: import it at the top of the module "
                 "(or, if it pulls in an optional dependency, say so in a '# optional: ...' comment)")
     for pkg, line, text in others:
@@ -147,6 +146,6 @@ def test_layer_checks_catch_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\n\ndef f():\n    from lowc.api import compile\n    import json\n    return compile, json\n")
     lowc_imports, others = _imports(str(bad))
-    assert [(t, local) for t, _, local in lowc_imports] == [("lowc.api", True)]
+    assert [(t, local) for t, _, local, _ in lowc_imports] == [("lowc.api", True)]
     assert LAYERS.index(layer_of("lowc.api")) > LAYERS.index(layer_of("lowc.ir.meta"))
     assert [p for p, _, _ in others] == ["json"] and "json" not in OPTIONAL
