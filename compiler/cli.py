@@ -347,8 +347,10 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
                    "session does with DequantizeLinear->MatMul). MatMulNBits carries it in its nodes; the "
                    "DequantizeLinear form records it and the session option that gives it in the model's metadata")
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
+@click.option("--print-after", "print_after", multiple=True, metavar="PASS",
+              help="print the IR after this pass of the export (onnx-lower)")
 @click.option("--force", is_flag=True, help="replace an existing output file")
-def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, force):
+def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, force):
     """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).
 
     An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
@@ -368,7 +370,7 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, fo
 
     with reporting(to_stderr):
         r = export_to(artifact, output, format=fmt, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                      external_data=external_data or None, force=True)
+                      external_data=external_data or None, force=True, print_after=print_after)
     from collections import Counter
 
     forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from typing import Sequence
 
 from lowc import untrusted as U
 from lowc.api import load
@@ -28,11 +29,12 @@ FORMATS = ("onnx",)
 
 
 def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits: bool = False, accuracy_level: int = 0,
-           external_data: bool | None = None, force: bool = True) -> ExportResult:
-    """Export a :class:`lowc.api.CompiledModel`, a Program or an artifact directory to ``path``."""
+           external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
+    """Export a :class:`lowc.api.CompiledModel`, a Program or an artifact directory to ``path``
+    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``)."""
     if format not in FORMATS:
         raise ArtifactError(f"unknown export format '{format}'; known formats: {', '.join(FORMATS)}")
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) and not print_after:
         reused = reuse_emitted(os.fspath(model), path, export_options(matmulnbits, accuracy_level, external_data),
                                force=force)
         if reused is not None:
@@ -40,7 +42,7 @@ def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits:
         step(f"loading {os.fspath(model)}")
         model = load(os.fspath(model))
     return export_onnx(model, path, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                       external_data=external_data, force=force)
+                       external_data=external_data, force=force, print_after=print_after)
 
 
 def reuse_emitted(artifact: str, path: str | os.PathLike, options: dict, force: bool = True) -> ExportResult | None:
@@ -85,7 +87,7 @@ def _read_sidecar(path: str) -> dict:
     types = {"path": str, "opset": int, "matmulnbits": bool, "external_data": bool, "inputs": list, "output": str,
              "bytes": int, "layers": list, "ops": dict, "initializer_bytes": dict, "accuracy_level": int,
              "session_config": dict, "arithmetic": str, "options": dict, "lowc_version": str,
-             "reused_from": (str, type(None))}
+             "reused_from": (str, type(None)), "passes": list}
     for k, v in side.items():
         U.typed(v, types[k], f"{path}: {k}")
     for i, row in enumerate(side.get("layers", [])):

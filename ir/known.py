@@ -12,7 +12,7 @@ import torch
 from lowc.ir import dialect
 
 #: namespaces whose OpOverloads are allowed (resolved through ``torch.ops.<ns>``)
-OP_NAMESPACES = ("aten", "prims", "lowc")
+OP_NAMESPACES = ("aten", "prims", "lowc", "lowc_onnx")
 
 
 def _hops() -> dict[str, Callable]:

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -41,6 +42,8 @@ from lowc.backends.onnx.lower import dialect_nodes, layer_of
 from lowc.frontend.outputs import main_tensor
 from lowc.ir.dialect import quant
 from lowc.ir.dialect.args import LinearQArgs
+from lowc.passes.base import PassContext
+from lowc.passes.pipeline import Pipeline
 from lowc.progress import step
 from lowc.version import __version__
 
@@ -75,6 +78,8 @@ class ExportResult:
     lowc_version: str = ""
     #: the file copied instead of exporting again, if any
     reused_from: str | None = None
+    #: the passes run on the way (``onnx-lower`` with its options and time)
+    passes: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -162,13 +167,15 @@ def _dynamic_shapes(program) -> tuple:
 
 
 def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_level: int = 0,
-                   external_data: bool | None = None, force: bool = True) -> ExportResult:
+                   external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
     """Export ``program`` (a compiled lowc Program) to ``path``; returns what was written.
 
     ``accuracy_level``: 0 computes in fp32 like the reference; 4 lets onnxruntime quantize
     activations to int8 inside MatMulNBits (faster; what a default session does when it fuses
     DequantizeLinear->MatMul itself). The MatMulNBits form carries it in its nodes; the
-    DequantizeLinear form records it, and the session option that gives it, in the metadata."""
+    DequantizeLinear form records it, and the session option that gives it, in the metadata.
+    The lowering is the ``onnx-lower`` pass, run on a copy through a verifying pipeline
+    (``print_after=("onnx-lower",)`` prints the lowered graph)."""
     from lowc.backends.onnx import (  # optional: they import onnx_ir and onnxscript (lowc[onnx])
         finalize,
         translate,
@@ -181,8 +188,13 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
         raise OnnxExportError(f"output {path} is a directory; give a file name such as model.onnx")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxExportError(f"accuracy_level={accuracy_level}: onnxruntime takes 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
-    step(f"lowering {len(lower.dialect_nodes(program))} compressed layers to the ONNX form")
-    lowered, report = lower.lower_program(program, matmulnbits=matmulnbits, accuracy_level=accuracy_level)
+    step(f"lowering {len(lower.dialect_nodes(program))} compressed layers to the ONNX form (pass onnx-lower)")
+    lowered = program.clone()
+    pipeline = Pipeline([("lower", lower.OnnxLower(matmulnbits=matmulnbits, accuracy_level=accuracy_level))],
+                        print_after=tuple(print_after))
+    pipeline.check()
+    (record,) = pipeline.run(lowered, PassContext(progress=False))
+    layers = record.result.stats["layers"]
     names = [s.name for s in program.info.inputs]
     out_name, out_key = output_name(program)
     wrapper = _Wrapper(lowered.gm, names, program.info.call_by_name, out_key)
@@ -203,7 +215,7 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     model = onnx_program.model
     finalize.fold_weight_casts(model)
     finalize.check_no_float_copies(model, _quantized_layers(program))
-    session_config, text = arithmetic(matmulnbits, accuracy_level, quantized=bool(report.layers))
+    session_config, text = arithmetic(matmulnbits, accuracy_level, quantized=bool(layers))
     form = "MatMulNBits" if matmulnbits else "DequantizeLinear->MatMul"
     _record_metadata(model, form, accuracy_level, session_config, text)
     summary = finalize.summarize(model)
@@ -220,10 +232,11 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
         shutil.rmtree(tmpdir, ignore_errors=True)
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if used_external else 0)
     return ExportResult(path=path, opset=OPSET, matmulnbits=matmulnbits, external_data=used_external, inputs=names,
-                        output=out_name, bytes=size, layers=report.layers, ops=summary["ops"],
+                        output=out_name, bytes=size, layers=layers, ops=summary["ops"],
                         initializer_bytes=summary["initializer_bytes"], accuracy_level=accuracy_level,
                         session_config=session_config, arithmetic=text,
-                        options=export_options(matmulnbits, accuracy_level, external_data), lowc_version=__version__)
+                        options=export_options(matmulnbits, accuracy_level, external_data), lowc_version=__version__,
+                        passes=[{k: v for k, v in record.to_json().items() if k != "stats"}])
 
 
 def _quantized_layers(program) -> list:
@@ -253,12 +266,12 @@ def _quantized_layers(program) -> list:
 
 
 def export_onnx(model, path: str | os.PathLike, *, matmulnbits: bool = False, accuracy_level: int = 0,
-                external_data: bool | None = None, force: bool = True) -> ExportResult:
+                external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
     """Export a :class:`lowc.api.CompiledModel` or a Program to ONNX at ``path`` (an artifact
     directory is the API's business: :func:`lowc.export.export`, which also reuses an emitted file)."""
     program = getattr(model, "program", model)
     return export_program(program, os.fspath(path), matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                          external_data=external_data, force=force)
+                          external_data=external_data, force=force, print_after=print_after)
 
 
 def write_sidecar(result: ExportResult, path: str) -> None:

@@ -1,6 +1,10 @@
-"""Lower a compiled program's dialect ops to the ONNX backend's ops (:mod:`lowc.backends.onnx.ops`).
+"""``onnx-lower``: a compiled program's dialect ops rewritten to the ONNX backend's ops
+(:mod:`lowc.backends.onnx.ops`), the step before ``torch.onnx.export`` translates them.
 
-Rewrites, on a copy of the program:
+:class:`OnnxLower` is a registered pass: the export runs it through a :class:`~lowc.passes.pipeline.Pipeline`
+on a copy of the program, so the lowered graph is verified (fake-tensor propagation through the
+``lowc_onnx`` ops' fake kernels), timed, recorded in the export's result and printable
+(``lowc export --print-after onnx-lower``). It rewrites:
 
 * ``lowc::linear_wq`` -> ``lowc_onnx::dq_matmul`` (default): the packed codes are unpacked and
   transposed to ``[K_pad, N]`` (the layout onnxruntime fuses into MatMulNBits: DequantizeLinear
@@ -32,6 +36,7 @@ from lowc.backends.onnx.errors import OnnxExportError
 from lowc.ir import meta as nodemeta
 from lowc.ir.dialect import packing
 from lowc.ir.dialect.args import LinearQArgs
+from lowc.passes.base import Pass, PassContext, PassResult, opt
 from lowc.progress import bar
 
 WEIGHT_BITS = (4, 8)
@@ -164,11 +169,16 @@ def _nbits_tensors(qweight, scales, zeros, bits: int, group_size: int, in_featur
 
 def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
     """A copy of ``program`` with every dialect op rewritten to ``lowc_onnx`` ops; and a report."""
-
-    check_program(program, matmulnbits)
     prog = program.clone()
+    return prog, lower_in_place(prog, matmulnbits, accuracy_level)
+
+
+def lower_in_place(prog, matmulnbits: bool = False, accuracy_level: int = 0, progress: bool = True) -> LoweringReport:
+    """Rewrite every dialect op of ``prog`` to ``lowc_onnx`` ops (module docstring); the report
+    says which ONNX form each layer took."""
+    check_program(prog, matmulnbits)
     report = LoweringReport()
-    for node in bar(dialect_nodes(prog), desc="onnx lowering"):
+    for node in bar(dialect_nodes(prog), desc="onnx lowering", enabled=progress):
         name = node.target.name()
         a = LinearQArgs.of(node)
         x, bias, bits, group_size, in_features = a.x, a.bias, a.bits, a.group_size, a.in_features
@@ -218,4 +228,27 @@ def lower_program(program, matmulnbits: bool = False, accuracy_level: int = 0):
     prog.remove_dead()
     prog.gm.graph.lint()
     prog.gm.recompile()
-    return prog, report
+    return report
+
+
+@dataclass(frozen=True)
+class OnnxLower(Pass):
+    """The ONNX export's lowering as a pass (module docstring)."""
+
+    name = "onnx-lower"
+    summary = "rewrite compressed linears to the ops the ONNX translation emits (DequantizeLinear->MatMul or MatMulNBits)"
+
+    matmulnbits: bool = opt(False, "emit com.microsoft::MatMulNBits (float32 models) instead of DequantizeLinear->MatMul")
+    accuracy_level: int = opt(0, "MatMulNBits accuracy level: 0 = fp32 arithmetic, 4 = int8 activations")
+
+    def validate(self) -> None:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise self.fail(f"accuracy_level={self.accuracy_level}: onnxruntime takes 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        report = lower_in_place(program, self.matmulnbits, self.accuracy_level, progress=ctx.progress)
+        forms: dict[str, int] = {}
+        for row in report.layers:
+            forms[row["onnx"]] = forms.get(row["onnx"], 0) + 1
+        return PassResult(changed=bool(report.layers), stats={"lowered": len(report.layers), "forms": forms,
+                                                               "layers": report.layers})
