@@ -83,6 +83,11 @@ def load_recipe(path: str) -> list:
     return options.load_recipe(path, get_pass_class)
 
 
+def pass_from_json(d: dict):
+    """A pass from its ``to_json()`` form, any registered pass."""
+    return options.from_json(d, get_pass_class)
+
+
 # ---- ops ----------------------------------------------------------------------------------------------
 
 

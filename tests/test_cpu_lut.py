@@ -178,7 +178,7 @@ def _mixed_program(bits_a=2, bits_b=4):
 def test_lut_lower_mixed_precision(lib):
     from lowc.ir import verifier
     from lowc.passes.base import PassContext
-    from lowc.passes.options import parse_pass
+    from lowc.backends.registry import parse_pass
 
     prog = _mixed_program()
     x = torch.randn(4, 72)

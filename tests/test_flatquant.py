@@ -19,7 +19,7 @@ from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.passes.base import PassContext
 from lowc.passes.calibration import load_calibration
 from lowc.passes.pipeline import run_passes
-from lowc.passes.registry import get_pass_class
+from lowc.backends.registry import get_pass_class
 from lowc.passes.quant.flatquant import FlatQuant
 
 

@@ -8,9 +8,12 @@ import json
 import pytest
 
 from lowc.errors import PassOptionError
-from lowc.passes import registry
+from lowc.backends import registry  # every pass: the passes layer's and each backend's
+from lowc.passes import registry as pass_registry
 from lowc.passes.cleanup import RemoveDead
-from lowc.passes.options import build_pass, from_json, load_recipe, parse_pass, parse_spelling
+from lowc.backends.registry import build_pass, load_recipe, parse_pass
+from lowc.backends.registry import pass_from_json as from_json
+from lowc.passes.options import parse_spelling
 from lowc.passes.quant.activations import QuantizeActivations
 from lowc.passes.quant.rtn import RTN
 
@@ -106,7 +109,18 @@ NON_DEFAULT = {
                   "lora_lr": 0.0002, "lora_epochs": 1, "lora_loss": "distill"},
     "triton-lower": {},
     "onnx-check": {},
+    "onnx-lower": {"matmulnbits": True, "accuracy_level": 4},
 }
+
+
+def test_each_layer_registers_its_own_passes():
+    """The passes layer names none of the backends' modules; each backend package lists its own
+    passes; the registry of everything is their union, with no name twice."""
+    assert not [spec for spec in pass_registry.PASSES.values() if spec.startswith("lowc.backends.")]
+    backend = {name: spec for mod in registry.BACKENDS for name, spec in __import__(mod, fromlist=["PASSES"]).PASSES.items()}
+    assert all(spec.startswith("lowc.backends.") for spec in backend.values())
+    assert set(registry.pass_table()) == set(pass_registry.PASSES) | set(backend)
+    assert not set(pass_registry.PASSES) & set(backend)
 
 
 def _instances():
@@ -116,7 +130,7 @@ def _instances():
 
 
 def test_every_pass_has_non_default_options_here():
-    assert set(NON_DEFAULT) == set(registry.PASSES)
+    assert set(NON_DEFAULT) == set(registry.pass_table())
 
 
 @pytest.mark.parametrize("p", list(_instances()), ids=lambda p: p.spelling())
@@ -149,7 +163,7 @@ def test_options_have_docs():
 
 def test_registry_names_equal_class_names():
     passes = registry.all_passes()
-    assert set(passes) == set(registry.PASSES)
+    assert set(passes) == set(registry.pass_table())
     for name, cls in passes.items():
         assert cls.name == name
 

@@ -46,12 +46,12 @@ def test_readme_quick_subset_is_the_ci_pytest_command_without_slow_tests():
 
 def test_readme_tables_list_every_target_and_pass():
     import lowc
-    from lowc.passes.registry import PASSES
+    from lowc.backends.registry import pass_table
 
     readme = _read("README.md")
     for name in lowc.targets():
         assert f"`{name}`" in readme, f"target {name} missing from README"
-    for name in PASSES:
+    for name in pass_table():
         assert f"`{name}`" in readme, f"pass {name} missing from README"
 
 

@@ -140,7 +140,7 @@ def test_triton_lower_pass():
     from lowc.ir import meta as nodemeta
     from lowc.ir import verifier
     from lowc.passes.base import PassContext
-    from lowc.passes.options import parse_pass
+    from lowc.backends.registry import parse_pass
 
     prog = _program()
     x = torch.randn(4, 72)
