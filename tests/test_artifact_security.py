@@ -229,6 +229,7 @@ def test_generated_source_check_catches_what_the_grammar_would_miss():
         serialize.check_generated_source(g2)
 
 
+@pytest.mark.slow
 def test_cli_eval_of_injected_artifact_exits_2(art, tmp_path):
     marker = tmp_path / "cli-pwned"
 
@@ -246,6 +247,7 @@ def test_cli_eval_of_injected_artifact_exits_2(art, tmp_path):
 # ---- 2. the float reference is never rebuilt by importing what the manifest names ---------------------
 
 
+@pytest.mark.slow
 def test_factory_source_is_never_imported(art, tmp_path, canary):
     _tamper_manifest(art, lambda m: m.__setitem__("source", {"type": "factory", "name": "lowc_canary:boom"}))
     r = run_lowc("eval", art, cwd=str(canary.parent / "canary"))  # the factory module is in the cwd
@@ -390,6 +392,7 @@ def test_malformed_artifacts_are_one_line_errors(art, tamper, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_malformed_artifact_cli_exit_2(art):
     _tensor_named_training(art)
     for cmd in (["eval", art, "--against", "tiny-llama"], ["bench", art, "--seq-len", "2", "--repeat", "1"]):
@@ -455,6 +458,7 @@ def _mutate(doc, rng: random.Random) -> tuple[object, str | None]:
 ALLOWED_NEW_MODULES = ("lowc", "torch", "transformers.modeling_outputs", "transformers.models.", "sympy", "numpy")
 
 
+@pytest.mark.slow
 def test_fuzz_loader(saved, tmp_path, canary, monkeypatch):
     """A seeded mutation loop over a real artifact's manifest.json and graph.json (hashes resealed
     each time): every case loads or fails with a one-line LowcError (CLI exit 0 or 2); nothing named
@@ -550,6 +554,7 @@ def model_dir(tmp_path_factory):
     return make_llama_dir(tmp_path_factory.mktemp("src") / "llama", **SMALL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["model", "parent", "cwd", "not-artifact"])
 def test_force_refuses_dangerous_outputs(model_dir, tmp_path, where):
     work = tmp_path / "work"
@@ -583,6 +588,7 @@ def test_save_refuses_to_replace_the_source_model(model_dir, tmp_path):
     assert os.path.isfile(os.path.join(model_dir, "config.json"))
 
 
+@pytest.mark.slow
 def test_export_refuses_to_write_into_the_artifact(saved, tmp_path):
     r = run_lowc("export", saved, "--format", "onnx", "-o", os.path.join(saved, "weights.safetensors"), "--force")
     assert r.returncode == 2 and "inside" in r.stderr, r.stderr
@@ -644,6 +650,7 @@ def test_fallback_restores_the_old_artifact_when_the_second_rename_fails(small_c
     assert [n for n in os.listdir(tmp_path) if n != "out"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_injected_rename_failure_keeps_the_old_artifact(saved, tmp_path):
     """The issue's reproduction with real syscall fault injection: fail the swap syscall."""
@@ -752,6 +759,7 @@ def test_read_only_output_is_a_user_error(small_cm, tmp_path, monkeypatch):
 # ---- 10. devices ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda(saved):
     with pytest.raises(DeviceError, match=r"CUDA is not available \(torch .* without CUDA|no CUDA device"):
@@ -780,6 +788,7 @@ def test_nonfinite_weights_fail_naming_the_tensor(tmp_path):
     assert cm is not None and cm.manifest["target"] == "ref-fp32"
 
 
+@pytest.mark.slow
 def test_nonfinite_cli(tmp_path):
     model, tok = _small_llama()
     with torch.no_grad():

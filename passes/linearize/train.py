@@ -41,6 +41,7 @@ from lowc.errors import PassError
 from lowc.frontend.outputs import main_tensor
 from lowc.ir.analysis import is_float_linear
 from lowc.ir.dialect import ensure_registered
+from lowc.ir.dialect.args import LinearArgs
 from lowc.passes.blockwise import calibration_inputs
 from lowc.passes.linearize import maps
 from lowc.passes.linearize.rewrite import Site, key_heads_for_maps
@@ -231,7 +232,7 @@ def lora_finetune(program, teacher, sites: list[Site], calib, *, rank: int, alph
     scale = alpha / rank
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for n in targets:
-        w = program.attr(n.args[1].target)
+        w = program.attr(LinearArgs.of(n).weight.target)
         out_f, in_f = w.shape
         bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on [r, in], as PEFT
         a = (torch.rand(rank, in_f, generator=g) * 2 - 1).mul_(bound).to(device).requires_grad_(True)
@@ -310,7 +311,7 @@ def lora_finetune(program, teacher, sites: list[Site], calib, *, rank: int, alph
     with torch.no_grad():
         for n in targets:
             a, b, s = adapters[n.name]
-            t = n.args[1].target
+            t = LinearArgs.of(n).weight.target
             w = program.attr(t)
             program.replace_attr(t, (w.detach().float() + s * (b @ a).to(w.device)).to(w.dtype))
     name = ("next-token xent" if objective == "xent" else "KL to float") if causal else "hidden-state mse"

@@ -73,12 +73,14 @@ class WeightQuantPass(Pass):
 
 
 def linear_weight(program, node: torch.fx.Node) -> torch.Tensor:
-    return program.attr(node.args[1].target)
+    """The constant weight of ``aten.linear(x, W, b)``."""
+    return program.attr(LinearArgs.of(node).weight.target)
 
 
 def linear_bias(program, node: torch.fx.Node) -> torch.Tensor | None:
     """The constant bias of ``aten.linear(x, W, b)``, or None when it has none."""
-    return program.attr(node.args[2].target) if len(node.args) > 2 and isinstance(node.args[2], torch.fx.Node) else None
+    bias = LinearArgs.of(node).bias
+    return program.attr(bias.target) if isinstance(bias, torch.fx.Node) else None
 
 
 def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, scheme: Scheme, method: str) -> torch.fx.Node:

@@ -18,6 +18,7 @@ import torch.fx
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import BlockGroup, NormLink, linear_layer
 from lowc.ir.dialect import ensure_registered
+from lowc.ir.dialect.args import LinearArgs
 
 
 def fold_into_norm(program, link: NormLink, scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -37,8 +38,9 @@ def insert_transform(program, group: BlockGroup, *, scale: torch.Tensor | None, 
     of the first linear."""
     ensure_registered()
     first = group.linears[0]
-    module_path = first.args[1].target.rpartition(".")[0]
-    dev = program.attr(first.args[1].target).device  # the program's device (training may run elsewhere)
+    weight = LinearArgs.of(first).weight.target
+    module_path = weight.rpartition(".")[0]
+    dev = program.attr(weight).device  # the program's device (training may run elsewhere)
     args = program.add_operand_buffers(module_path, first, {
         f"{prefix}_{name}": None if t is None else t.detach().float().to(dev).contiguous().clone()
         for name, t in (("scale", scale), ("p1", p1), ("p2", p2))})
@@ -48,5 +50,5 @@ def insert_transform(program, group: BlockGroup, *, scale: torch.Tensor | None, 
     nodemeta.set_info(node, nodemeta.NodeInfo(layer=f"{linear_layer(first)}.input_transform", role="",
                                               block=nodemeta.get(first).block))
     for lin in group.linears:
-        lin.args = (node, *lin.args[1:])
+        lin.replace_input_with(group.input, node)
     return node

@@ -97,14 +97,15 @@ def apply_plan(program, plan: BlockPlan, quantize: Quantizer) -> list[tuple[torc
     for name, mod in plan.modules.items():
         node = by_name[name]
         w, b = weights[name]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        lin = LinearArgs.of(node)
+        bias = lin.bias
         if b is not None and isinstance(bias, torch.fx.Node):
             old = program.attr(bias.target)
             program.replace_attr(bias.target, b.to(device=old.device, dtype=old.dtype))
         qw = quantize(node, mod, w)
         if qw is None:
-            old = program.attr(node.args[1].target)
-            program.replace_attr(node.args[1].target, w.to(device=old.device, dtype=old.dtype))
+            old = program.attr(lin.weight.target)
+            program.replace_attr(lin.weight.target, w.to(device=old.device, dtype=old.dtype))
         else:
             out.append((node, qw))
     return out

@@ -38,6 +38,7 @@ from lowc.ir.analysis import (
     norm_before_linears,
     only_reaches,
 )
+from lowc.ir.dialect.args import LinearArgs
 from lowc.ir.printer import target_name
 from lowc.passes.base import Pass, PassContext, PassResult, opt
 from lowc.passes.blockwise import BlockwiseRunner
@@ -112,7 +113,7 @@ class SmoothQuant(Pass):
                 if name not in amax:
                     continue
                 lins = link.group.linears
-                targets = [n.args[1].target for n in lins]
+                targets = [LinearArgs.of(n).weight.target for n in lins]
                 weights = [program.attr(t) for t in targets]
                 s = smooth_scales(amax[name], weights, self.alpha)
                 fold_into_norm(program, link, lambda v, _s=s: v / _s.to(v.device))
