@@ -18,6 +18,7 @@ file-system path. A violation is an :class:`ArtifactError` naming the file and t
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import keyword
 import os
@@ -122,6 +123,16 @@ def choice(value: Any, options, what: str) -> str:
     if not isinstance(value, str) or value not in options:
         raise ArtifactError(f"{what}: {_show(value)} is not one of {', '.join(options)}")
     return value
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of the file at ``path``, never following a symlink (a link is an OSError)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_json(path: str, what: str | None = None) -> Any:

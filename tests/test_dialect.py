@@ -144,4 +144,9 @@ def test_linear_wqaq_static_scale():
 def test_register_backend_kernel_rejects_unknown_op():
     with pytest.raises(KeyError, match="lowc::no_such_op"):
         ops.register_backend_kernel("no_such_op", "cpu", lambda *a: None)
-    assert set(ops.DIALECT) == set(ops.REFERENCE) == {"linear_wq", "linear_wqaq"}
+    from lowc.ir import dialect
+
+    # the dialect's registry names each op's module, and defining by name defines exactly that op
+    assert dialect.OPS["linear_wq"] == dialect.OPS["linear_wqaq"] == "lowc.ir.dialect.ops"
+    assert dialect.define("kron_transform") and hasattr(torch.ops.lowc, "kron_transform")
+    assert dialect.define("no_such_op") is False

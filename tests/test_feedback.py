@@ -139,13 +139,13 @@ def test_cli_checks_arguments_before_loading_the_model(tmp_path, extra, needles)
 
 
 def test_api_checks_arguments_before_tracing(tmp_path, monkeypatch):
-    import lowc.frontend.trace as frontend
+    import lowc.api
     from lowc.errors import CalibrationError, PassError
 
     def no_trace(*a, **k):
         raise AssertionError("the model was traced before the arguments were checked")
 
-    monkeypatch.setattr(frontend, "trace", no_trace)
+    monkeypatch.setattr(lowc.api, "trace", no_trace)
     with pytest.raises(CalibrationError, match="pass 'gptq' needs calibration data"):
         lowc.compile("tiny-llama", target="ref-w4a16", passes=["gptq"])
     with pytest.raises(CalibrationError, match="missing.txt' does not exist"):

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 
 from lowc.errors import LowcError
+from lowc.untrusted import sha256_file
 
 #: portable base flags: the AVX2 path is enabled per function (target attribute) and picked at run time
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=c11")
@@ -61,15 +62,6 @@ def library_key(source: str, flags: tuple[str, ...]) -> str:
     return h.hexdigest()[:20]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _private(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
@@ -83,7 +75,7 @@ def verified(lib: str) -> bool:
             return False
         with open(lib + ".sha256") as f:
             recorded = f.read().strip()
-        return recorded == _sha256(lib)
+        return recorded == sha256_file(lib)
     except OSError:
         return False
 
@@ -120,7 +112,7 @@ def build(source: str, flags: tuple[str, ...] = BASE_FLAGS) -> str:
     try:
         os.chmod(tmp, 0o755)
         with open(tmp + ".sha256", "w") as f:
-            f.write(_sha256(tmp) + "\n")
+            f.write(sha256_file(tmp) + "\n")
         os.replace(tmp + ".sha256", lib + ".sha256")
         os.replace(tmp, lib)
     except OSError as e:

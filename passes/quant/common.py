@@ -109,6 +109,14 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
     return new
 
 
+def rtn_fallback(program, nodes, scheme: Scheme) -> None:
+    """RTN at ``scheme`` for linears a calibrated method could not reach (outside transformer
+    blocks, e.g. BERT's pooler); the caller logs which."""
+    for node in nodes:
+        qw = quant.rtn_quantize(linear_weight(program, node), scheme.w_bits, scheme.group_size, scheme.symmetric)
+        rewrite_linear(program, node, qw, scheme, "rtn")
+
+
 def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn, method: str) -> tuple[int, dict]:
     """Shared driver: quantize each selected linear with ``quantize_fn(weight, node) -> QuantizedWeight``
     (a progress bar per layer when ``ctx.progress``). Returns the number quantized and the stats;

@@ -50,5 +50,5 @@ def insert_transform(program, group: BlockGroup, *, scale: torch.Tensor | None, 
     nodemeta.set_info(node, nodemeta.NodeInfo(layer=f"{linear_layer(first)}.input_transform", role="",
                                               block=nodemeta.get(first).block))
     for lin in group.linears:
-        lin.replace_input_with(group.input, node)
+        lin.update_arg(0, node)  # aten.linear's input: the group's shared value, now transformed
     return node

@@ -35,7 +35,12 @@ from lowc.ir.analysis import linear_input, linear_layer
 from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.blockwise import BlockwiseRunner
-from lowc.passes.quant.common import WeightQuantPass, linear_weight, rewrite_linear
+from lowc.passes.quant.common import (
+    WeightQuantPass,
+    linear_weight,
+    rewrite_linear,
+    rtn_fallback,
+)
 
 
 def _qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +224,7 @@ class GPTQ(WeightQuantPass):
         # linears outside transformer blocks (e.g. BERT's pooler) see no block-wise calibration:
         # they get RTN at the same scheme, and the log says so
         rest = [n for n in self.select(program) if n.name in targets]
-        for node in rest:
-            qw = quant.rtn_quantize(linear_weight(program, node), s.w_bits, s.group_size, s.symmetric)
-            rewrite_linear(program, node, qw, s, "rtn")
+        rtn_fallback(program, rest, s)
         if rest:
             ctx.log.append(f"gptq: {len(rest)} linear(s) outside transformer blocks quantized with RTN: "
                            + ", ".join(linear_layer(n) for n in rest[:4]))

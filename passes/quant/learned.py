@@ -46,7 +46,11 @@ from lowc.passes.quant.blocktrain import (
     to_device,
     train_block,
 )
-from lowc.passes.quant.common import WeightQuantPass, linear_weight, rewrite_linear
+from lowc.passes.quant.common import (
+    WeightQuantPass,
+    rewrite_linear,
+    rtn_fallback,
+)
 from lowc.passes.quant.fakequant import QLinear, cached_weights
 from lowc.passes.quant.gptq import gptq_quantize
 from lowc.passes.quant.plan import BlockPlan
@@ -191,9 +195,7 @@ def run_blockwise(p: LearnedQuantPass, program, ctx, *, propagate: str, make_pla
     # their input with a linear another pass compressed (block_groups leaves that group out)
     rest = [n for n in p.select(program) if n.name in targets]
     outside = [n for n in rest if nodemeta.get(n).block is None]
-    for node in rest:
-        qw = quant.rtn_quantize(linear_weight(program, node), s.w_bits, s.group_size, s.symmetric)
-        rewrite_linear(program, node, qw, s, "rtn")
+    rtn_fallback(program, rest, s)
     if outside:
         ctx.log.append(f"{p.name}: {len(outside)} linear(s) outside transformer blocks quantized with RTN: "
                        + ", ".join(linear_layer(n) for n in outside[:4]))
