@@ -12,10 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from lowc.errors import ModelLoadError
 
 PRESETS: dict[str, str] = {
@@ -44,6 +40,8 @@ TINY_LLAMA_CONFIG = dict(
 
 def byte_tokenizer():
     """A real byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # lazy: see tiny_llama
+    from transformers import PreTrainedTokenizerFast  # lazy: see tiny_llama
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
@@ -57,6 +55,11 @@ def byte_tokenizer():
 
 
 def tiny_llama(seed: int = 0, **overrides):
+    """The ``tiny-llama`` preset: a seeded ``LlamaForCausalLM`` (``overrides`` change its config) and
+    its byte-level tokenizer."""
+    import torch  # lazy: listing presets (``lowc --help``) must not import torch
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy: transformers' model classes take seconds to import
+
     cfg = LlamaConfig(**{**TINY_LLAMA_CONFIG, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
