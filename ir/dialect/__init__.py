@@ -14,6 +14,7 @@ import importlib
 OPS: dict[str, str] = {
     "linear_wq": "lowc.ir.dialect.ops",
     "linear_wqaq": "lowc.ir.dialect.ops",
+    "linear_gsq": "lowc.ir.dialect.sparse",
     "linear_attention": "lowc.ir.dialect.linear_attention",
     "fake_quant_kv": "lowc.ir.dialect.kv",
     "kron_transform": "lowc.ir.dialect.kron",

@@ -97,6 +97,12 @@ class LinearQArgs:
     out_features: int | None = None
     act_bits: int = 16
     act_scale: torch.fx.Node | None = None
+    idx: torch.fx.Node | None = None  # group-sparse layouts (``linear_gsq``): kept sparse-group indices
+    sparse_group: int = 0  # group-sparse layouts: inputs per kept/dropped group; 0 = dense
+
+    @property
+    def sparse(self) -> bool:
+        return self.sparse_group > 0
 
     @staticmethod
     def of(node: torch.fx.Node) -> "LinearQArgs":
@@ -130,7 +136,8 @@ class LinearQArgs:
         return tuple(values[n] if n in values else a.default_value for n, a in zip(names, op._schema.arguments))
 
 
-_FIELDS = ("x", "scales", "zeros", "bias", "bits", "group_size", "in_features", "out_features", "act_bits", "act_scale")
+_FIELDS = ("x", "scales", "zeros", "bias", "bits", "group_size", "in_features", "out_features", "act_bits", "act_scale",
+           "idx", "sparse_group")
 
 LINEAR = torch.ops.aten.linear.default
 
