@@ -55,6 +55,10 @@ class Target:
     prepare: Callable[[Any, str], None] | None = None
     #: what runs the compiled model on a device: runtime(target, device, artifact_dir) -> Runtime
     runtime: Callable[["Target", str, str | None], Runtime] | None = None
+    #: the dialect ops this target runs beyond the dense quantized linears, e.g. ``("linear_gsq",)``
+    #: for group-sparse layers (GQSA); a compile whose method passes produce another such op fails,
+    #: naming the layer and the target
+    runs: tuple[str, ...] = ()
 
     def phases(self, options: "CompileOptions") -> list[Phase]:
         return self.pipeline(self, options)

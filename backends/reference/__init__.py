@@ -32,7 +32,8 @@ def runtime(target: Target, device: str, artifact_dir: str | None = None) -> Run
 
 def targets() -> list[Target]:
     def t(name, scheme, desc):
-        return Target(name, "reference", desc, scheme, reference_pipeline, runtime=runtime)
+        return Target(name, "reference", desc, scheme, reference_pipeline, runtime=runtime,
+                      runs=("linear_gsq",))
 
     return [
         t("ref-fp32", None, "no compression; plain PyTorch (output identical to the input model)"),
