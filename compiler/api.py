@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import platform
 from typing import Any, Iterable, Sequence
@@ -19,6 +20,7 @@ from lowc.errors import (
     ArtifactError,
     CalibrationError,
     GenerationError,
+    InputError,
     LowcError,
     PassOptionError,
 )
@@ -85,6 +87,12 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         with torch.inference_mode():
             return self.program.call(*args, **kwargs)
+
+    def to_module(self) -> "ProgramModule":
+        """The compiled graph as a plain ``nn.Module`` (its dialect ops, its weights as buffers and
+        parameters), called like the original model (the same input names); it can be
+        ``torch.compile``-d or handed to other tools. It shares its tensors with this model."""
+        return program_module(self.program)
 
     @property
     def device(self) -> torch.device:
@@ -212,6 +220,58 @@ class CompiledModel:
         src = self.program.info.source
         protect = [src["path"]] if isinstance(src.get("path"), str) else []
         return write_artifact(os.fspath(path), self.program, manifest, force=force, emit=emit, protect=protect)
+
+
+class ProgramModule(torch.nn.Module):
+    """A compiled program as an ``nn.Module``: ``forward`` takes the original model's inputs by
+    position or by name (``graph`` is the GraphModule with the dialect ops and the weights); inputs
+    with a default (an attention mask of ones) may be left out or passed as None."""
+
+    def __init__(self, program):
+        super().__init__()
+        self.graph = program.gm
+        self.input_names = [s.name for s in program.info.inputs]
+        self.input_defaults = {s.name: (s.default.split(":", 1)[1], getattr(torch, s.dtype))
+                               for s in program.info.inputs if s.default and s.default.startswith("ones_like:")}
+        self.call_by_name = program.info.call_by_name
+
+    def forward(self, *args, **kwargs):
+        if not self.call_by_name:
+            return self.graph(*args, **kwargs)
+        if len(args) > len(self.input_names):
+            raise InputError(f"expected at most {len(self.input_names)} inputs ({', '.join(self.input_names)})")
+        kw = dict(zip(self.input_names, args))
+        for k, v in kwargs.items():
+            if k not in self.input_names or k in kw:
+                raise InputError(f"input {k!r} is unknown or given twice; this model takes {self.input_names}")
+            kw[k] = v
+        for name, (source, dtype) in self.input_defaults.items():
+            if kw.get(name) is None and kw.get(source) is not None:
+                kw[name] = torch.ones_like(kw[source], dtype=dtype)
+        missing = [n for n in self.input_names if kw.get(n) is None]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; this model takes {self.input_names}")
+        return self.graph(**{n: kw[n] for n in self.input_names})
+
+
+def program_module(program) -> ProgramModule:
+    """:class:`ProgramModule` of ``program`` whose ``forward`` shows the input names in its signature
+    (``inspect.signature``, what tools that map inputs by name read)."""
+    m = ProgramModule(program)
+    if m.call_by_name:
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    default=None if n in m.input_defaults else inspect.Parameter.empty)
+                  for n in m.input_names]
+        m.forward = _with_signature(ProgramModule.forward.__get__(m), inspect.Signature(params))
+    return m
+
+
+def _with_signature(fn, sig: inspect.Signature):
+    def forward(*args, **kwargs):
+        return fn(*args, **kwargs)
+    forward.__signature__ = sig
+    forward.__doc__ = ProgramModule.forward.__doc__
+    return forward
 
 
 def _is_token_id(v) -> bool:

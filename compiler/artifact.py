@@ -98,10 +98,16 @@ def _within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
-def check_output(path: str, protect: Iterable[str] = ()) -> None:
+def is_artifact_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def check_output(path: str, protect: Iterable[str] = (), ours: Callable[[str], bool] = is_artifact_dir,
+                 what: str = f"a lowc artifact (no {MANIFEST})") -> None:
     """Refuse (ArtifactError) to replace ``path`` when that could destroy what it should not: the
     current directory or a parent of it, an input (``protect``: the source model's directory) or a
-    directory holding one, a symlink, a file, or a non-empty directory that is not a lowc artifact."""
+    directory holding one, a symlink, a file, or a non-empty directory that lowc did not write
+    (``ours(path)`` is false; ``what`` says what it is not)."""
     real = os.path.realpath(path)
     if _within(os.path.realpath(os.getcwd()), real):
         raise ArtifactError(f"output {path} is the current directory or one of its parents; refusing to replace it")
@@ -114,9 +120,8 @@ def check_output(path: str, protect: Iterable[str] = ()) -> None:
         raise ArtifactError(f"output {path} is a symbolic link; refusing to replace it")
     if not os.path.isdir(path):
         raise ArtifactError(f"output {path} exists and is not a directory; refusing to replace it")
-    if os.listdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
-        raise ArtifactError(f"output {path} is a non-empty directory that is not a lowc artifact (no {MANIFEST}); "
-                            "refusing to replace it")
+    if os.listdir(path) and not ours(path):
+        raise ArtifactError(f"output {path} is a non-empty directory that is not {what}; refusing to replace it")
 
 
 def check_file_output(path: str, protect: Iterable[str] = ()) -> None:
@@ -224,16 +229,15 @@ def _env_error(e: BaseException, path: str) -> ArtifactError:
     return ArtifactError(f"cannot write {path}: {first}")
 
 
-def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = False,
-                   emit: Callable[[str], None] | None = None, protect: Iterable[str] = ()) -> str:
-    """Write ``program`` + ``manifest`` to ``path`` atomically; ``emit(dir)`` adds backend files.
-    ``protect``: paths (the input model) the output must never replace."""
-
-
+def write_directory(path: str, fill: Callable[[str], None], force: bool = False, protect: Iterable[str] = (),
+                    ours: Callable[[str], bool] = is_artifact_dir, what: str = f"a lowc artifact (no {MANIFEST})") -> str:
+    """Write the directory ``path`` atomically: ``fill(tmp)`` writes every file into a temporary
+    sibling, which is then swapped into place (module docstring). An existing ``path`` is replaced
+    only with ``force`` and when :func:`check_output` allows it (``ours``, ``what``, ``protect``)."""
     path = os.path.abspath(path)
     if os.path.lexists(path) and not force:
         raise ArtifactError(f"output {path} already exists (use --force / force=True to replace it)")
-    check_output(path, protect)
+    check_output(path, protect, ours, what)
     parent, base = os.path.split(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -245,9 +249,35 @@ def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = F
     os.umask(umask)
     try:
         os.chmod(tmp, 0o777 & ~umask)
+        fill(tmp)
+        for root, _, names in os.walk(tmp):  # safetensors writes its files 0600
+            for n in names:
+                os.chmod(os.path.join(root, n), 0o666 & ~umask)
+        old = _swap_in(tmp, path, os.path.join(parent, f".{base}.old-{os.getpid()}-{os.urandom(4).hex()}"))
+    except LowcError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise _env_error(e, path) from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = False,
+                   emit: Callable[[str], None] | None = None, protect: Iterable[str] = ()) -> str:
+    """Write ``program`` + ``manifest`` to ``path`` atomically; ``emit(dir)`` adds backend files.
+    ``protect``: paths (the input model) the output must never replace."""
+
+    def fill(tmp: str) -> None:
         store, table = _tensor_table(program)
         save_file(store, os.path.join(tmp, WEIGHTS), metadata={"format": "lowc", "format_version": str(FORMAT_VERSION)})
-        os.chmod(os.path.join(tmp, WEIGHTS), 0o666 & ~umask)  # safetensors writes it 0600
         graph = serialize.graph_to_json(program.gm)
         graph["tensors"] = table
         with open(os.path.join(tmp, GRAPH), "w") as f:
@@ -264,25 +294,12 @@ def write_artifact(path: str, program, manifest: dict[str, Any], force: bool = F
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, tmp).replace(os.sep, "/")
                 files[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
-        manifest["model"] = {**manifest["model"], "tokenizer_dir": None}  # a path of this machine: never stored
+        done = {**manifest, "format_version": FORMAT_VERSION, "files": files}
+        done["model"] = {**done["model"], "tokenizer_dir": None}  # a path of this machine: never stored
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2, default=str)
-        old = _swap_in(tmp, path, os.path.join(parent, f".{base}.old-{os.getpid()}-{os.urandom(4).hex()}"))
-    except LowcError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except (KeyboardInterrupt, SystemExit):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
-            raise _env_error(e, path) from None
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+            json.dump(done, f, indent=2, default=str)
+
+    return write_directory(path, fill, force=force, protect=protect)
 
 
 # ---- loading: the manifest --------------------------------------------------------------------------

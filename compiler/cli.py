@@ -27,6 +27,7 @@ def _scheme_label(row: dict) -> str:
     return f"{row.get('method') or '?'} {Scheme.from_json(row['scheme']).label}"
 
 
+EXPORT_FORMATS = ("onnx", "compressed-tensors")  # lowc.export.FORMATS (not imported: torch)
 AGAINST_HELP = ("float model to compare with; default: the artifact's source when it is a preset or an HF "
                 "directory that has not changed (a factory is never imported from an artifact: name it here)")
 
@@ -46,7 +47,8 @@ def _compile_help() -> str:
     w = max(map(len, PRESETS))
     rows = "\n".join(f"  {name:<{w}}  {desc}" for name, desc in PRESETS.items())
     return ("Compile MODEL for TARGET into the artifact directory OUTPUT.\n\n"
-            "MODEL is a Hugging Face model directory, package.module:factory, or a preset (`lowc presets`):\n\n"
+            "MODEL is a Hugging Face model directory, a Hub id (org/name) found in the local Hugging Face cache, "
+            "package.module:factory, or a preset (`lowc presets`):\n\n"
             f"\b\n{rows}")
 
 
@@ -339,8 +341,10 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 
 @cli.command(name="export")
 @click.argument("artifact", type=click.Path())
-@click.option("--format", "fmt", default="onnx", show_default=True, help="file format (onnx)")
-@click.option("--output", "-o", "output", required=True, type=click.Path(), help="file to write, e.g. model.onnx")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="onnx (a file), or compressed-tensors (a Hugging Face model directory for transformers / vLLM)")
+@click.option("--output", "-o", "output", required=True, type=click.Path(),
+              help="file to write, e.g. model.onnx; a directory for compressed-tensors")
 @click.option("--matmulnbits", is_flag=True, help="emit com.microsoft::MatMulNBits instead of DequantizeLinear->MatMul")
 @click.option("--accuracy-level", type=int, default=0, show_default=True,
               help="onnxruntime arithmetic: 0 = fp32 (matches lowc), 4 = int8 activations (faster; what a default "
@@ -349,9 +353,10 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="print the IR after this pass of the export (onnx-lower)")
-@click.option("--force", is_flag=True, help="replace an existing output file")
+@click.option("--force", is_flag=True, help="replace an existing output file (directory)")
 def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, force):
-    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).
+    """Export a compiled ARTIFACT to another runtime's format: ONNX (opset 21), or compressed-tensors
+    (pack-quantized int weights in a Hugging Face directory, for transformers and vLLM).
 
     An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
     was written with (no --matmulnbits, --accuracy-level 0, no --external-data) it is copied, not
@@ -359,10 +364,15 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
     from lowc.errors import ArtifactError, LowcError
     from lowc.progress import reporting, to_stderr
 
-    if fmt != "onnx":
-        raise LowcError(f"unknown export format '{fmt}'; known formats: onnx")
+    if fmt not in EXPORT_FORMATS:
+        raise LowcError(f"unknown export format '{fmt}'; known formats: {', '.join(EXPORT_FORMATS)}")
     if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
+    if fmt == "compressed-tensors":
+        if matmulnbits or accuracy_level or external_data or print_after:
+            raise LowcError("--matmulnbits, --accuracy-level, --external-data and --print-after are ONNX options")
+        _export_ct(artifact, output, force)
+        return
     from lowc.artifact import check_file_output
 
     check_file_output(output, protect=[artifact])
@@ -378,6 +388,22 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
     click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}{how}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
     click.echo(f"onnxruntime: {r.arithmetic} (recorded in the model's metadata_props)")
+
+
+def _export_ct(artifact: str, output: str, force: bool) -> None:
+    from lowc.artifact import check_output, read_manifest
+    from lowc.export import export as export_to
+    from lowc.formats.compressed_tensors import is_export_dir
+    from lowc.progress import reporting, to_stderr
+
+    read_manifest(artifact)  # not an artifact: one line, before anything is loaded
+    check_output(output, protect=[artifact], ours=is_export_dir, what="a compressed-tensors model directory")
+    with reporting(to_stderr):
+        r = export_to(artifact, output, format="compressed-tensors", force=force)
+    groups = "; ".join(f"{g['scheme']} x{g['layers']}" for g in r.groups.values()) or "no quantized layers"
+    click.echo(f"wrote {r.path}: {_fmt_mb(r.bytes)} in {r.tensors} tensors; {groups}; float linear layers: "
+               f"{', '.join(r.ignored) or 'none'}")
+    click.echo(f"checked against the compiled graph: relative difference {r.check_rel_diff:.1e}")
 
 
 STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)

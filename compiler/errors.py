@@ -66,3 +66,8 @@ class DeviceError(LowcError):
 class GenerationError(LowcError):
     """A model cannot generate as asked: not a causal LM, a decoding strategy that does not apply to its
     graph, or invalid sampling options."""
+
+
+class ExportError(LowcError):
+    """A compiled model cannot be written in the export format asked for (a layer the format has no
+    entry for, a model that is not a Hugging Face model)."""

@@ -1,7 +1,8 @@
 """``lowc export``: a compiled model or an artifact directory to another runtime's file format.
 
-ONNX is the one format today (:mod:`lowc.backends.onnx`, which exports a program). This API-level
-module adds what needs the artifact: an artifact compiled for an ``onnx-*`` target already holds
+Formats: ONNX (:mod:`lowc.backends.onnx`, which exports a program) and compressed-tensors, a
+Hugging Face model directory that transformers and vLLM load (:mod:`lowc.formats.compressed_tensors`).
+For ONNX this API-level module adds what needs the artifact: an artifact compiled for an ``onnx-*`` target already holds
 ``backend/model.onnx`` and, in ``backend/onnx.json``, the options it was written with; given that
 artifact and the same options, the file is copied (after checking its sha256 against the
 manifest, like every file lowc reads) instead of loading and exporting again. ``onnx.json`` is
@@ -22,18 +23,23 @@ from lowc.artifact import check_files, read_manifest
 from lowc.backends.onnx.errors import OnnxExportError
 from lowc.backends.onnx.export import ExportResult, export_onnx, export_options
 from lowc.errors import ArtifactError
+from lowc.formats.compressed_tensors import CTExport, export_compressed_tensors
 from lowc.progress import step
 from lowc.version import __version__
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "compressed-tensors")
 
 
 def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits: bool = False, accuracy_level: int = 0,
-           external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
-    """Export a :class:`lowc.api.CompiledModel`, a Program or an artifact directory to ``path``
-    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``)."""
+           external_data: bool | None = None, force: bool = True,
+           print_after: Sequence[str] = ()) -> ExportResult | CTExport:
+    """Export a :class:`lowc.api.CompiledModel`, a Program (ONNX) or an artifact directory to ``path``
+    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``).
+    ``format="compressed-tensors"`` writes the directory ``path`` (the ONNX options do not apply)."""
     if format not in FORMATS:
         raise ArtifactError(f"unknown export format '{format}'; known formats: {', '.join(FORMATS)}")
+    if format == "compressed-tensors":
+        return _export_ct(model, path, force)
     if isinstance(model, (str, os.PathLike)) and not print_after:
         reused = reuse_emitted(os.fspath(model), path, export_options(matmulnbits, accuracy_level, external_data),
                                force=force)
@@ -43,6 +49,18 @@ def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits:
         model = load(os.fspath(model))
     return export_onnx(model, path, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
                        external_data=external_data, force=force, print_after=print_after)
+
+
+def _export_ct(model, path: str | os.PathLike, force: bool) -> CTExport:
+    protect = []
+    if isinstance(model, (str, os.PathLike)):
+        protect.append(os.fspath(model))
+        step(f"loading {os.fspath(model)}")
+        model = load(os.fspath(model))
+    src = model.program.info.source or {}
+    if isinstance(src.get("path"), str):
+        protect.append(src["path"])
+    return export_compressed_tensors(model, path, force=force, protect=protect)
 
 
 def reuse_emitted(artifact: str, path: str | os.PathLike, options: dict, force: bool = True) -> ExportResult | None:

@@ -6,8 +6,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -36,6 +39,27 @@ def fingerprint_module(model: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[:1 << 20])
     return h.hexdigest()
+
+
+#: ``org/name``: a Hugging Face Hub model id (one slash, no path syntax)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is not a local path and reads as a Hub model id ``org/name``."""
+    return bool(HUB_ID.fullmatch(name)) and ".." not in name and not os.path.lexists(name)
+
+
+def resolve_hub_id(repo_id: str) -> str:
+    """The local snapshot directory of Hub model ``repo_id`` in the Hugging Face cache (offline: nothing
+    is downloaded); ModelLoadError when it is not cached."""
+    cache = os.environ.get("HF_HUB_CACHE") or hub_constants.HF_HUB_CACHE  # read now: tests and tools set it late
+    try:
+        return snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
+    except Exception:
+        raise ModelLoadError(f"model {repo_id!r} is neither a local directory nor in the Hugging Face cache "
+                             f"({cache}; HF_HOME={os.environ.get('HF_HOME', 'unset')}): download it first, e.g. "
+                             f"`hf download {repo_id}`") from None
 
 
 def is_hf_dir(path: str) -> bool:

@@ -222,6 +222,10 @@ def load_source(model: Any, dtype: torch.dtype = torch.float32):
         path = preset.build()
         m, tok, kind = hf.load_hf_dir(path, dtype)
         return m, tok, kind, {"type": "preset", "name": model, "path": path, "sha256": hf.fingerprint_dir(path)}
+    if hf.is_hub_id(model):
+        path = hf.resolve_hub_id(model)
+        m, tok, kind = hf.load_hf_dir(path, dtype)
+        return m, tok, kind, {"type": "hf-dir", "name": model, "path": path, "sha256": hf.fingerprint_dir(path)}
     if os.path.exists(model) or os.sep in model or model.startswith("."):
         m, tok, kind = hf.load_hf_dir(model, dtype)
         return m, tok, kind, {"type": "hf-dir", "name": os.path.basename(os.path.abspath(model)),
@@ -239,7 +243,8 @@ def load_source(model: Any, dtype: torch.dtype = torch.float32):
         kind = "causal-lm" if type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) else "encoder"
         return m.to(dtype).eval(), tok, kind, {"type": "factory", "name": model}
     raise ModelLoadError(
-        f"unknown model {model!r}: not a preset ({', '.join(presets.PRESETS)}), an existing directory, or package.module:factory"
+        f"unknown model {model!r}: not a preset ({', '.join(presets.PRESETS)}), an existing directory, a Hugging Face "
+        "Hub id (org/name, from the local cache) or package.module:factory"
     )
 
 
