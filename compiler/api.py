@@ -88,7 +88,7 @@ class CompiledModel:
         with torch.inference_mode():
             return self.program.call(*args, **kwargs)
 
-    def to_module(self) -> "ProgramModule":
+    def to_module(self) -> ProgramModule:
         """The compiled graph as a plain ``nn.Module`` (its dialect ops, its weights as buffers and
         parameters), called like the original model (the same input names); it can be
         ``torch.compile``-d or handed to other tools. It shares its tensors with this model."""

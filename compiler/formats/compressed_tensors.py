@@ -32,13 +32,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
 from lowc.artifact import write_directory
 from lowc.errors import ExportError
 from lowc.frontend.outputs import main_tensor
@@ -47,6 +45,8 @@ from lowc.ir.dialect import packing
 from lowc.ir.dialect.args import LinearQArgs, is_quantized_linear
 from lowc.ir.dialect.quant import dequantize
 from lowc.progress import step
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 FORMAT = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -270,8 +270,7 @@ def export_compressed_tensors(model, path: str | os.PathLike, *, force: bool = F
     floats: dict[str, torch.Tensor] = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, ref in skeleton.state_dict().items():
-        mod, _, attr = name.rpartition(".")
-        if mod in names:
+        if name.rpartition(".")[0] in names:
             continue
         t = _state_tensor(state, name)
         if t is None and tied and name == "lm_head.weight":

@@ -56,7 +56,7 @@ def resolve_hub_id(repo_id: str) -> str:
     cache = os.environ.get("HF_HUB_CACHE") or hub_constants.HF_HUB_CACHE  # read now: tests and tools set it late
     try:
         return snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
-    except Exception:
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid id (HFValidationError)
         raise ModelLoadError(f"model {repo_id!r} is neither a local directory nor in the Hugging Face cache "
                              f"({cache}; HF_HOME={os.environ.get('HF_HOME', 'unset')}): download it first, e.g. "
                              f"`hf download {repo_id}`") from None
