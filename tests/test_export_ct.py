@@ -85,6 +85,7 @@ def test_symmetric_exports_load_in_transformers(recipe, artifacts, tmp_path):
         assert not [k for k in f.keys() if k.endswith("zero_point")]  # noqa: SIM118 (a safe_open handle)
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")  # dequantize=True on purpose
 def test_asymmetric_g128_codes_and_zero_points_carried_exactly(artifacts, tmp_path):
     """Asymmetric pack-quantized: the installed transformers + compressed-tensors load it dequantized
     (their compressed skeleton expects unpacked zero points while compressed-tensors writes them
