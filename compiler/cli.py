@@ -349,8 +349,10 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="print the IR after this pass of the export (onnx-lower)")
+@click.option("--densify", is_flag=True, help="store group-sparse (gqsa) layers as dense quantized layers (exact; about "
+              "twice their bytes at 50% sparsity); without it such a layer fails the export")
 @click.option("--force", is_flag=True, help="replace an existing output file")
-def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, force):
+def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, densify, force):
     """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).
 
     An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
@@ -370,7 +372,7 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
 
     with reporting(to_stderr):
         r = export_to(artifact, output, format=fmt, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                      external_data=external_data or None, force=True, print_after=print_after)
+                      external_data=external_data or None, force=True, print_after=print_after, densify=densify)
     from collections import Counter
 
     forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))
