@@ -350,7 +350,7 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="print the IR after this pass of the export (onnx-lower)")
 @click.option("--densify", is_flag=True, help="store group-sparse (gqsa) layers as dense quantized layers (exact; about "
-              "twice their bytes at 50% sparsity); without it such a layer fails the export")
+              "1.7x their bytes at 50% sparsity); without it such a layer fails the export")
 @click.option("--force", is_flag=True, help="replace an existing output file")
 def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, densify, force):
     """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).

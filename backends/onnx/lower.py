@@ -90,7 +90,7 @@ def check_node(program, node: torch.fx.Node, matmulnbits: bool = False) -> None:
         raise OnnxExportError(f"layer {layer_of(node)} ({scheme_label(node)}): group-sparse layers (lowc::linear_gsq) have "
                               "no ONNX form (ONNX cannot skip dropped groups); export with --densify (densify=True) "
                               f"to store it as a dense int{a.bits} layer with groups of its sparse group ({a.sparse_group}), "
-                              "about twice the bytes at 50% sparsity")
+                              "about 1.7x its bytes at 50% sparsity")
     if name not in ("lowc::linear_wq", "lowc::linear_wqaq"):
         raise OnnxExportError(f"{where}: the dialect op {name} has no ONNX form (the ONNX backend carries "
                               "lowc::linear_wq and lowc::linear_wqaq: export an artifact compiled for a ref-* or onnx-* target)")
