@@ -303,3 +303,22 @@ def make_sparse(program, sparsity: float = 0.5, sparse_group: int = 16, group_si
         changed += 1
     program.remove_dead()
     return changed
+
+
+@pytest.fixture(scope="module")
+def isolated_autotune(tmp_path_factory):
+    """Heuristic Triton configs and a private autotune cache for a test module (on a GPU, timing every
+    candidate of every small test shape would dominate the run)."""
+    from lowc.backends.triton import autotune
+
+    old = {k: os.environ.get(k) for k in ("LOWC_TRITON_AUTOTUNE", "LOWC_CACHE_DIR")}
+    os.environ["LOWC_TRITON_AUTOTUNE"] = "0"
+    os.environ["LOWC_CACHE_DIR"] = str(tmp_path_factory.mktemp("tr-cache"))
+    autotune.clear_memory()
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    autotune.clear_memory()

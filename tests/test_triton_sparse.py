@@ -34,19 +34,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TOL = {torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7, torch.float32: 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_autotune(tmp_path_factory):
-    old = {k: os.environ.get(k) for k in ("LOWC_TRITON_AUTOTUNE", "LOWC_CACHE_DIR")}
-    os.environ["LOWC_TRITON_AUTOTUNE"] = "0"
-    os.environ["LOWC_CACHE_DIR"] = str(tmp_path_factory.mktemp("gsq-cache"))
-    autotune.clear_memory()
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    autotune.clear_memory()
+pytestmark = pytest.mark.usefixtures("isolated_autotune")  # heuristic configs, a private cache
 
 
 def _sparse_layer(n, k, sg=16, gs=None, sym=False, bits=4, dtype=torch.float32, bias=True, sparsity=0.5, seed=0):

@@ -30,6 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lowc.backends.triton.wq_kernels import code_times_x, grouped_pids
+
 
 @triton.jit
 def gsq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, i_ptr, b_ptr, o_ptr,
@@ -40,7 +42,6 @@ def gsq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, i_ptr, b_ptr, o_ptr,
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     BKW: tl.constexpr = BLOCK_K // PACK
-    MASK: tl.constexpr = (1 << BITS) - 1
     ZP: tl.constexpr = 1 << (BITS - 1)
     MAGIC: tl.constexpr = 0x4B000000  # the bits of 2^23 as fp32: its mantissa ulp is 1
     MAGIC_F: tl.constexpr = 8388608.0
@@ -74,16 +75,7 @@ def gsq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, i_ptr, b_ptr, o_ptr,
             k = base + j
             xj = tl.load(x_row + k, mask=mask & (k < K), other=0.0).to(tl.float32)
             xs += xj
-            # as in wq_gemv: code j left in place in its 16-bit half, read as the exact float q * 2^OFF,
-            # times x * 2^-OFF (both exact)
-            if j * BITS < 16:
-                bits_j = w & (MASK << (j * BITS))
-                xj = xj * (1.0 / (1 << (j * BITS)))
-            else:
-                bits_j = w_hi & (MASK << (j * BITS - 16))
-                xj = xj * (1.0 / (1 << (j * BITS - 16)))
-            qj = (bits_j | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
-            d += xj * qj
+            d += code_times_x(w, w_hi, xj, j, BITS)
         acc2 += s * (d - z * xs)
 
     acc = tl.sum(acc2, axis=0)
@@ -108,15 +100,7 @@ def gsq_gemm(x_ptr, w_ptr, s_ptr, z_ptr, i_ptr, b_ptr, o_ptr,
     MAGIC: tl.constexpr = 0x4B000000
     MAGIC_F: tl.constexpr = 8388608.0
 
-    # grouped program order: GROUP_M row blocks share each column block's weights while hot in L2
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
