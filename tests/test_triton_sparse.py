@@ -11,6 +11,7 @@ Kernel tests (``test_kernel_*``) run on CUDA when a GPU is present, and on CPU t
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def _sparse_layer(n, k, sg=16, gs=None, sym=False, bits=4, dtype=torch.float32, 
     tw = layout.sparse_from_reference(sq.qweight, sq.scales, sq.zeros, bits, sq.group_size, k, sq.idx, sg)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     return sq, tw, b
+
+
+def _on_kdev(*args):
+    return [a.to(KDEV) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _tr_args(tw, b):
@@ -198,8 +203,7 @@ def _run_kernel(cfg, m, n=70, k=200, sg=16, gs=None, sym=False, bits=4, dtype=to
     exact = x.double() @ w.T + (b.double() if b is not None else 0)
     p = gsq.problem(x, tw.scales, tw.zeros, tw.idx, bits, sq.group_size, k, n, sg)
     c = autotune.fit(cfg, p) if cfg is not None else None
-    dev = lambda t: t.to(KDEV) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    y = gsq.linear(dev(x), *[dev(a) for a in _tr_args(tw, b)], config=c).cpu()
+    y = gsq.linear(*_on_kdev(x, *_tr_args(tw, b)), config=c).cpu()
     assert y.dtype == dtype and y.shape == ref.shape
     scale = exact.abs().max().item()
     err_exact = (y.double() - exact).abs().max().item() / scale
@@ -260,11 +264,11 @@ def test_kernel_sparse_lowered_program_and_errors():
     assert sum(v for k, v in wq.LAUNCHES.items() if k.startswith("gsq_")) - before == 2
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     _, tw, b = _sparse_layer(16, 64, sg=24, gs=48)
-    args = [t.to(KDEV) if isinstance(t, torch.Tensor) else t for t in _tr_args(tw, b)]
+    args = _on_kdev(*_tr_args(tw, b))
     with pytest.raises(KernelError, match="power of two .*got sparse_group=24"):
         gsq.linear(torch.randn(2, 64).to(KDEV), *args)
     _, tw, b = _sparse_layer(16, 64)
-    args = [t.to(KDEV) if isinstance(t, torch.Tensor) else t for t in _tr_args(tw, b)]
+    args = _on_kdev(*_tr_args(tw, b))
     with pytest.raises(KernelError, match=r"lowc::linear_gsq_tr: the Triton kernels take float16, bfloat16 or float32"):
         gsq.linear(torch.zeros(2, 64, dtype=torch.float64).to(KDEV), *args)
     assert gsq.linear(torch.zeros(0, 64).to(KDEV), *args).shape == (0, 16)
@@ -280,3 +284,30 @@ def test_sparse_kernels_under_interpreter(tmp_path):
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+
+
+def test_lowered_sparse_artifact_saves_and_reloads(tmp_path):
+    """A cuda-w4a16 program with a lowered group-sparse layer (made by hand: the gqsa pass is not needed
+    for the backend's part) is saved (kernels.json describes the sparse layout), reloads through the op
+    registry and computes what it computed."""
+    import lowc
+    from conftest import TwoLinears
+    from lowc.api import CompiledModel
+    from lowc.backends.registry import get_target
+    from lowc.backends.triton.lower import TritonLower
+    from lowc.passes.base import PassContext
+
+    x = torch.randn(3, 72)
+    cm = lowc.compile(TwoLinears(), "ref-w4a16", example_inputs=(x,), passes=["rtn{group_size=32}"], progress=False)
+    make_sparse(cm.program, 0.5, 16, layers=("a",))
+    y = cm(x)
+    TritonLower().run(cm.program, PassContext())
+    tgt = get_target("cuda-w4a16")
+    CompiledModel(cm.program, tgt, {**cm.manifest, "target": tgt.name, "backend": tgt.backend}).save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "backend" / "kernels.json").read_text())
+    (row,) = [r for r in meta["layers"] if r.get("sparse_group")]
+    assert row["layer"] == "a" and row["op"] == "lowc::linear_gsq_tr" and row["kept_groups"] == 2
+    assert row["default_config_m1"].startswith("gemv") and row["default_config_m2048"].startswith("gemm")
+    back = lowc.load(tmp_path / "a")
+    assert {r["op"] for r in back.layers() if r["scheme"]} == {"lowc::linear_gsq_tr", "lowc::linear_wq_tr"}
+    assert torch.equal(back(x), y)

@@ -32,8 +32,7 @@ from lowc.passes.base import Pass, PassContext, PassResult
 def dense_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
                  in_features: int, idx: torch.Tensor, sparse_group: int) -> quant.QuantizedWeight:
     """The ``lowc::linear_wq`` weight whose dequantized values equal the group-sparse weight's (module docstring)."""
-    n, n_keep = idx.shape
-    kc = n_keep * sparse_group
+    kc = idx.shape[1] * sparse_group
     dg = math.gcd(group_size, sparse_group)
     k_pad = -(-in_features // dg) * dg  # linear_wq's padding for groups of dg (<= the sparse padding)
     zp = 1 << (bits - 1)

@@ -110,7 +110,7 @@ def gsq_gemm(x_ptr, w_ptr, s_ptr, z_ptr, i_ptr, b_ptr, o_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     cursor = tl.zeros((BLOCK_N,), dtype=tl.int32)  # per column: kept groups before this tile
 
-    for t in range(0, num_tiles):
+    for t in range(num_tiles):
         offs_k = t * BLOCK_K + offs_kk
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
