@@ -36,11 +36,12 @@ def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits:
     ``densify``: store group-sparse layers as dense quantized layers, exactly, instead of failing)."""
     if format not in FORMATS:
         raise ArtifactError(f"unknown export format '{format}'; known formats: {', '.join(FORMATS)}")
-    if isinstance(model, (str, os.PathLike)) and not print_after:
-        reused = reuse_emitted(os.fspath(model), path,
-                               export_options(matmulnbits, accuracy_level, external_data, densify), force=force)
-        if reused is not None:
-            return reused
+    if isinstance(model, (str, os.PathLike)):
+        if not print_after:  # printing needs the export's passes to run
+            reused = reuse_emitted(os.fspath(model), path,
+                                   export_options(matmulnbits, accuracy_level, external_data, densify), force=force)
+            if reused is not None:
+                return reused
         step(f"loading {os.fspath(model)}")
         model = load(os.fspath(model))
     return export_onnx(model, path, matmulnbits=matmulnbits, accuracy_level=accuracy_level,

@@ -94,18 +94,23 @@ def test_export_refuses_sparse_layers_without_densify(sparse_artifact, tmp_path)
 
 
 @pytest.mark.slow
-def test_export_densify_matches_the_reference(sparse_artifact, tmp_path):
+def test_cli_export_densify_matches_the_reference(sparse_artifact, tmp_path):
     import onnxruntime as ort
 
     from lowc.backends.onnx import session_options
     from lowc.evaluate import main_tensor
 
     out = tmp_path / "m.onnx"
-    res = run_lowc("export", sparse_artifact, "--format", "onnx", "-o", out, "--densify")
+    res = run_lowc("export", sparse_artifact, "--format", "onnx", "-o", out, "--densify", "--print-after",
+                   "densify-sparse")
     assert res.returncode == 0, res.stderr
     assert "DequantizeLinear->MatMul x7" in res.stdout
+    ir = res.stdout.split("IR after densify-sparse", 1)[1]
+    assert ir.count("lowc.linear_wq.default(") == 7 and "linear_gsq" not in ir  # the graph after densify-sparse
     sess = ort.InferenceSession(str(out), session_options(str(out)), providers=["CPUExecutionProvider"])
     cm = lowc.load(sparse_artifact)
+    down = next(row for row in cm.layers() if row["layer"].endswith("down_proj"))
+    assert down["scheme"]["sparse_group"] == 16 and down["op"] == "lowc::linear_gsq"
     for b, L in [(1, 1), (2, 9)]:
         ids = torch.randint(0, 259, (b, L), generator=torch.Generator().manual_seed(b))
         kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -113,8 +118,23 @@ def test_export_densify_matches_the_reference(sparse_artifact, tmp_path):
         got = sess.run(None, {k: v.numpy() for k, v in kw.items()})[0]
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err < 2e-5, f"batch {b} seq {L}: {err:.2e}"  # test_onnx.EXACT_RTOL: fp32 arithmetic
-    # the API option, and what densifying costs: the sparse layers' bytes grow (every group stored)
-    r = export(sparse_artifact, tmp_path / "api.onnx", densify=True)
+
+
+def test_api_export_densify(tmp_path):
+    """``lowc.export.export(..., densify=True)`` on a compiled model: the passes and options it records,
+    onnxruntime against the sparse reference (fp32 session options)."""
+    import onnxruntime as ort
+
+    from conftest import TwoLinears
+    from lowc.backends.onnx import session_options
+
+    x = torch.randn(3, 72)
+    cm = lowc.compile(TwoLinears(), "ref-w4a16", example_inputs=(x,), passes=["rtn{group_size=32}"], progress=False)
+    make_sparse(cm.program, 0.5, 16, 32)
+    r = export(cm, tmp_path / "m.onnx", densify=True)
     assert r.options["densify"] is True and [p["name"] for p in r.passes] == ["densify-sparse", "onnx-lower"]
-    down = next(row for row in cm.layers() if row["layer"].endswith("down_proj"))
-    assert down["scheme"]["sparse_group"] == 16 and down["op"] == "lowc::linear_gsq"
+    assert [row["block_size"] for row in r.layers] == [16, 16]
+    sess = ort.InferenceSession(r.path, session_options(r.path), providers=["CPUExecutionProvider"])
+    ref = cm(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-5

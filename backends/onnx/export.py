@@ -194,18 +194,18 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxExportError(f"accuracy_level={accuracy_level}: onnxruntime takes 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
     step(f"lowering {len(lower.dialect_nodes(program))} compressed layers to the ONNX form (pass onnx-lower)")
+    dens_print = tuple(n for n in print_after if densify and n == DensifySparse.name)
+    pipeline = Pipeline([("lower", lower.OnnxLower(matmulnbits=matmulnbits, accuracy_level=accuracy_level))],
+                        print_after=tuple(n for n in print_after if n not in dens_print))
+    pipeline.check()
     lowered = program.clone()
     records = []
     if densify:
         step("densifying group-sparse layers (pass densify-sparse)")
-        records += Pipeline([("densify", DensifySparse())], print_after=tuple(print_after)).run(
-            lowered, PassContext(progress=False))
+        records += Pipeline([("densify", DensifySparse())], print_after=dens_print).run(lowered, PassContext(progress=False))
     else:
         lower.check_program(lowered, matmulnbits)  # a sparse layer fails here, naming it, before any copy is lowered
     quantized = _quantized_layers(lowered)
-    pipeline = Pipeline([("lower", lower.OnnxLower(matmulnbits=matmulnbits, accuracy_level=accuracy_level))],
-                        print_after=tuple(print_after))
-    pipeline.check()
     (record,) = pipeline.run(lowered, PassContext(progress=False))
     records.append(record)
     layers = record.result.stats["layers"]
