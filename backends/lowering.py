@@ -6,7 +6,8 @@ Per node: the backend's ``check`` may refuse the layer (a one-line message namin
 :class:`~lowc.errors.KernelError`); ``repack`` turns the reference-layout tensors into the backend's
 ``(weight, scales, zeros, out_features)``; these become buffers ``<layer>.<buffers[i]>`` (the old ones
 are dropped once unread), and the new node ``op(x, weight, scales, zeros, bias, bits, group_size,
-in_features, out_features)`` keeps the node's metadata (the op itself names the layout). An
+in_features, out_features)`` keeps the node's metadata (the op itself names the layout); that replacement
+is :func:`replace_linear`, which backends also use for their other layouts (e.g. group-sparse ones). An
 activation-quantized ``lowc::linear_wqaq`` cannot be lowered by a weight-only kernel and raises,
 naming the layer. Nodes already lowered are not ``linear_wq`` any more, so the rewrite is idempotent.
 """
@@ -52,16 +53,28 @@ def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: 
         if why:
             raise KernelError(why)
         weight, new_scales, new_zeros, out_features = repack(qweight, scales, zeros, a.bits, a.group_size, a.in_features)
-        module_path = a.weight.target.rpartition(".")[0]
-        w_n, s2, z2 = program.add_operand_buffers(module_path, node, dict(zip(buffers, (weight, new_scales, new_zeros))))
-        with program.graph.inserting_before(node):
-            new = program.graph.call_function(op, a.rebuild(op, weight=w_n, scales=s2, zeros=z2, out_features=out_features))
-        new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
+        replace_linear(program, a, op, dict(zip(buffers, (weight, new_scales, new_zeros))), out_features=out_features)
         changed += 1
         per_bits[a.bits] = per_bits.get(a.bits, 0) + 1
     if changed:
         program.remove_dead()
     return PassResult(changed=changed > 0,
                       stats={"lowered": changed, "layers_by_bits": {str(b): n for b, n in sorted(per_bits.items())}})
+
+
+def replace_linear(program, a: LinearQArgs, op: torch._ops.OpOverload, tensors: dict[str, torch.Tensor | None],
+                   **changes) -> torch.fx.Node:
+    """Replace the quantized-linear node ``a.node`` by a call of ``op`` with the same arguments, its
+    packed weight, scales and zeros (and, for group-sparse layouts, kept-group indices) replaced by
+    ``tensors`` (buffer name -> tensor, in that order) registered on the layer's module, and the other
+    ``changes`` by name; the new node keeps the node's metadata (the op itself names the layout)."""
+    node = a.node
+    module_path = a.weight.target.rpartition(".")[0]
+    new_nodes = program.add_operand_buffers(module_path, node, tensors)
+    names = ("weight", "scales", "zeros", "idx")[: len(new_nodes)]
+    with program.graph.inserting_before(node):
+        new = program.graph.call_function(op, a.rebuild(op, **dict(zip(names, new_nodes)), **changes))
+    new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
+    node.replace_all_uses_with(new)
+    program.graph.erase_node(node)
+    return new

@@ -25,6 +25,14 @@ Llama-3.2-1B shapes) in fp16, compiled with ``cuda-w4a16`` (RTN) on the GPU, reb
 with transformers' KV cache (:mod:`lowc.runtime.hf_rebuild`), greedy decode tokens/s vs the fp16
 model with the same cache and settings. Writes ``benchmarks/results/triton_decode.{md,json}``.
 
+Sparse mode (``--sparse``; needs a GPU): group-sparse W4 (GQSA layout: 50% of the groups of 16
+inputs dropped per row, ``--sparsity``, a scale and zero point per kept group of 16) through
+``lowc.backends.triton.gsq.linear`` vs the dense W4 g128 kernel (``wq.linear``) and fp16 ``F.linear``
+on the issue-17 shapes (4096x4096, 14336x4096, 4096x14336), M = 1, 4, 16, 256, 2048, one process,
+the same timer; random kept groups and codes; a check against the reference op per shape. Writes
+``benchmarks/results/triton_sparse.{md,json}``. ``--sparse --interpret-smoke`` checks that harness on
+the CPU.
+
 No GPU: ``--interpret-smoke`` runs tiny shapes through the same harness under ``TRITON_INTERPRET=1``
 on the CPU (checks the harness and the numbers, labelled NOT PERFORMANCE, writes nothing);
 ``--compile-check`` compiles every autotune candidate for ``sm_90`` ahead of time (shared memory,
@@ -33,6 +41,7 @@ PTX instruction counts).
     python benchmarks/triton_linear.py                    # linear table (GPU)
     python benchmarks/triton_linear.py --decode           # decode tokens/s (GPU)
     python benchmarks/triton_linear.py --interpret-smoke  # harness check on a CPU
+    python benchmarks/triton_linear.py --sparse           # group-sparse W4 S50 vs dense W4 vs fp16 (GPU)
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]  # (N out, K in)
 MS = [1, 4, 16, 64, 256, 2048]
+SPARSE_SHAPES = SHAPES[:3]  # issue 17: the projections without lm_head
+SPARSE_MS = [1, 4, 16, 256, 2048]
 #: nominal HBM bandwidth (bytes/s) by a substring of torch.cuda.get_device_name
 HBM_PEAK = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
             ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("A10", 0.6e12)]
@@ -80,6 +91,9 @@ def parse_args(argv=None):
     ap.add_argument("--cache", default="static", choices=("static", "dynamic"), help="decode: transformers cache")
     ap.add_argument("--torch-compile", action="store_true",
                     help="decode: let transformers torch.compile the forward (CUDA graphs) for both models")
+    ap.add_argument("--sparse", action="store_true", help="group-sparse W4 (GQSA) vs dense W4 and fp16")
+    ap.add_argument("--sparsity", type=float, default=0.5, help="sparse: fraction of groups dropped per row")
+    ap.add_argument("--sparse-group", type=int, default=16, help="sparse: inputs per kept/dropped group")
     ap.add_argument("--interpret-smoke", action="store_true",
                     help="tiny shapes under TRITON_INTERPRET=1 on the CPU: checks the harness, NOT performance")
     ap.add_argument("--compile-check", type=int, nargs="?", const=90, default=None, metavar="ARCH",
@@ -314,6 +328,132 @@ def write_linear(out_dir, env, rows):
     print(f"wrote {os.path.join(out_dir, 'triton_linear.md')}")
 
 
+# ---- group-sparse W4 vs dense W4 vs fp16 ------------------------------------------------------------------------
+def make_sparse_operands(n, k, dtype, device, sparsity=0.5, sg=16, seed=0):
+    """Random group-sparse W4 operands in the kernels' layout: kept groups per row drawn at random,
+    a scale and zero point per kept group (group_size = sparse_group, the GQSA layout)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    n_groups = k // sg
+    keep = max(1, round(n_groups * (1 - sparsity)))
+    idx = torch.rand(n, n_groups, generator=g, device=device).argsort(dim=1)[:, :keep].sort(dim=1).values
+    kc = keep * sg
+    return {"qweight": torch.randint(-2**31, 2**31 - 1, (kc // 8, n), generator=g, device=device, dtype=torch.int32),
+            "scales": (torch.rand(keep, n, generator=g, device=device) * 0.01 + 0.001).to(dtype),
+            "zeros": torch.randint(0, 16, (keep, n), generator=g, device=device, dtype=torch.int32).to(torch.uint8),
+            "idx": idx.t().contiguous().to(torch.int16), "bits": 4, "group_size": sg, "sparse_group": sg,
+            "k": k, "n": n, "keep": keep}
+
+
+def sparse_bytes(m, n, k, ops, dtype_bytes):
+    keep, sg = ops["keep"], ops["sparse_group"]
+    return n * keep * sg // 2 + keep * n * (dtype_bytes + 1 + 2) + m * k * dtype_bytes + m * n * dtype_bytes
+
+
+def run_sparse(args, smoke: bool = False) -> int:
+    """W4 S50 (group-sparse) vs dense W4 g128 vs fp16; ``smoke``: tiny CPU shapes in the interpreter."""
+    import torch
+    import torch.nn.functional as F
+
+    from lowc.backends.triton import autotune, gsq, gsq_op, wq
+
+    dev = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else getattr(torch, args.dtype)
+    if smoke:
+        def bench(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e6
+    else:
+        from triton.testing import do_bench
+
+        wq.register_cuda()
+        gsq.register_cuda()
+
+        def bench(fn):
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    rows = []
+    for n, k in _pairs(args.shapes, [(96, 256)] if smoke else SPARSE_SHAPES):
+        dense = make_operands(n, k, 4, dtype, dev)
+        sp = make_sparse_operands(n, k, dtype, dev, args.sparsity, args.sparse_group)
+        w16 = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
+        sargs = (sp["qweight"], sp["scales"], sp["zeros"], None, 4, sp["group_size"], k, n, sp["idx"], sp["sparse_group"])
+        for m in _ints(args.ms, [1, 20] if smoke else SPARSE_MS):
+            x = torch.randn(m, k, device=dev, dtype=dtype)
+
+            def ours():
+                return gsq.linear(x, *sargs)
+
+            y = ours()  # autotunes (cached) before timing
+            p = gsq.problem(x, sp["scales"], sp["zeros"], sp["idx"], 4, sp["group_size"], k, n, sp["sparse_group"])
+            tuned = None if smoke else autotune.lookup(autotune.key(p, torch.cuda.get_device_properties(0).name,
+                                                                    _triton_version()))
+            row = {"N": n, "K": k, "M": m, "sparsity": 1 - sp["keep"] * sp["sparse_group"] / k,
+                   "config": (tuned or autotune.heuristic(p)).label}
+            if m in (1, 16, 20):
+                ref = gsq_op.reference_linear_gsq_tr(x.float(), *[t.float() if t is sp["scales"] else t for t in sargs])
+                row["rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+            row["fp16_us"] = bench(lambda: F.linear(x, w16))
+            row["dense_w4_us"] = bench(lambda: wq.linear(x, dense["qweight"], dense["scales"], dense["zeros"], None, 4,
+                                                         dense["group_size"], k, n))
+            row["sparse_us"] = bench(ours)
+            row["sparse_GBps"] = sparse_bytes(m, n, k, sp, x.element_size()) / (row["sparse_us"] * 1e-6) / 1e9
+            row["vs_dense_w4"] = row["dense_w4_us"] / row["sparse_us"]
+            row["vs_fp16"] = row["fp16_us"] / row["sparse_us"]
+            rows.append(row)
+            print(f"{n}x{k} M={m}: fp16 {row['fp16_us']:.1f} us, dense W4 {row['dense_w4_us']:.1f} us, W4 S"
+                  f"{row['sparsity']:.0%} {row['sparse_us']:.1f} us ({row['vs_dense_w4']:.2f}x dense W4, "
+                  f"{row['vs_fp16']:.2f}x fp16, {row['sparse_GBps']:.0f} GB/s) [{row['config']}]"
+                  + (f" rel err {row['rel_err']:.1e}" if "rel_err" in row else ""))
+        if not smoke:
+            torch.cuda.empty_cache()
+    bad = [r for r in rows if r.get("rel_err", 0) > (1e-5 if smoke else 2e-3)]
+    if smoke:
+        print("INTERPRETER SMOKE RUN (TRITON_INTERPRET=1 on the CPU): NOT PERFORMANCE")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            write_sparse(d, {"device": "CPU (interpreter)", "command": command_line(), "date": "-"}, rows)
+    else:
+        import triton
+
+        env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": command_line(), "dtype": args.dtype, "timer": "do_bench (L2 flushed), median"}
+        write_sparse(args.out, env, rows)
+    if bad:
+        print(f"FAILED (kernel vs reference): {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def write_sparse(out_dir, env, rows):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "triton_sparse.json"), "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    lines = ["# Group-sparse W4 (GQSA) Triton kernels vs dense W4 g128 and fp16", "",
+             f"{env['device']}, {env['date']}; command: `{env['command']}`", "",
+             "W4 S: 4-bit codes, groups of 16 inputs kept/dropped per row, a scale and zero point per kept group "
+             "(int16 indices); dense W4: the cuda-w4a16 kernel, g128 asym; fp16: `F.linear`. Times in µs; "
+             "x = other time / sparse time.", "",
+             "| N x K | M | sparsity | fp16 | dense W4 | W4 S | x dense W4 | x fp16 | GB/s | config |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['sparsity']:.0%} | {r['fp16_us']:.1f} | {r['dense_w4_us']:.1f} | "
+                     f"{r['sparse_us']:.1f} | {r['vs_dense_w4']:.2f} | {r['vs_fp16']:.2f} | {r['sparse_GBps']:.0f} | "
+                     f"{r['config']} |")
+    with open(os.path.join(out_dir, "triton_sparse.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {os.path.join(out_dir, 'triton_sparse.md')}")
+
+
 # ---- decode tokens/s ------------------------------------------------------------------------------------------
 def run_decode(args) -> int:
     import torch
@@ -448,6 +588,11 @@ def run_compile_check(args) -> int:
             gs = 128 if args.bits == 4 else k
             p = autotune.Problem(m=m, n=n, k=k, k_pad=k, bits=args.bits, group_size=gs, n_groups=k // gs,
                                  symmetric=args.bits == 8, dtype=args.dtype)
+            if args.sparse:  # the GQSA layout: groups of sparse_group, a scale per kept group
+                sg = args.sparse_group
+                keep = max(1, round(k // sg * (1 - args.sparsity)))
+                p = autotune.Problem(m=m, n=n, k=k, k_pad=k, bits=4, group_size=sg, n_groups=keep, symmetric=False,
+                                     dtype=args.dtype, sparse_group=sg, n_keep=keep)
             for c in autotune.candidates(p):
                 try:
                     r = wq.compile_for_gpu(c, p, arch=args.compile_check)
@@ -461,7 +606,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-        return run_smoke(args)
+        return run_sparse(args, smoke=True) if args.sparse else run_smoke(args)
     if args.compile_check is not None:
         return run_compile_check(args)
     import torch
@@ -470,6 +615,8 @@ def main(argv=None) -> int:
         print("triton_linear.py needs a CUDA GPU (timings on a CPU would be meaningless); use --interpret-smoke "
               "to check the harness or --compile-check to build the kernels for a GPU", file=sys.stderr)
         return 2
+    if args.sparse:
+        return run_sparse(args)
     return run_decode(args) if args.decode else run_linear(args)
 
 

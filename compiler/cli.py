@@ -353,8 +353,10 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="print the IR after this pass of the export (onnx-lower)")
+@click.option("--densify", is_flag=True, help="store group-sparse (gqsa) layers as dense quantized layers (exact; about "
+              "1.7x their bytes at 50% sparsity); without it such a layer fails the export")
 @click.option("--force", is_flag=True, help="replace an existing output file (directory)")
-def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, force):
+def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, densify, force):
     """Export a compiled ARTIFACT to another runtime's format: ONNX (opset 21), or compressed-tensors
     (pack-quantized int weights in a Hugging Face directory, for transformers and vLLM).
 
@@ -369,8 +371,8 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
     if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
     if fmt == "compressed-tensors":
-        if matmulnbits or accuracy_level or external_data or print_after:
-            raise LowcError("--matmulnbits, --accuracy-level, --external-data and --print-after are ONNX options")
+        if matmulnbits or accuracy_level or external_data or print_after or densify:
+            raise LowcError("--matmulnbits, --accuracy-level, --external-data, --print-after and --densify are ONNX options")
         _export_ct(artifact, output, force)
         return
     from lowc.artifact import check_file_output
@@ -380,7 +382,7 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
 
     with reporting(to_stderr):
         r = export_to(artifact, output, format=fmt, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                      external_data=external_data or None, force=True, print_after=print_after)
+                      external_data=external_data or None, force=True, print_after=print_after, densify=densify)
     from collections import Counter
 
     forms = ", ".join(f"{k} x{v}" for k, v in sorted(Counter(l["onnx"] for l in r.layers).items()))

@@ -31,24 +31,26 @@ FORMATS = ("onnx", "compressed-tensors")
 
 
 def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits: bool = False, accuracy_level: int = 0,
-           external_data: bool | None = None, force: bool = True,
-           print_after: Sequence[str] = ()) -> ExportResult | CTExport:
+           external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = (),
+           densify: bool = False) -> ExportResult | CTExport:
     """Export a :class:`lowc.api.CompiledModel`, a Program (ONNX) or an artifact directory to ``path``
-    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``).
+    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``;
+    ``densify``: store group-sparse layers as dense quantized layers, exactly, instead of failing).
     ``format="compressed-tensors"`` writes the directory ``path`` (the ONNX options do not apply)."""
     if format not in FORMATS:
         raise ArtifactError(f"unknown export format '{format}'; known formats: {', '.join(FORMATS)}")
     if format == "compressed-tensors":
         return _export_ct(model, path, force)
-    if isinstance(model, (str, os.PathLike)) and not print_after:
-        reused = reuse_emitted(os.fspath(model), path, export_options(matmulnbits, accuracy_level, external_data),
-                               force=force)
-        if reused is not None:
-            return reused
+    if isinstance(model, (str, os.PathLike)):
+        if not print_after:  # printing needs the export's passes to run
+            reused = reuse_emitted(os.fspath(model), path,
+                                   export_options(matmulnbits, accuracy_level, external_data, densify), force=force)
+            if reused is not None:
+                return reused
         step(f"loading {os.fspath(model)}")
         model = load(os.fspath(model))
     return export_onnx(model, path, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                       external_data=external_data, force=force, print_after=print_after)
+                       external_data=external_data, force=force, print_after=print_after, densify=densify)
 
 
 def _export_ct(model, path: str | os.PathLike, force: bool) -> CTExport:

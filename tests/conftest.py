@@ -256,3 +256,69 @@ def fold_trained_float(prog, p, target: str, calib) -> list[float]:
         losses.append(info["loss"])
     prog.remove_dead()
     return losses
+
+
+def make_sparse(program, sparsity: float = 0.5, sparse_group: int = 16, group_size: int | None = None,
+                layers: tuple[str, ...] | None = None, seed: int = 0) -> int:
+    """Turn ``lowc::linear_wq`` layers of ``program`` (all, or those named in ``layers``) into group-sparse
+    ``lowc::linear_gsq`` layers, as a GQSA pass would: a seeded random choice of kept sparse groups per
+    row (same count per row), the layer's dequantized weight RTN-quantized over the kept groups with
+    its bits and symmetry (``group_size``: the quantization group over the compact row, default
+    ``sparse_group``). The node's scheme says the sparsity. Returns how many layers changed."""
+    from dataclasses import replace
+
+    from lowc.ir import meta as nodemeta
+    from lowc.ir.dialect import ensure_registered, quant, sparse
+    from lowc.ir.dialect.args import LinearQArgs
+
+    ensure_registered()
+    gen = torch.Generator().manual_seed(seed)
+    changed = 0
+    for node in list(program.nodes(torch.ops.lowc.linear_wq.default)):
+        info = nodemeta.get(node)
+        if layers is not None and info.layer not in layers:
+            continue
+        a = LinearQArgs.of(node)
+        zeros = program.attr(a.zeros.target) if a.zeros is not None else None
+        w = quant.dequantize(program.attr(a.weight.target), program.attr(a.scales.target), zeros, a.bits,
+                             a.group_size, a.in_features)
+        n, k = w.shape
+        n_groups = sparse.padded_sparse_width(k, sparse_group) // sparse_group
+        keep = sparse.kept_groups(k, sparse_group, sparsity)
+        idx = torch.stack([torch.randperm(n_groups, generator=gen)[:keep].sort().values for _ in range(n)])
+        sq = sparse.rtn_quantize_sparse(w, idx.to(torch.int16), a.bits, group_size or sparse_group, sparse_group,
+                                        zeros is None)
+        module_path = a.weight.target.rpartition(".")[0]
+        q_n, s_n, z_n, i_n = program.add_operand_buffers(module_path, node, {
+            "gsq_qweight": sq.qweight, "gsq_scales": sq.scales, "gsq_zeros": sq.zeros, "gsq_idx": sq.idx})
+        with program.graph.inserting_before(node):
+            new = program.graph.call_function(torch.ops.lowc.linear_gsq.default, (
+                a.x, q_n, s_n, z_n, a.bias, a.bits, sq.group_size, k, i_n, sparse_group))
+        new.meta = dict(node.meta)
+        nodemeta.set_info(new, replace(info, scheme=replace(info.scheme, group_size=group_size or sparse_group,
+                                                            sparsity=1 - keep / n_groups,
+                                                            sparse_group=sparse_group)))
+        node.replace_all_uses_with(new)
+        program.graph.erase_node(node)
+        changed += 1
+    program.remove_dead()
+    return changed
+
+
+@pytest.fixture(scope="module")
+def isolated_autotune(tmp_path_factory):
+    """Heuristic Triton configs and a private autotune cache for a test module (on a GPU, timing every
+    candidate of every small test shape would dominate the run)."""
+    from lowc.backends.triton import autotune
+
+    old = {k: os.environ.get(k) for k in ("LOWC_TRITON_AUTOTUNE", "LOWC_CACHE_DIR")}
+    os.environ["LOWC_TRITON_AUTOTUNE"] = "0"
+    os.environ["LOWC_CACHE_DIR"] = str(tmp_path_factory.mktemp("tr-cache"))
+    autotune.clear_memory()
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    autotune.clear_memory()

@@ -39,21 +39,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TOL = {torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7, torch.float32: 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_autotune(tmp_path_factory):
-    """Heuristic configs and a private autotune cache for this module (on a GPU, timing every candidate of
-    every small test shape would dominate the run; ``test_gpu_autotune`` turns tuning back on)."""
-    old = {k: os.environ.get(k) for k in ("LOWC_TRITON_AUTOTUNE", "LOWC_CACHE_DIR")}
-    os.environ["LOWC_TRITON_AUTOTUNE"] = "0"
-    os.environ["LOWC_CACHE_DIR"] = str(tmp_path_factory.mktemp("tr-cache"))
-    autotune.clear_memory()
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    autotune.clear_memory()
+#: heuristic configs and a private autotune cache (``test_gpu_autotune`` turns tuning back on)
+pytestmark = pytest.mark.usefixtures("isolated_autotune")
 
 
 def _layer(n, k, bits, gs, sym, dtype=torch.float32, bias=True, seed=0):

@@ -31,7 +31,8 @@ from lowc.backends.onnx.targets import targets
 __all__ = ["targets", "export_onnx", "session_options", "OnnxExportError", "PASSES", "OPS"]
 
 #: this backend's passes: name -> "module:Class"
-PASSES: dict[str, str] = {"onnx-check": "lowc.backends.onnx.check:OnnxCheck",
+PASSES: dict[str, str] = {"densify-sparse": "lowc.backends.onnx.densify:DensifySparse",
+                          "onnx-check": "lowc.backends.onnx.check:OnnxCheck",
                           "onnx-lower": "lowc.backends.onnx.lower:OnnxLower"}
 #: ``lowc::`` ops this backend adds to saved graphs: none (its ``lowc_onnx`` ops exist only while exporting)
 OPS: dict[str, str] = {}

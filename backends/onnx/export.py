@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from lowc.backends.onnx import lower
+from lowc.backends.onnx.densify import DensifySparse
 from lowc.backends.onnx.errors import OnnxExportError
 from lowc.backends.onnx.lower import dialect_nodes, layer_of
 from lowc.frontend.outputs import main_tensor
@@ -85,9 +86,10 @@ class ExportResult:
         return asdict(self)
 
 
-def export_options(matmulnbits: bool, accuracy_level: int, external_data: bool | None) -> dict:
-    """The options that decide the file's contents, as recorded in ``onnx.json``."""
-    return {"matmulnbits": bool(matmulnbits), "accuracy_level": int(accuracy_level), "external_data": external_data}
+def export_options(matmulnbits: bool, accuracy_level: int, external_data: bool | None, densify: bool = False) -> dict:
+    """The options that decide the file's contents, as recorded in ``onnx.json`` (``densify`` only when set)."""
+    opts = {"matmulnbits": bool(matmulnbits), "accuracy_level": int(accuracy_level), "external_data": external_data}
+    return {**opts, "densify": True} if densify else opts
 
 
 def arithmetic(matmulnbits: bool, accuracy_level: int, quantized: bool) -> tuple[dict, str]:
@@ -167,7 +169,8 @@ def _dynamic_shapes(program) -> tuple:
 
 
 def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_level: int = 0,
-                   external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
+                   external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = (),
+                   densify: bool = False) -> ExportResult:
     """Export ``program`` (a compiled lowc Program) to ``path``; returns what was written.
 
     ``accuracy_level``: 0 computes in fp32 like the reference; 4 lets onnxruntime quantize
@@ -175,7 +178,9 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     DequantizeLinear->MatMul itself). The MatMulNBits form carries it in its nodes; the
     DequantizeLinear form records it, and the session option that gives it, in the metadata.
     The lowering is the ``onnx-lower`` pass, run on a copy through a verifying pipeline
-    (``print_after=("onnx-lower",)`` prints the lowered graph)."""
+    (``print_after=("onnx-lower",)`` prints the lowered graph). ``densify``: group-sparse layers
+    become dense quantized layers first (the ``densify-sparse`` pass: exact, larger); without it they
+    fail, naming the layer."""
     from lowc.backends.onnx import (  # optional: they import onnx_ir and onnxscript (lowc[onnx])
         finalize,
         translate,
@@ -189,11 +194,20 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxExportError(f"accuracy_level={accuracy_level}: onnxruntime takes 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
     step(f"lowering {len(lower.dialect_nodes(program))} compressed layers to the ONNX form (pass onnx-lower)")
-    lowered = program.clone()
+    dens_print = tuple(n for n in print_after if densify and n == DensifySparse.name)
     pipeline = Pipeline([("lower", lower.OnnxLower(matmulnbits=matmulnbits, accuracy_level=accuracy_level))],
-                        print_after=tuple(print_after))
+                        print_after=tuple(n for n in print_after if n not in dens_print))
     pipeline.check()
+    lowered = program.clone()
+    records = []
+    if densify:
+        step("densifying group-sparse layers (pass densify-sparse)")
+        records += Pipeline([("densify", DensifySparse())], print_after=dens_print).run(lowered, PassContext(progress=False))
+    else:
+        lower.check_program(lowered, matmulnbits)  # a sparse layer fails here, naming it, before any copy is lowered
+    quantized = _quantized_layers(lowered)
     (record,) = pipeline.run(lowered, PassContext(progress=False))
+    records.append(record)
     layers = record.result.stats["layers"]
     names = [s.name for s in program.info.inputs]
     out_name, out_key = output_name(program)
@@ -214,7 +228,7 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
             raise OnnxExportError(f"torch.onnx.export failed for {program.info.source.get('name', 'the model')}: {first}") from None
     model = onnx_program.model
     finalize.fold_weight_casts(model)
-    finalize.check_no_float_copies(model, _quantized_layers(program))
+    finalize.check_no_float_copies(model, quantized)
     session_config, text = arithmetic(matmulnbits, accuracy_level, quantized=bool(layers))
     form = "MatMulNBits" if matmulnbits else "DequantizeLinear->MatMul"
     _record_metadata(model, form, accuracy_level, session_config, text)
@@ -235,8 +249,9 @@ def export_program(program, path: str, *, matmulnbits: bool = False, accuracy_le
                         output=out_name, bytes=size, layers=layers, ops=summary["ops"],
                         initializer_bytes=summary["initializer_bytes"], accuracy_level=accuracy_level,
                         session_config=session_config, arithmetic=text,
-                        options=export_options(matmulnbits, accuracy_level, external_data), lowc_version=__version__,
-                        passes=[{k: v for k, v in record.to_json().items() if k != "stats"}])
+                        options=export_options(matmulnbits, accuracy_level, external_data, densify),
+                        lowc_version=__version__,
+                        passes=[{k: v for k, v in r.to_json().items() if k != "stats"} for r in records])
 
 
 def _quantized_layers(program) -> list:
@@ -266,12 +281,13 @@ def _quantized_layers(program) -> list:
 
 
 def export_onnx(model, path: str | os.PathLike, *, matmulnbits: bool = False, accuracy_level: int = 0,
-                external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
+                external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = (),
+                densify: bool = False) -> ExportResult:
     """Export a :class:`lowc.api.CompiledModel` or a Program to ONNX at ``path`` (an artifact
     directory is the API's business: :func:`lowc.export.export`, which also reuses an emitted file)."""
     program = getattr(model, "program", model)
     return export_program(program, os.fspath(path), matmulnbits=matmulnbits, accuracy_level=accuracy_level,
-                          external_data=external_data, force=force, print_after=print_after)
+                          external_data=external_data, force=force, print_after=print_after, densify=densify)
 
 
 def write_sidecar(result: ExportResult, path: str) -> None:

@@ -21,8 +21,9 @@ on a copy of the program, so the lowered graph is verified (fake-tensor propagat
 Precondition: the program verifies. Invariant: the lowered program computes what the original
 computes (checked by the tests: it still runs in PyTorch). Anything ONNX cannot carry (weights or
 activations of other than 4 or 8 bits, a MatMulNBits block size it cannot take, a dialect op with
-no ONNX form such as a LUT layout) raises :class:`OnnxExportError` naming the layer and its scheme,
-before anything is written.
+no ONNX form such as a LUT layout, a group-sparse ``lowc::linear_gsq`` layer unless the export was
+asked to densify it first: :mod:`~lowc.backends.onnx.densify`) raises :class:`OnnxExportError` naming
+the layer and its scheme, before anything is written.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def check_node(program, node: torch.fx.Node, matmulnbits: bool = False) -> None:
         raise OnnxExportError(f"{where}: the online activation transform of flatquant (or affinequant's weight-only "
                               "full matrices) has no ONNX form in lowc's export: recompile with rtn or gptq (or, on pre-norm "
                               "models, affinequant{ln_matrix=false}) to export")
+    if name == "lowc::linear_gsq":
+        a = LinearQArgs.of(node)
+        raise OnnxExportError(f"layer {layer_of(node)} ({scheme_label(node)}): group-sparse layers (lowc::linear_gsq) have "
+                              "no ONNX form (ONNX cannot skip dropped groups); export with --densify (densify=True) "
+                              f"to store it as a dense int{a.bits} layer with groups of its sparse group ({a.sparse_group}), "
+                              "about 1.7x its bytes at 50% sparsity")
     if name not in ("lowc::linear_wq", "lowc::linear_wqaq"):
         raise OnnxExportError(f"{where}: the dialect op {name} has no ONNX form (the ONNX backend carries "
                               "lowc::linear_wq and lowc::linear_wqaq: export an artifact compiled for a ref-* or onnx-* target)")

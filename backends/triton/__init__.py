@@ -16,6 +16,6 @@ from lowc.backends.triton.targets import targets  # no triton import
 #: this backend's passes: name -> "module:Class"
 PASSES: dict[str, str] = {"triton-lower": "lowc.backends.triton.lower:TritonLower"}
 #: this backend's ops: name (``lowc::<name>``) -> the module that declares it
-OPS: dict[str, str] = {"linear_wq_tr": "lowc.backends.triton.op"}
+OPS: dict[str, str] = {"linear_wq_tr": "lowc.backends.triton.op", "linear_gsq_tr": "lowc.backends.triton.gsq_op"}
 
 __all__ = ["targets", "PASSES", "OPS"]

@@ -19,6 +19,10 @@ prefill of 300 tokens uses the 512 entry.
 ``BLOCK_K`` becomes the largest power of two that divides the group size (and is at most the
 candidate's), at least 16 (``tl.dot``'s minimum) and a multiple of the codes per word.
 
+Group-sparse layers (``lowc::linear_gsq_tr``, ``Problem.sparse_group > 0``) use the same candidates,
+fitted by :func:`_fit_sparse`: the GEMV tiles the compact row (any ``BLOCK_K``, split-K as above),
+the GEMM's ``BLOCK_K`` is at least the sparse group and it does not split K.
+
 Autotuning runs only for CUDA tensors outside CUDA-graph capture and when ``LOWC_TRITON_AUTOTUNE``
 is not ``0``; otherwise :func:`heuristic` picks (also what the interpreter uses).
 """
@@ -122,10 +126,17 @@ class Problem:
     n_groups: int
     symmetric: bool
     dtype: str  # "float16" | "bfloat16" | "float32"
+    sparse_group: int = 0  # group-sparse layers (lowc::linear_gsq_tr): inputs per kept group; 0 = dense
+    n_keep: int = 0  # group-sparse layers: kept sparse groups per row
 
     @property
     def pack(self) -> int:
         return 32 // self.bits
+
+    @property
+    def k_compact(self) -> int:
+        """Compact positions per row of a group-sparse layer (what its GEMV walks)."""
+        return self.n_keep * self.sparse_group
 
 
 def m_bucket(m: int) -> int:
@@ -145,6 +156,8 @@ def split_for(blocks: int, num_tiles: int, sms: int) -> int:
 
 def fit(cfg: Config, p: Problem, sms: int = DEFAULT_SMS) -> Config | None:
     """``cfg`` adapted to problem ``p`` (block K to the group, split-K resolved), or None if it cannot run."""
+    if p.sparse_group:
+        return _fit_sparse(cfg, p, sms)
     bk = cfg.block_k
     if p.n_groups > 1:
         while bk > 1 and p.group_size % bk:
@@ -161,6 +174,17 @@ def fit(cfg: Config, p: Problem, sms: int = DEFAULT_SMS) -> Config | None:
     return replace(cfg, block_k=bk, split_k=split)
 
 
+def _fit_sparse(cfg: Config, p: Problem, sms: int) -> Config:
+    """A group-sparse layer: the GEMV tiles the compact row (per-row scales: any ``BLOCK_K``), split-K
+    over it; the GEMM tiles the padded input with ``BLOCK_K`` a multiple of the sparse group (a power
+    of two) and walks each column's kept groups in order, so it does not split K."""
+    if cfg.kernel == "gemv":
+        num_tiles = -(-p.k_compact // cfg.block_k)
+        split = cfg.split_k or split_for(-(-p.n // cfg.block_n) * p.m, num_tiles, sms)
+        return replace(cfg, split_k=max(1, min(split, num_tiles)))
+    return replace(cfg, block_k=max(cfg.block_k, p.sparse_group), split_k=1, unpack=0)
+
+
 def candidates(p: Problem, sms: int = DEFAULT_SMS) -> list[Config]:
     """The fitted candidate list for ``p`` (decode: each split-K also at half and double)."""
     out: list[Config] = []
@@ -170,8 +194,8 @@ def candidates(p: Problem, sms: int = DEFAULT_SMS) -> list[Config]:
         if f is None:
             continue
         variants = [f]
-        if c.split_k == 0:
-            num_tiles = -(-p.k_pad // f.block_k)
+        if c.split_k == 0 and not (p.sparse_group and f.kernel == "gemm"):
+            num_tiles = -(-(p.k_compact if p.sparse_group else p.k_pad) // f.block_k)
             variants += [replace(f, split_k=s) for s in (f.split_k // 2, f.split_k * 2) if 1 <= s <= min(32, num_tiles)]
         for v in variants:
             if v not in out:
@@ -213,8 +237,9 @@ def cache_path() -> str:
 
 def key(p: Problem, device_name: str, triton_version: str) -> str:
     g = "pc" if p.n_groups == 1 else f"g{p.group_size}"
+    sp = f"|S{p.sparse_group}x{p.n_keep}" if p.sparse_group else ""
     return (f"{device_name}|triton-{triton_version}|w{p.bits}{g}{'s' if p.symmetric else 'a'}|{p.dtype}"
-            f"|N{p.n}|K{p.k_pad}|M{m_bucket(p.m)}")
+            f"|N{p.n}|K{p.k_pad}{sp}|M{m_bucket(p.m)}")
 
 
 def _load() -> dict[str, dict]:

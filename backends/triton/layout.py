@@ -116,3 +116,49 @@ def to_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     else:  # pragma: no cover - big-endian hosts
         q = packing.pack(unpack_words(qweight, bits), bits)
     return q, scales.t().contiguous(), None if zeros is None else zeros.t().contiguous()
+
+
+# ---- group-sparse layers (``lowc::linear_gsq`` -> ``lowc::linear_gsq_tr``) ------------------------------
+#: the layout name of the group-sparse kernels' weights
+SPARSE_LAYOUT = "compact-k-packed-int32"
+
+
+@dataclass(frozen=True)
+class SparseTritonWeight:
+    """A group-sparse weight in the kernels' layout: the compact rows (:mod:`lowc.ir.dialect.sparse`)
+    repacked like a dense weight over ``Kc`` compact positions, and the kept-group indices transposed.
+
+    * ``qweight`` int32 ``[Kc / P, N]``: word ``[r, n]`` holds compact codes ``r*P .. r*P + P - 1``
+      of row ``n`` (compact position ``c`` is input ``idx[c // sg, n] * sg + c % sg``);
+    * ``scales`` ``[G, N]``, ``zeros`` uint8 ``[G, N]`` or ``None``: groups of ``group_size``
+      compact positions (the last may be shorter), as in the reference layout, transposed;
+    * ``idx`` int16 ``[n_keep, N]``: kept sparse group ``j`` of every row in one contiguous row
+      (a tile of ``BLOCK_N`` columns reads ``2 * BLOCK_N`` contiguous bytes per kept group).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    idx: torch.Tensor
+    bits: int
+    group_size: int
+    sparse_group: int
+    in_features: int
+    out_features: int
+
+
+def sparse_from_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                          group_size: int, in_features: int, idx: torch.Tensor, sparse_group: int) -> SparseTritonWeight:
+    """Repack a ``lowc::linear_gsq`` weight (the compact rows are packed like a dense row of ``Kc``
+    codes, ``Kc`` a multiple of 8, so the dense repacking applies as is)."""
+    tw = from_reference(qweight, scales, zeros, bits, group_size, in_features)
+    return SparseTritonWeight(qweight=tw.qweight, scales=tw.scales, zeros=tw.zeros, idx=idx.t().contiguous(),
+                              bits=bits, group_size=group_size, sparse_group=sparse_group, in_features=in_features,
+                              out_features=tw.out_features)
+
+
+def sparse_to_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, idx: torch.Tensor,
+                        bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Inverse of :func:`sparse_from_reference`: (qweight, scales, zeros, idx) in the dialect's layout."""
+    q, s, z = to_reference(qweight, scales, zeros, bits)
+    return q, s, z, idx.t().contiguous()

@@ -1,6 +1,8 @@
 """The ``cuda-w4a16`` and ``cuda-w8a16`` targets: weight-only RTN (or GPTQ with ``--calib``, or any method
 giving 4/8-bit ``linear_wq`` layers), lowered by ``triton-lower`` to ``lowc::linear_wq_tr`` and run by
-the Triton kernels of :mod:`lowc.backends.triton.wq` on CUDA.
+the Triton kernels of :mod:`lowc.backends.triton.wq` on CUDA. Both run group-sparse layers
+(``lowc::linear_gsq``, ``runs``), lowered to ``lowc::linear_gsq_tr`` and run by
+:mod:`lowc.backends.triton.gsq`.
 
 * ``cuda-w4a16``: 4-bit, groups of 128, asymmetric (the ``ref-w4a16`` scheme).
 * ``cuda-w8a16``: 8-bit, per output channel, symmetric (the ``ref-w8a16`` scheme): at 8 bits a
@@ -24,7 +26,7 @@ import os
 import torch
 
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
-from lowc.backends.triton import autotune, layout, linear_attention, wq
+from lowc.backends.triton import autotune, gsq, gsq_op, layout, linear_attention, wq
 from lowc.backends.triton import op as tr_op
 from lowc.backends.triton.lower import TritonLower
 from lowc.errors import KernelError
@@ -40,10 +42,11 @@ def triton_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
 
 
 def layer_rows(program) -> list[dict]:
-    """One row per ``linear_wq_tr`` node: layer, scheme, shapes, the heuristic configs at M = 1 and 2048."""
+    """One row per ``linear_wq_tr`` / ``linear_gsq_tr`` node: layer, scheme, shapes, the heuristic
+    configs at M = 1 and 2048."""
 
     rows = []
-    for node in program.nodes(tr_op.LINEAR_WQ_TR):
+    for node in [n for n in program.nodes() if n.op == "call_function" and n.target in (tr_op.LINEAR_WQ_TR, gsq_op.LINEAR_GSQ_TR)]:
         a = LinearQArgs.of(node)
         bits, gs, k, n, z_n, b_n = a.bits, a.group_size, a.in_features, a.out_features, a.zeros, a.bias
         w, s = program.attr(a.weight.target), program.attr(a.scales.target)
@@ -52,9 +55,15 @@ def layer_rows(program) -> list[dict]:
                "symmetric": z_n is None, "bias": b_n is not None, "in_features": k, "k_pad": g * gs,
                "out_features": n, "qweight": [str(w.dtype).replace("torch.", ""), list(w.shape)],
                "scales": [str(s.dtype).replace("torch.", ""), list(s.shape)]}
+        if a.sparse:
+            idx = program.attr(a.idx.target)
+            row.update(op=gsq_op.OP, layout=layout.SPARSE_LAYOUT, sparse_group=a.sparse_group, kept_groups=idx.shape[0],
+                       k_pad=-(-k // a.sparse_group) * a.sparse_group)
         for m in (1, 2048):
-            p = autotune.Problem(m=m, n=n, k=k, k_pad=g * gs, bits=bits, group_size=gs, n_groups=g,
-                                 symmetric=z_n is None, dtype=str(s.dtype).replace("torch.", ""))
+            x = torch.empty(m, 0, device="meta", dtype=s.dtype)
+            p = (gsq.problem(x, s, z_n, idx, bits, gs, k, n, a.sparse_group) if a.sparse else
+                 autotune.Problem(m=m, n=n, k=k, k_pad=g * gs, bits=bits, group_size=gs, n_groups=g,
+                                  symmetric=z_n is None, dtype=str(s.dtype).replace("torch.", "")))
             row[f"default_config_m{m}"] = autotune.heuristic(p).label
         rows.append(row)
     return rows
@@ -71,9 +80,18 @@ def emit(program, backend_dir: str) -> None:
             "scales": "[G, N] (model dtype)",
             "zeros": "uint8 [G, N], or absent for symmetric layers (zero point 2^(bits-1))",
         },
+        "sparse_layout": {
+            "name": layout.SPARSE_LAYOUT,
+            "op": gsq_op.OP,
+            "qweight": "int32 [Kc/P, N] over the compact rows (Kc = kept groups x sparse_group), packed as above",
+            "idx": "int16 [n_keep, N]: kept sparse group j of column n (strictly increasing along j)",
+            "scales": "[G, N] over groups of group_size compact positions (the last may be shorter)",
+        },
         "kernels": {
             "decode (M <= 16)": "GEMV (FMA, one row per program, split-K) or tl.dot GEMM with BLOCK_M=16 and split-K",
             "prefill (M > 16)": "tiled tl.dot GEMM, B tile dequantized in registers; fp32 accumulate",
+            "group-sparse": "GEMV walking each column's kept groups (only kept codes loaded, x gathered), split-K; "
+                            "tl.dot GEMM densifying B tiles in registers from the kept codes (no split-K)",
         },
         "autotune": {
             "cache": "$LOWC_CACHE_DIR/triton/autotune.json (default ~/.cache/lowc)",
@@ -96,10 +114,12 @@ def prepare(program, device: str) -> None:
             raise KernelError(f"cuda-* targets run their Triton kernels on a CUDA GPU, and none is available for "
                               f"device '{device}'; load with device='cpu' to run the reference implementation")
         wq.register_cuda()
+        gsq.register_cuda()
         linear_attention.register_cuda()
     elif dev.type == "cpu":
         if wq.interpreting():
             wq.register_interpreter()
+            gsq.register_interpreter()
     else:
         raise KernelError(f"cuda-* targets run on CUDA (Triton kernels) or the CPU (reference implementation), "
                           f"not on device '{device}'")
@@ -121,7 +141,9 @@ def targets() -> list[Target]:
     kern = "Triton GEMV (M<=16) / tl.dot GEMM kernels on CUDA"
     return [
         Target("cuda-w4a16", "triton", f"int4 weights, groups of 128 (asymmetric), float activations; {kern}",
-               Scheme(4, 128, False), triton_pipeline, emit=emit, prepare=prepare, runtime=runtime),
+               Scheme(4, 128, False), triton_pipeline, emit=emit, prepare=prepare, runtime=runtime,
+               runs=("linear_gsq",)),
         Target("cuda-w8a16", "triton", f"int8 weights per output channel (symmetric), float activations; {kern}",
-               Scheme(8, -1, True), triton_pipeline, emit=emit, prepare=prepare, runtime=runtime),
+               Scheme(8, -1, True), triton_pipeline, emit=emit, prepare=prepare, runtime=runtime,
+               runs=("linear_gsq",)),
     ]

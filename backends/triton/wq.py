@@ -25,7 +25,7 @@ from lowc.errors import KernelError
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: kernel launches by kernel name in this process (tests check which kernels ran)
 LAUNCHES: Counter = Counter()
-_registered: set[str] = set()
+_registered: set[tuple[str, str]] = set()  # (op, device)
 # rows per launch: keeps every element offset below 2^31 (the kernels index with int32)
 _MAX_ELEMS = 2**31 - 1
 
@@ -104,16 +104,22 @@ def compile_for_gpu(cfg: autotune.Config, p: autotune.Problem, arch: int = 90, h
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    K = _kernels()
     dt = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[p.dtype]
     partial = cfg.split_k > 1
     consts = dict(BITS=p.bits, PACK=p.pack, HAS_ZEROS=not p.symmetric, HAS_BIAS=has_bias, PARTIAL=partial,
-                  EVEN_K=p.k_pad % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    fn = K.wq_gemv
-    if cfg.kernel == "gemm":
-        fn = K.wq_gemm
-        consts.update(DOT_FP32=p.dtype == "float32", UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m)
-    ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "z_ptr": "*u8", "b_ptr": f"*{dt}",
+                  EVEN_K=p.k_pad % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SG=p.sparse_group,
+                  DOT_FP32=p.dtype == "float32", UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m)
+    if p.sparse_group:
+        from lowc.backends.triton import (
+            gsq_kernels as K,  # optional: the kernels' module imports triton
+        )
+
+        fn = K.gsq_gemm if cfg.kernel == "gemm" else K.gsq_gemv
+    else:
+        K = _kernels()
+        fn = K.wq_gemm if cfg.kernel == "gemm" else K.wq_gemv
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "z_ptr": "*u8", "i_ptr": "*i16", "b_ptr": f"*{dt}",
             "o_ptr": "*fp32" if partial else f"*{dt}"}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -176,15 +182,34 @@ def linear(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_f
            config: autotune.Config | None = None) -> torch.Tensor:
     """``lowc::linear_wq_tr`` through the Triton kernels (``config`` forces one configuration)."""
     op.check(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features)
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
+    bias = bias.contiguous() if bias is not None else None
+
+    def problem(xs):
+        return _problem(xs, scales, zeros, bits, group_size, in_features, out_features)
+
+    def run(cfg, xs, os_, p):
+        launch(cfg, xs, qweight, scales, zeros, bias, os_, p)
+
+    return run_rows(op.OP, x, (qweight, scales, zeros, bias), in_features, out_features, problem, run, config)
+
+
+def run_rows(op_name: str, x, operands, in_features: int, out_features: int, problem, run,
+             config: autotune.Config | None = None) -> torch.Tensor:
+    """What every Triton linear wrapper shares: check the activation dtype and the devices, flatten
+    ``x`` to ``[M, K]`` (unit stride along K), cut M so that offsets fit int32, pick a configuration
+    per chunk (``problem(xs)`` -> Problem; ``config`` forces one) and ``run(cfg, xs, out, problem)``;
+    returns ``[..., N]`` in the activation dtype."""
     shape = f"x {str(x.dtype).replace('torch.', '')}{list(x.shape)}, N={out_features}, K={in_features}"
     if x.dtype not in DTYPES:
-        raise KernelError(f"lowc::linear_wq_tr: the Triton kernels take float16, bfloat16 or float32 activations; "
+        raise KernelError(f"{op_name}: the Triton kernels take float16, bfloat16 or float32 activations; "
                           f"got {shape}")
-    devs = {t.device for t in (x, qweight, scales, zeros, bias) if t is not None}
+    devs = {t.device for t in (x, *operands) if t is not None}
     if len(devs) != 1:
-        raise KernelError(f"lowc::linear_wq_tr: operands on different devices {sorted(map(str, devs))} ({shape})")
+        raise KernelError(f"{op_name}: operands on different devices {sorted(map(str, devs))} ({shape})")
     if not x.is_cuda and not interpreting():
-        raise KernelError(f"lowc::linear_wq_tr: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+        raise KernelError(f"{op_name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU "
                           f"tensors); got {x.device} ({shape})")
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -193,19 +218,16 @@ def linear(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_f
     out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], out_features)
-    qweight, scales = qweight.contiguous(), scales.contiguous()
-    zeros = zeros.contiguous() if zeros is not None else None
-    bias = bias.contiguous() if bias is not None else None
     rows = max(1, _MAX_ELEMS // max(out_features, x2.stride(0), 1))
     for r0 in range(0, m, rows):
         xs, os_ = x2[r0:r0 + rows], out[r0:r0 + rows]
-        p = _problem(xs, scales, zeros, bits, group_size, in_features, out_features)
+        p = problem(xs)
 
-        def run(cfg, xs=xs, os_=os_, p=p):
-            launch(cfg, xs, qweight, scales, zeros, bias, os_, p)
+        def run_one(cfg, xs=xs, os_=os_, p=p):
+            run(cfg, xs, os_, p)
 
-        cfg = config if config is not None else choose(p, xs, run)
-        run(cfg)
+        cfg = config if config is not None else choose(p, xs, run_one)
+        run_one(cfg)
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -213,18 +235,20 @@ def _impl(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_fe
     return linear(x, qweight, scales, zeros, bias, bits, group_size, in_features, out_features)
 
 
-def register_cuda() -> None:
-    """Make the Triton kernels the CUDA implementation of ``lowc::linear_wq_tr`` (idempotent)."""
-    require_triton()
-    if "cuda" not in _registered:
-        torch.library.register_kernel(op.OP, "cuda", _impl)
-        _registered.add("cuda")
+def register_kernel(op_name: str, device: str, impl) -> None:
+    """Register ``impl`` as ``op_name``'s implementation on ``device`` (``cuda``, or ``cpu`` under the
+    interpreter), once per process."""
+    if device == "cuda":
+        require_triton()
+    else:
+        check_interpreter()
+    if (op_name, device) not in _registered:
+        torch.library.register_kernel(op_name, device, impl)
+        _registered.add((op_name, device))
 
 
-def register_interpreter() -> None:
-    """Make the Triton kernels the CPU implementation of the op, run by triton's interpreter.
-
-    Needs ``TRITON_INTERPRET=1`` in the environment before this process first imports the kernels."""
+def check_interpreter() -> None:
+    """Raise unless the kernels can run on CPU tensors in triton's interpreter."""
     if not interpreting():
         raise KernelError("running the Triton kernels on CPU tensors needs TRITON_INTERPRET=1 in the environment "
                           "(set before the process imports triton)")
@@ -232,10 +256,19 @@ def register_interpreter() -> None:
     if type(K.wq_gemv).__name__ != "InterpretedFunction":
         raise KernelError("the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process; "
                           "set it before starting Python")
-    if "cpu" not in _registered:
-        torch.library.register_kernel(op.OP, "cpu", _impl)
-        _registered.add("cpu")
 
 
-def registered_devices() -> frozenset[str]:
-    return frozenset(_registered)
+def register_cuda() -> None:
+    """Make the Triton kernels the CUDA implementation of ``lowc::linear_wq_tr`` (idempotent)."""
+    register_kernel(op.OP, "cuda", _impl)
+
+
+def register_interpreter() -> None:
+    """Make the Triton kernels the CPU implementation of the op, run by triton's interpreter.
+
+    Needs ``TRITON_INTERPRET=1`` in the environment before this process first imports the kernels."""
+    register_kernel(op.OP, "cpu", _impl)
+
+
+def registered_devices(op_name: str = op.OP) -> frozenset[str]:
+    return frozenset(d for o, d in _registered if o == op_name)

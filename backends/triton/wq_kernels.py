@@ -43,6 +43,34 @@ import triton.language as tl
 
 
 @triton.jit
+def code_times_x(w, w_hi, x, J: tl.constexpr, BITS: tl.constexpr):
+    """``x * q`` for code ``J`` of each int32 word ``w`` (``w_hi = w >> 16``), exactly and without an
+    int->float conversion: the code is masked in place inside its 16-bit half, OR-ed under the exponent
+    of ``2^23`` (whose mantissa ulp is 1) to give the float ``2^23 + q * 2^OFF``, and ``x`` is prescaled
+    by ``2^-OFF`` (both exact)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if J * BITS < 16:
+        bits_j = w & (MASK << (J * BITS))
+        x = x * (1.0 / (1 << (J * BITS)))
+    else:
+        bits_j = w_hi & (MASK << (J * BITS - 16))
+        x = x * (1.0 / (1 << (J * BITS - 16)))
+    return x * ((bits_j | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0)
+
+
+@triton.jit
+def grouped_pids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of GEMM program ``pid`` in grouped order: ``GROUP_M`` row blocks
+    share each column block's weights while they are hot in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def wq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr,
             M, N, K, KW, stride_xm, stride_om, tiles_per_split, num_tiles, tiles_per_group,
             BITS: tl.constexpr, PACK: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -51,10 +79,7 @@ def wq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr,
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     BKW: tl.constexpr = BLOCK_K // PACK
-    MASK: tl.constexpr = (1 << BITS) - 1
     ZP: tl.constexpr = 1 << (BITS - 1)
-    MAGIC: tl.constexpr = 0x4B000000  # the bits of 2^23 as fp32: its mantissa ulp is 1
-    MAGIC_F: tl.constexpr = 8388608.0
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -77,17 +102,7 @@ def wq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr,
             k = rows * PACK + j
             xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
             xs += xj
-            # code j, left in place inside its 16-bit half, as an exact float q * 2^OFF (no int->float
-            # conversion: OR-ing the bits under 2^23's exponent gives 2^23 + q * 2^OFF); x is prescaled
-            # by 2^-OFF (exact), so the product is exactly x * q
-            if j * BITS < 16:
-                bits_j = w & (MASK << (j * BITS))
-                xj = xj * (1.0 / (1 << (j * BITS)))
-            else:
-                bits_j = w_hi & (MASK << (j * BITS - 16))
-                xj = xj * (1.0 / (1 << (j * BITS - 16)))
-            qj = (bits_j | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
-            d += xj[:, None] * qj
+            d += code_times_x(w, w_hi, xj[:, None], j, BITS)
         g = t // tiles_per_group
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
@@ -120,15 +135,7 @@ def wq_gemm(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, o_ptr,
     MAGIC: tl.constexpr = 0x4B000000
     MAGIC_F: tl.constexpr = 8388608.0
 
-    # grouped program order: GROUP_M row blocks share each column block's weights while hot in L2
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
