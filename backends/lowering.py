@@ -30,6 +30,22 @@ Check = Callable[[str, int, int, int, torch.Tensor], Optional[str]]
 Repack = Callable[..., tuple]
 
 
+def replace_node(program, a: LinearQArgs, op: torch._ops.OpOverload, tensors: dict, names: Sequence[str],
+                 **changes) -> torch.fx.Node:
+    """Replace the node of ``a`` by a call of ``op``: ``tensors`` (buffer name -> tensor or None)
+    become buffers of the layer's module, passed as the arguments ``names`` (in order), with the
+    other ``changes`` by name; the node's metadata (its NodeInfo) is kept."""
+    node = a.node
+    module_path = a.weight.target.rpartition(".")[0]
+    attrs = program.add_operand_buffers(module_path, node, tensors)
+    with program.graph.inserting_before(node):
+        new = program.graph.call_function(op, a.rebuild(op, **dict(zip(names, attrs)), **changes))
+    new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
+    node.replace_all_uses_with(new)
+    program.graph.erase_node(node)
+    return new
+
+
 def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: Check, repack: Repack,
                     buffers: Sequence[str], progress: bool = False) -> PassResult:
     """Rewrite every ``linear_wq`` node of ``program`` into ``op`` (module docstring). ``kernels`` names
@@ -52,13 +68,8 @@ def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: 
         if why:
             raise KernelError(why)
         weight, new_scales, new_zeros, out_features = repack(qweight, scales, zeros, a.bits, a.group_size, a.in_features)
-        module_path = a.weight.target.rpartition(".")[0]
-        w_n, s2, z2 = program.add_operand_buffers(module_path, node, dict(zip(buffers, (weight, new_scales, new_zeros))))
-        with program.graph.inserting_before(node):
-            new = program.graph.call_function(op, a.rebuild(op, weight=w_n, scales=s2, zeros=z2, out_features=out_features))
-        new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
+        replace_node(program, a, op, dict(zip(buffers, (weight, new_scales, new_zeros))), ("weight", "scales", "zeros"),
+                     out_features=out_features)
         changed += 1
         per_bits[a.bits] = per_bits.get(a.bits, 0) + 1
     if changed:
