@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-
 from conftest import TwoLinears, make_llama_dir
 from lowc.backends.cpu_lut import layout, runtime
 from lowc.backends.cpu_lut import op as lut_op
@@ -168,7 +167,7 @@ def test_sparse_kernel_threads_do_not_change_results():
     sq = _sparse_weight(100, 512, 4, 32, 16, False)
     lw = layout.from_sparse_reference(sq.qweight, sq.scales, sq.zeros, sq.idx, 4, 32, 16, 512)
     x = torch.randn(3, 512)
-    run = lambda x, t: runtime.run_sparse(x, lw.weight, lw.mask, lw.scales, lw.zeros, None, 4, 32, 512, 100, 16,  # noqa: E731
+    run = lambda x, t: runtime.run_sparse(x, lw.weight, lw.mask, lw.scales, lw.zeros, None, 4, 32, 512, 100, 16,
                                           sq.n_keep, threads=t)
     ys = [run(x, t) for t in (1, 2, 3)]
     assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])

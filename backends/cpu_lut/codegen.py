@@ -51,20 +51,21 @@ Group-sparse kernels (``lowc_lut_gs_b{bits}_g{group}_s{sparse_group}_{sym|asym}`
               const uint8_t *w, const uint8_t *mask, const float *scales, const uint8_t *zeros,
               const float *bias, float *y, int nthreads, int force_scalar);
 
-A pshufb lookup serves the 16 rows of a lane only when they share the table's activations; the rows
-of a group-sparse weight keep different groups, so a row's 4-activation table would serve just its
-own ``bits`` lookups (a quarter of a pshufb at W4). The sparse kernel therefore uses the degenerate
-table of one activation per entry: per input row, once, shared by every weight row, the activations
-are quantized to int8 with one scale ``xs = max|x|/127`` per block of 16 inputs, with
-``xsum = xs * sum(x8)`` per block. Each weight row walks its kept-group bitmask (``ctz``), and for
-each kept block of 16 reads the 16 int8 activations at the block's input position and its 16 codes:
-AVX2 does two blocks per ``maddubs`` (32 products, codes unpacked from one 16-byte load with a
-shift and a mask), scales the int32 sums by ``xs * s`` in float, and subtracts
-``sum_blocks s * z * xsum`` at the end (``y = sum s * (q - z) * x8 * xs``). Dropped groups cost
-nothing: neither their codes nor their activations are read. Error bound (activation rounding;
-the float reference is ``lowc::linear_gsq``): ``|y - y_ref| <= sum_kept_blocks |s| * max|q - z| *
-16 * xs/2`` (:func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`). Threads: the pool above, over
-runs of ``ROWS_PER_TASK`` rows. The scalar path does the same integer sums per block.
+A pshufb lookup pays off when the 32 rows of a tile share the table's 4 activations; the rows of a
+group-sparse weight keep different groups, so a row's table would serve only its own ``bits``
+lookups (a quarter of a pshufb at W4). The sparse kernel therefore uses the degenerate table of one
+activation per entry: per input row, once, shared by every weight row, the activations are
+converted to int16 with one scale ``xs = max|x| / 32767``. Each weight row walks its kept-group
+bitmask (``ctz``; for sparse groups wider than 16 a list of block positions is written first), and
+for each kept block of 16 inputs reads its 16 codes (one 16-byte load holds two blocks: low and
+high nibbles) and the 16 int16 activations at the block's input position: ``pmaddwd`` of
+``(q - z)`` (int16) with them, summed in int32 over the quantization group (exact: |q - z| <= 15,
+at most 32768 weights per group), converted to float once per group and scaled by ``s``; the row's
+sum is scaled by ``xs`` at the end. Dropped groups cost nothing: neither their codes nor their
+activations are read. Error bound (activation rounding only; the float reference is
+``lowc::linear_gsq``): ``|y - y_ref| <= xs/2 * sum_kept |s| * max|q - z|``
+(:func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`), ~1e-5 of the output here. Threads: the
+pool above, over runs of ``ROWS_PER_TASK`` rows. The scalar path does the same integer sums per block.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from lowc.ir.dialect import packing
 from lowc.ir.dialect.sparse import padded_sparse_width
 

@@ -153,7 +153,7 @@ def sparse_error_bound(x: torch.Tensor, scales_ref: torch.Tensor, idx: torch.Ten
     multiplies ``q - z`` (at most ``2^b - 1`` in size) times its group's scale; summed over the
     ``n_keep * sparse_group`` kept weights of the row.
     """
-    n, n_keep = idx.shape
+    n_keep = idx.shape[1]
     xs = x.float().abs().amax(-1, keepdim=True) / 32767  # [..., 1]
     q = torch.arange(n_keep * sparse_group) // group_size
     per_row = scales_ref.float().abs()[:, q].sum(-1)  # [N]: sum over kept weights of |s|
