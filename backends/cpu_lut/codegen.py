@@ -66,6 +66,14 @@ activations are read. Error bound (activation rounding only; the float reference
 ``lowc::linear_gsq``): ``|y - y_ref| <= xs/2 * sum_kept |s| * max|q - z|``
 (:func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`), ~1e-5 of the output here. Threads: the
 pool above, over runs of ``ROWS_PER_TASK`` rows. The scalar path does the same integer sums per block.
+
+Speed: a kept block of 16 weights costs ~11 instructions here (mask walk, code unpack, zero point,
+gather, pmaddwd, accumulate) against ~3 per 16 weights for the dense kernel, whose tables serve 32
+rows per lookup. W4 S50 reads about as many bytes as dense W2 (codes + bitmask + scales: 16.3 vs
+17.0 MB at 14336x4096) and fewer than half of dense W4's, but does ~1.7x the work of dense W4
+(measured, hot cache, one thread): it beats dense W4 only where that one is bound by memory
+bandwidth, and cannot reach 1.2x over W2. Masks shared by the 32 rows of a tile would let the
+pshufb kernel itself skip groups (half of dense W4's work and bytes); GQSA's per-row masks do not.
 """
 
 from __future__ import annotations
