@@ -31,6 +31,22 @@ Check = Callable[[str, int, int, int, torch.Tensor], Optional[str]]
 Repack = Callable[..., tuple]
 
 
+def replace_node(program, a: LinearQArgs, op: torch._ops.OpOverload, tensors: dict, names: Sequence[str],
+                 **changes) -> torch.fx.Node:
+    """Replace the node of ``a`` by a call of ``op``: ``tensors`` (buffer name -> tensor or None)
+    become buffers of the layer's module, passed as the arguments ``names`` (in order), with the
+    other ``changes`` by name; the node's metadata (its NodeInfo) is kept."""
+    node = a.node
+    module_path = a.weight.target.rpartition(".")[0]
+    attrs = program.add_operand_buffers(module_path, node, tensors)
+    with program.graph.inserting_before(node):
+        new = program.graph.call_function(op, a.rebuild(op, **dict(zip(names, attrs)), **changes))
+    new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
+    node.replace_all_uses_with(new)
+    program.graph.erase_node(node)
+    return new
+
+
 def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: Check, repack: Repack,
                     buffers: Sequence[str], progress: bool = False) -> PassResult:
     """Rewrite every ``linear_wq`` node of ``program`` into ``op`` (module docstring). ``kernels`` names
@@ -64,17 +80,6 @@ def lower_linear_wq(program, op: torch._ops.OpOverload, *, kernels: str, check: 
 
 def replace_linear(program, a: LinearQArgs, op: torch._ops.OpOverload, tensors: dict[str, torch.Tensor | None],
                    **changes) -> torch.fx.Node:
-    """Replace the quantized-linear node ``a.node`` by a call of ``op`` with the same arguments, its
-    packed weight, scales and zeros (and, for group-sparse layouts, kept-group indices) replaced by
-    ``tensors`` (buffer name -> tensor, in that order) registered on the layer's module, and the other
-    ``changes`` by name; the new node keeps the node's metadata (the op itself names the layout)."""
-    node = a.node
-    module_path = a.weight.target.rpartition(".")[0]
-    new_nodes = program.add_operand_buffers(module_path, node, tensors)
-    names = ("weight", "scales", "zeros", "idx")[: len(new_nodes)]
-    with program.graph.inserting_before(node):
-        new = program.graph.call_function(op, a.rebuild(op, **dict(zip(names, new_nodes)), **changes))
-    new.meta = dict(node.meta)  # the layer's NodeInfo (scheme, method) is unchanged: the op says the layout
-    node.replace_all_uses_with(new)
-    program.graph.erase_node(node)
-    return new
+    """:func:`replace_node` for a layout whose operands are the packed weight, scales and zeros (and,
+    for group-sparse layouts, kept-group indices): ``tensors`` (buffer name -> tensor) in that order."""
+    return replace_node(program, a, op, tensors, ("weight", "scales", "zeros", "idx")[: len(tensors)], **changes)

@@ -10,7 +10,12 @@ method sees the same machine state:
   float32 and ``F.linear`` on every call -- what plain torch does without low-bit kernels (timed
   separately with ``repeat/8`` calls: it is two orders of magnitude slower);
 * ``lowc LUT W1..W4``: ``lowc.backends.cpu_lut.runtime.run`` on the repacked weight (groups of 128,
-  asymmetric), tables built inside each call.
+  asymmetric), tables built inside each call;
+* ``lowc LUT W4 S50``: the group-sparse kernel (``runtime.run_sparse``, issue 17): 4-bit codes of the
+  kept half of each row's groups of 16 inputs (sparse_group 16, a seeded random salience choosing
+  them), quantization groups of 128 kept weights (asymmetric; 128 like the dense rows: per-16 fp32
+  scales would add 2 bits per kept weight), a kept-group bitmask per row; activations converted once
+  per call (int16, one scale).
 
 Times are medians (and best) of ``--repeat`` calls after warm-up. Every call of a method reads a
 different copy of its weight, cycling over enough copies to touch 96 MB, so weights stream from
@@ -118,12 +123,40 @@ def rotating(make, nbytes: int):
     return call
 
 
+#: the group-sparse rows: sparsity, sparse group, quantization group (of kept weights)
+SPARSE = (0.5, 16, 128)
+
+
+def sparse_method(w, x, threads: int = 2):
+    """(name, make, nbytes, rel. error vs its dequantized weight) of the W4 S50 group-sparse kernel on ``w``."""
+    from lowc.backends.cpu_lut import layout, runtime
+    from lowc.ir.dialect import sparse
+
+    sparsity, sg, gs = SPARSE
+    n, k = w.shape
+    n_groups = sparse.padded_sparse_width(k, sg) // sg
+    keep = sparse.kept_groups(k, sg, sparsity)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.rand(n, n_groups, generator=g).topk(keep, dim=1).indices.sort(dim=1).values.to(torch.int16)
+    sq = sparse.rtn_quantize_sparse(w, idx, 4, gs, sg, False)
+    lw = layout.from_sparse_reference(sq.qweight, sq.scales, sq.zeros, sq.idx, 4, sq.group_size, sg, k)
+    y_ref = F.linear(x, sparse.densify(sq).float())
+    nbytes = lw.weight.numel() + lw.mask.numel() + lw.scales.numel() * 4 + lw.zeros.numel()
+
+    def make():
+        wt, mt, st, zt = lw.weight.clone(), lw.mask.clone(), lw.scales.clone(), lw.zeros.clone()
+        return lambda: runtime.run_sparse(x, wt, mt, st, zt, None, 4, sq.group_size, k, n, sg, keep, threads=threads)
+
+    err = ((make()() - y_ref).norm() / y_ref.norm()).item()
+    return f"lowc LUT W4 S{round(sparsity * 100)}", make, nbytes, err
+
+
 def gemv(repeat: int, bits_list=(1, 2, 3, 4)) -> list[dict]:
     from lowc.backends.cpu_lut import layout, runtime
-    from lowc.backends.cpu_lut.codegen import KernelConfig
+    from lowc.backends.cpu_lut.codegen import KernelConfig, SparseKernelConfig
     from lowc.ir.dialect import quant
 
-    runtime.ensure([KernelConfig(b, 128, False) for b in bits_list])
+    runtime.ensure([KernelConfig(b, 128, False) for b in bits_list] + [SparseKernelConfig(4, SPARSE[2], SPARSE[1], False)])
     rows = []
     for n, k in SHAPES:
         g = torch.Generator().manual_seed(0)
@@ -154,6 +187,8 @@ def gemv(repeat: int, bits_list=(1, 2, 3, 4)) -> list[dict]:
             y_lut = make()()
             err[name] = ((y_lut - y_ref).norm() / y_ref.norm()).item()
             fns[name] = rotating(make, nbytes[name])
+        name, make, nbytes[name], err[name] = sparse_method(w, x)
+        fns[name] = rotating(make, nbytes[name])
         # the torch dequantize baseline is ~100x slower: timed on its own with fewer repeats
         slow = {k: fns.pop(k) for k in list(fns) if k.startswith("torch dequant")}
         med, best = timed(fns, repeat)
@@ -216,6 +251,23 @@ def markdown(res: dict) -> str:
         e = f"{r['rel_err_vs_dequant']:.4f}" if r["rel_err_vs_dequant"] is not None else ""
         out.append(f"| {r['shape']} | {r['method']} | {r['us']:.0f} | {r['us_best']:.0f} | {r['weight_MB']:.1f} | {r['GB_s']:.1f} | "
                    f"{r['speedup_vs_fp32']:.1f} | {e} |")
+    out += ["", "## Group-sparse W4 S50 vs dense (same run, GEMV M = 1)", "",
+            "Goals (issue 17): W4 S50 >= 1.2x faster than dense W2 and >= 1.8x faster than dense W4.", "",
+            "Ratios of medians, and in brackets of the best of the repeats (less affected by other processes "
+            "taking the cores).", "",
+            "| shape N x K | W4 S50 us | vs LUT W2 | vs LUT W4 | vs torch fp32 | S50 MB / W2 MB / W4 MB |",
+            "|---|---:|---:|---:|---:|---|"]
+    by = {(r["shape"], r["method"]): r for r in res["gemv"]}
+    for shape in dict.fromkeys(r["shape"] for r in res["gemv"]):
+        s50 = next((r for (sh, m), r in by.items() if sh == shape and " S" in m), None)
+        if s50 is None:
+            continue
+        w2, w4, fp = by[(shape, "lowc LUT W2")], by[(shape, "lowc LUT W4")], by[(shape, "torch fp32")]
+        def ratio(r, digits=2):
+            return f"{r['us'] / s50['us']:.{digits}f}x ({r['us_best'] / s50['us_best']:.{digits}f}x)"
+
+        out.append(f"| {shape} | {s50['us']:.0f} ({s50['us_best']:.0f}) | {ratio(w2)} | {ratio(w4)} | {ratio(fp, 1)} | "
+                   f"{s50['weight_MB']:.1f} / {w2['weight_MB']:.1f} / {w4['weight_MB']:.1f} |")
     if res.get("e2e"):
         out += ["", f"## End to end: random Llama-shaped model (hidden 2048, intermediate 5632, {res['layers']} layers), "
                 "batch 1 x 1 token", "",
@@ -232,7 +284,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--markdown-from", metavar="JSON", help="only rewrite cpu_lut.md from a results JSON")
     args = ap.parse_args()
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            md = markdown(json.load(f))
+        with open(os.path.join(args.out, "cpu_lut.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return
     torch.set_num_threads(2)
     os.environ.setdefault("LOWC_CPU_LUT_THREADS", "2")
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -43,6 +43,37 @@ which :func:`lowc.backends.cpu_lut.runtime.error_bound` computes and the tests c
 Tables and integer sums are computed by one shared C builder (compiled with ``-ffp-contract=off``)
 so both paths see identical int8 tables. The path is chosen per call: AVX2+FMA when the CPU has
 them and ``force_scalar`` is 0, else the portable scalar loop.
+
+Group-sparse kernels (``lowc_lut_gs_b{bits}_g{group}_s{sparse_group}_{sym|asym}``, layout
+:class:`lowc.backends.cpu_lut.layout.LutSparseWeight`)::
+
+    void NAME(const float *x, int64_t M, int64_t k_in, int64_t k_pad, int64_t N, int64_t n_keep,
+              const uint8_t *w, const uint8_t *mask, const float *scales, const uint8_t *zeros,
+              const float *bias, float *y, int nthreads, int force_scalar);
+
+A pshufb lookup pays off when the 32 rows of a tile share the table's 4 activations; the rows of a
+group-sparse weight keep different groups, so a row's table would serve only its own ``bits``
+lookups (a quarter of a pshufb at W4). The sparse kernel therefore uses the degenerate table of one
+activation per entry: per input row, once, shared by every weight row, the activations are
+converted to int16 with one scale ``xs = max|x| / 32767``. Each weight row walks its kept-group
+bitmask (``ctz``; for sparse groups wider than 16 a list of block positions is written first), and
+for each kept block of 16 inputs reads its 16 codes (one 16-byte load holds two blocks: low and
+high nibbles) and the 16 int16 activations at the block's input position: ``pmaddwd`` of
+``(q - z)`` (int16) with them, summed in int32 over the quantization group (exact: |q - z| <= 15,
+at most 32768 weights per group), converted to float once per group and scaled by ``s``; the row's
+sum is scaled by ``xs`` at the end. Dropped groups cost nothing: neither their codes nor their
+activations are read. Error bound (activation rounding only; the float reference is
+``lowc::linear_gsq``): ``|y - y_ref| <= xs/2 * sum_kept |s| * max|q - z|``
+(:func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`), ~1e-5 of the output here. Threads: the
+pool above, over runs of ``ROWS_PER_TASK`` rows. The scalar path does the same integer sums per block.
+
+Speed: a kept block of 16 weights costs ~11 instructions here (mask walk, code unpack, zero point,
+gather, pmaddwd, accumulate) against ~3 per 16 weights for the dense kernel, whose tables serve 32
+rows per lookup. W4 S50 reads about as many bytes as dense W2 (codes + bitmask + scales: 16.3 vs
+17.0 MB at 14336x4096) and fewer than half of dense W4's, but does ~1.7x the work of dense W4
+(measured, hot cache, one thread): it beats dense W4 only where that one is bound by memory
+bandwidth, and cannot reach 1.2x over W2. Masks shared by the 32 rows of a tile would let the
+pshufb kernel itself skip groups (half of dense W4's work and bytes); GQSA's per-row masks do not.
 """
 
 from __future__ import annotations
@@ -449,6 +480,234 @@ void NAME(const float *x, int64_t M, int64_t k_in, int64_t k_pad, int64_t N, con
 """
 
 
+@dataclass(frozen=True, order=True)
+class SparseKernelConfig:
+    bits: int
+    group_size: int
+    sparse_group: int
+    symmetric: bool
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 4:
+            raise ValueError(f"LUT kernels support 1..4 bits, got {self.bits}")
+        if (not 0 < self.group_size <= MAX_SPARSE_GROUP_SIZE or self.group_size % 16 or self.sparse_group <= 0
+                or self.sparse_group % 16):
+            raise ValueError(f"group-sparse LUT kernels need a group size (at most {MAX_SPARSE_GROUP_SIZE}) and a "
+                             f"sparse group that are positive multiples of 16, got {self.group_size} and {self.sparse_group}")
+
+    @property
+    def name(self) -> str:
+        return f"lowc_lut_gs_b{self.bits}_g{self.group_size}_s{self.sparse_group}_{'sym' if self.symmetric else 'asym'}"
+
+
+#: the widest quantization group of the group-sparse kernels: their int32 lanes hold a group's sums
+#: (2 products of at most 15 * 32767 per block and lane, half the blocks per accumulator: exact up to ~69000)
+MAX_SPARSE_GROUP_SIZE = 32768
+
+#: weight rows per pool task of the group-sparse kernels
+ROWS_PER_TASK = 32
+
+SPARSE_PRELUDE = r"""
+/* ---- group-sparse kernels: shared activation tables ----------------------------------------- */
+#define ROWS_PER_TASK ROWS_PER_TASK_VALUE
+/* int16 activations of one input row, one scale (max|x| / 32767) */
+static void gs_build_row(const float *x, int64_t k_in, int64_t k_pad, int16_t *x16, float *xscale) {
+    float mx = 0.0f;
+    for (int64_t k = 0; k < k_in; k++) {
+        const float a = x[k] < 0.0f ? -x[k] : x[k];
+        mx = a > mx ? a : mx;
+    }
+    const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
+    for (int64_t k = 0; k < k_pad; k++) {
+        /* round to nearest even via the 1.5*2^23 trick (|v| <= 32767 + eps), no libm call */
+        float r = k < k_in ? (x[k] * inv + 12582912.0f) - 12582912.0f : 0.0f;
+        r = r > 32767.0f ? 32767.0f : (r < -32767.0f ? -32767.0f : r);
+        x16[k] = (int16_t)r;
+    }
+    *xscale = mx / 32767.0f;
+}
+
+typedef struct { const float *x; int64_t k_in, k_pad; int16_t *x16; float *xscale; } gs_tables;
+
+static void gs_build_task(void *arg, int64_t m) {
+    const gs_tables *t = (const gs_tables *)arg;
+    gs_build_row(t->x + m * t->k_in, t->k_in, t->k_pad, t->x16 + m * t->k_pad, t->xscale + m);
+}
+
+static void gs_build_first(void *arg) { gs_build_task(arg, 0); } /* M == 1: by the caller while the workers wake */
+
+/* The input position of a row's next kept group of 16 (sparse_group 16), walking its bitmask: *wi and
+   *m are the current word and its bits not taken yet (start at -1 and 0); last_valid masks the
+   groups at or past k_pad / 16 off the last word. An exhausted mask gives position 0 (a malformed
+   mask gives wrong numbers, never an access outside the buffers). */
+static inline int64_t gs_next16(const uint8_t *mrow, int64_t words, uint64_t last_valid, int64_t *wi, uint64_t *m) {
+    while (!*m) {
+        if (*wi + 1 >= words) return 0;
+        ++*wi;
+        memcpy(m, mrow + 8 * *wi, 8);
+        if (*wi == words - 1) *m &= last_valid;
+    }
+    const int64_t pos = (*wi * 64 + __builtin_ctzll(*m)) * 16;
+    *m &= *m - 1;
+    return pos;
+}
+
+/* Input positions of a row's kept blocks of 16, in compact order, from its kept-group bitmask
+   (groups at or past k_pad / sg are ignored; at most cap entries, missing ones read block 0: a
+   malformed mask gives wrong numbers, never an access outside the buffers). */
+static void gs_starts(const uint8_t *mrow, int64_t words, int64_t sg, int64_t k_pad, int64_t *st, int64_t cap) {
+    const int64_t n_groups = k_pad / sg;
+    int64_t nb = 0;
+    for (int64_t wi = 0; wi < words; wi++) {
+        uint64_t m;
+        memcpy(&m, mrow + 8 * wi, 8);
+        if (wi * 64 + 64 > n_groups) m &= n_groups - wi * 64 >= 64 ? ~0ull : ((1ull << (n_groups - wi * 64)) - 1);
+        if (sg == 16) {
+            for (; m && nb < cap; m &= m - 1) st[nb++] = (wi * 64 + __builtin_ctzll(m)) * 16;
+        } else {
+            for (; m; m &= m - 1)
+                for (int64_t u = 0, base = (wi * 64 + __builtin_ctzll(m)) * sg; u < sg && nb < cap; u += 16) st[nb++] = base + u;
+        }
+    }
+    while (nb < cap) st[nb++] = 0;
+}
+"""
+
+SPARSE = r"""
+static float NAME_row_scalar(const int16_t *x16, const uint8_t *w, const int64_t *st, int64_t nb, const float *s,
+                             const uint8_t *z, const uint8_t *mrow, int64_t words, uint64_t last_valid) {
+    (void)mrow; (void)words; (void)last_valid;
+    float acc = 0.0f;
+    for (int64_t b0 = 0, q = 0; b0 < nb; b0 += GS / 16, q++) {
+        const int32_t zq = ASYM ? (int32_t)z[q] : (1 << (BITS - 1));
+        int64_t d = 0;
+        for (int64_t b = b0; b < b0 + GS / 16 && b < nb; b++) {
+            const uint8_t *wp = w + 16 * (b >> 1);
+            const int sh = (int)(b & 1) * 4;
+            for (int i = 0; i < 16; i++) d += ((int32_t)((wp[i] >> sh) & 15) - zq) * (int32_t)x16[st[b] + i];
+        }
+        acc += (float)d * s[q];
+    }
+    return acc;
+}
+
+#ifdef LOWC_X86
+__attribute__((target("avx2,fma")))
+static float NAME_row_avx2(const int16_t *x16, const uint8_t *w, const int64_t *st, int64_t nb, const float *s,
+                           const uint8_t *z, const uint8_t *mrow, int64_t words, uint64_t last_valid) {
+    const __m128i m0f = _mm_set1_epi8(0x0f);
+#if SG == 16 /* one input row (st NULL): walk the mask here, no list of positions to write and read back */
+    int64_t wi = -1;
+    uint64_t mw = 0;
+#define POS(b) (st ? st[b] : gs_next16(mrow, words, last_valid, &wi, &mw))
+#else
+    (void)mrow; (void)words; (void)last_valid;
+#define POS(b) st[b]
+#endif
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b0 = 0, q = 0; b0 < nb; b0 += GS / 16, q++) {
+        const __m256i zq = _mm256_set1_epi16(ASYM ? (int16_t)z[q] : (int16_t)(1 << (BITS - 1)));
+        const int64_t end = b0 + GS / 16 < nb ? b0 + GS / 16 : nb;
+        __m256i d0 = _mm256_setzero_si256(), d1 = d0;
+        int64_t b = b0;
+        if (b & 1) { /* a group starting on the high nibbles of a pair (GS / 16 odd) */
+            const __m128i wv = _mm_loadu_si128((const __m128i *)(w + 8 * (b - 1)));
+            const __m256i c = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(wv, 4), m0f)), zq);
+            d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x16 + POS(b)))));
+            b++;
+        }
+        for (; b + 1 < end; b += 2) { /* a pair: block b in the low nibbles, b + 1 in the high ones */
+            PREFETCH_GS
+            const __m128i wv = _mm_loadu_si128((const __m128i *)(w + 8 * b));
+            const __m256i c0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(wv, m0f)), zq);
+            const __m256i c1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(wv, 4), m0f)), zq);
+            const int64_t p0 = POS(b), p1 = POS(b + 1);
+            d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(c0, _mm256_loadu_si256((const __m256i *)(x16 + p0))));
+            d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(c1, _mm256_loadu_si256((const __m256i *)(x16 + p1))));
+        }
+        if (b < end) { /* a lone last block: low nibbles */
+            const __m128i wv = _mm_loadu_si128((const __m128i *)(w + 8 * b));
+            const __m256i c = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(wv, m0f)), zq);
+            d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(c, _mm256_loadu_si256((const __m256i *)(x16 + POS(b)))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(s[q]), acc);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+#undef POS
+}
+#endif
+
+typedef struct {
+    const int16_t *x16; const float *xscale, *scales, *bias; const uint8_t *w, *mask, *zeros; float *y;
+    int64_t M, N, k_pad, G, nb, words, row_bytes;
+    float (*row)(const int16_t *, const uint8_t *, const int64_t *, int64_t, const float *, const uint8_t *,
+                 const uint8_t *, int64_t, uint64_t);
+    int positions; /* whether the row function reads the list of block positions */
+} NAME_job;
+
+static void NAME_task(void *arg, int64_t task) {
+    const NAME_job *j = (const NAME_job *)arg;
+    const int64_t r0 = task * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < j->N ? r0 + ROWS_PER_TASK : j->N;
+    int64_t *st = (int64_t *)malloc((size_t)(j->nb + 1) * sizeof(int64_t));
+    const int64_t n_groups = j->k_pad / SG, tail = n_groups - (j->words - 1) * 64;
+    const uint64_t last_valid = tail >= 64 ? ~0ull : (1ull << tail) - 1;
+    for (int64_t n = r0; n < r1; n++) {
+        const uint8_t *mrow = j->mask + n * j->words * 8;
+        if (j->positions) gs_starts(mrow, j->words, SG, j->k_pad, st, j->nb);
+        for (int64_t m = 0; m < j->M; m++) {
+            const float v = j->row(j->x16 + m * j->k_pad, j->w + n * j->row_bytes, j->positions ? st : NULL, j->nb, j->scales + n * j->G,
+                                   ASYM ? j->zeros + n * j->G : NULL, mrow, j->words, last_valid);
+            j->y[m * j->N + n] = v * j->xscale[m] + (j->bias ? j->bias[n] : 0.0f);
+        }
+    }
+    free(st);
+}
+
+void NAME(const float *x, int64_t M, int64_t k_in, int64_t k_pad, int64_t N, int64_t n_keep, const uint8_t *w,
+          const uint8_t *mask, const float *scales, const uint8_t *zeros, const float *bias, float *y, int nthreads,
+          int force_scalar) {
+    NAME_job j;
+    j.M = M; j.N = N; j.k_pad = k_pad; j.nb = n_keep * SG / 16; j.G = (n_keep * SG + GS - 1) / GS;
+    j.words = (k_pad / SG + 63) / 64; j.row_bytes = (j.nb + 1) / 2 * 16;
+    int16_t *x16 = (int16_t *)malloc((size_t)(M * k_pad) * sizeof(int16_t) + 64);
+    float *xscale = (float *)malloc((size_t)M * sizeof(float));
+    j.row = NAME_row_scalar;
+    j.positions = 1;
+#ifdef LOWC_X86
+    if (!force_scalar && lowc_lut_has_avx2()) {
+        j.row = NAME_row_avx2;
+        j.positions = SG != 16 || M > 1;
+    }
+#endif
+    j.x16 = x16; j.xscale = xscale; j.scales = scales; j.zeros = zeros; j.bias = bias; j.w = w; j.mask = mask; j.y = y;
+    gs_tables t = {x, k_in, k_pad, x16, xscale};
+    const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    if (M == 1) {
+        pool_run_prep(nthreads, tasks, NAME_task, &j, gs_build_first, &t);
+    } else {
+        pool_run(nthreads, M, gs_build_task, &t);
+        pool_run(nthreads, tasks, NAME_task, &j);
+    }
+    free(x16);
+    free(xscale);
+}
+"""
+
+
+def sparse_kernel_source(cfg: SparseKernelConfig, prefetch: int = PREFETCH) -> str:
+    """The C of one group-sparse configuration (scalar row, AVX2 row, driver)."""
+    pf = (f"if (!(b & 7)) _mm_prefetch((const char *)(w + 8 * b + {prefetch}), _MM_HINT_T0);" if prefetch else "")
+    body = SPARSE.replace("PREFETCH_GS", pf)
+    consts = {"BITS": str(cfg.bits), "GS": str(cfg.group_size), "SG": str(cfg.sparse_group),
+              "ASYM": "0" if cfg.symmetric else "1"}
+    for k, v in consts.items():
+        body = _replace_word(body, k, v)
+    return body.replace("NAME", cfg.name)
+
+
 def _half_sign_init() -> str:
     rows = []
     for p in range(16):
@@ -489,10 +748,20 @@ def _replace_word(text: str, word: str, value: str) -> str:
     return re.sub(rf"\b{word}\b", value, text)
 
 
-def generate(configs, prefetch: int = PREFETCH) -> str:
-    """The whole translation unit for ``configs`` (deduplicated, in a stable order)."""
+def config_key(cfg) -> tuple:
+    """A stable order over dense and group-sparse configurations."""
+    return (cfg.name,)
 
-    cfgs = sorted(set(configs))
+
+def generate(configs, prefetch: int = PREFETCH) -> str:
+    """The whole translation unit for ``configs`` (dense :class:`KernelConfig` and group-sparse
+    :class:`SparseKernelConfig`; deduplicated, in a stable order)."""
+
+    cfgs = sorted(set(configs), key=config_key)
     head = PRELUDE.replace("ROW_OF_BYTE_INIT", ", ".join(map(str, ROW_OF_BYTE))).replace("HALF_SIGN_INIT", _half_sign_init())
-    listing = "".join(f" *   {c.name}: {c.bits}-bit, group {c.group_size}, {'symmetric' if c.symmetric else 'asymmetric'}\n" for c in cfgs)
-    return head + "\n/* kernels in this unit:\n" + listing + "*/\n" + "".join(kernel_source(c, prefetch) for c in cfgs)
+    head += SPARSE_PRELUDE.replace("ROWS_PER_TASK_VALUE", str(ROWS_PER_TASK))
+    listing = "".join(f" *   {c.name}: {c.bits}-bit, group {c.group_size}, {'symmetric' if c.symmetric else 'asymmetric'}"
+                      + (f", group-sparse (sparse groups of {c.sparse_group})" if isinstance(c, SparseKernelConfig) else "")
+                      + "\n" for c in cfgs)
+    return head + "\n/* kernels in this unit:\n" + listing + "*/\n" + "".join(
+        sparse_kernel_source(c, prefetch) if isinstance(c, SparseKernelConfig) else kernel_source(c, prefetch) for c in cfgs)

@@ -19,6 +19,26 @@ Output (``LutWeight``):
 
 ``from_reference`` and ``to_reference`` are exact inverses (tested), so the reference implementation
 of ``lowc::linear_lut`` dequantizes to exactly the weight ``lowc::linear_wq`` uses.
+
+Group-sparse layout (``lowc::linear_lut_gs``, from ``lowc::linear_gsq``; :mod:`lowc.ir.dialect.sparse`)
+------------------------------------------------------------------------------------------------------
+Rows do not share their kept groups, so a 32-row tile has no common activations to look up: the
+sparse kernel walks one row at a time (``LutSparseWeight``, rows in order, no tiles):
+
+* ``weight`` uint8 ``[N, ceil(nb/2)*16]``: the compact row (``Kc = n_keep*sg`` codes, ``sg`` =
+  ``sparse_group``, a multiple of 16) cut into ``nb = Kc/16`` *blocks* of 16 compact positions;
+  blocks ``2p`` and ``2p+1`` share 16 bytes: byte ``16p+i`` holds code ``i`` of block ``2p`` in its
+  low nibble and code ``i`` of block ``2p+1`` in its high nibble (an odd last block has a zero high
+  nibble). One 16-byte load gives 32 codes, unpacked with a shift and a mask. Codes take 4 bits
+  whatever ``bits`` (1..4) is: the layout is sized for W4.
+* ``mask`` uint8 ``[N, 8*ceil(K_pad/sg/64)]``: per row a bitmask of the kept sparse groups (bit
+  ``g % 8`` of byte ``g // 8``; little-endian 64-bit words), i.e. ``idx`` as a set: 1 bit per sparse
+  group instead of 16 per kept group (at W4 S50 sg 16, int16 indices would add a quarter to the
+  codes' bytes). The kept groups in increasing order are the compact order.
+* ``scales`` float32 ``[N, G]`` and ``zeros`` uint8 ``[N, G]`` or ``None``: the reference's, row-major
+  (a quantization group of ``group_size`` compact positions, a multiple of 16, covers whole blocks).
+
+``from_sparse_reference`` and ``to_sparse_reference`` are exact inverses (tested).
 """
 
 from __future__ import annotations
@@ -26,8 +46,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from lowc.ir.dialect import packing
+from lowc.ir.dialect.sparse import padded_sparse_width
 
 TILE = 32
 #: byte position i of a 32-byte weight vector -> row within the tile
@@ -106,3 +126,57 @@ def to_reference(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     codes = codes.reshape(tiles * TILE, pairs * 8)[:out_features]
     return (packing.pack(codes, bits), _unblock_rows(scales),
             None if zeros is None else _unblock_rows(zeros))
+
+
+@dataclass(frozen=True)
+class LutSparseWeight:
+    weight: torch.Tensor  # uint8 [N, ceil(nb/2)*16], block pairs as nibbles
+    mask: torch.Tensor  # uint8 [N, 8*words], kept sparse groups
+    scales: torch.Tensor  # float32 [N, G]
+    zeros: torch.Tensor | None  # uint8 [N, G]; None = symmetric
+    bits: int
+    group_size: int
+    sparse_group: int
+    n_keep: int
+    in_features: int
+    out_features: int
+
+
+def mask_words(in_features: int, sparse_group: int) -> int:
+    """64-bit words of a row's kept-group mask."""
+    return -(-(padded_sparse_width(in_features, sparse_group) // sparse_group) // 64)
+
+
+def sparse_weight_bytes(n_keep: int, sparse_group: int) -> int:
+    """Bytes of one row of ``LutSparseWeight.weight``."""
+    return -(-(n_keep * sparse_group // 16) // 2) * 16
+
+
+def from_sparse_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, idx: torch.Tensor,
+                          bits: int, group_size: int, sparse_group: int, in_features: int) -> LutSparseWeight:
+    """Repack a ``lowc::linear_gsq`` weight into the group-sparse LUT layout (``sparse_group`` and
+    ``group_size`` multiples of 16: the caller checks)."""
+    n, n_keep = idx.shape
+    kc = n_keep * sparse_group
+    codes = packing.unpack(qweight.cpu(), bits)[:, :kc].to(torch.uint8)
+    row = sparse_weight_bytes(n_keep, sparse_group)
+    codes = torch.nn.functional.pad(codes, (0, 2 * row - kc)).reshape(n, row // 16, 2, 16)
+    weight = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, row).contiguous()
+    words = mask_words(in_features, sparse_group)
+    kept = torch.zeros(n, words * 64, dtype=torch.uint8)
+    kept.scatter_(1, idx.cpu().long(), 1)
+    mask = (kept.reshape(n, words * 8, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+    return LutSparseWeight(weight=weight, mask=mask, scales=scales.detach().cpu().float().contiguous(),
+                           zeros=None if zeros is None else zeros.cpu().contiguous(), bits=bits, group_size=group_size,
+                           sparse_group=sparse_group, n_keep=n_keep, in_features=in_features, out_features=n)
+
+
+def to_sparse_reference(weight: torch.Tensor, mask: torch.Tensor, bits: int, sparse_group: int,
+                        n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`from_sparse_reference` for the codes and indices: (qweight, idx int16)."""
+    n, row = weight.shape
+    nib = torch.stack([weight & 15, weight >> 4], dim=2).reshape(n, row // 16, 16, 2).transpose(2, 3)
+    codes = nib.reshape(n, 2 * row)[:, : n_keep * sparse_group].to(torch.int32)
+    kept = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [N, bytes, 8]
+    idx = kept.reshape(n, -1).nonzero()[:, 1].reshape(n, n_keep).to(torch.int16)
+    return packing.pack(codes, bits), idx

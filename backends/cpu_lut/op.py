@@ -11,6 +11,14 @@ registered by :func:`register_cpu_kernel`, which the cpu-lut targets' ``prepare`
 from the reference only by the documented int8-table error bound. Importing this module defines
 the op; the ``cpu_lut`` backend imports it when its targets are listed, so a saved graph that
 contains the op can be read back.
+
+``lowc::linear_lut_gs(x, weight, scales, zeros?, bias?, bits, group_size, in_features, out_features, mask, sparse_group, n_keep) -> y``
+    the group-sparse linear (what ``lut-lower`` rewrites ``lowc::linear_gsq`` into), weight in the
+    group-sparse LUT layout (:class:`lowc.backends.cpu_lut.layout.LutSparseWeight`: nibble block
+    pairs, a kept-group bitmask per row). Its reference implementation converts back and runs
+    exactly the arithmetic of ``lowc::linear_gsq``; the generated C (registered with the dense one)
+    reads only the kept groups and differs by the int8-activation bound of
+    :func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Optional
 import torch
 
 from lowc.backends.cpu_lut import layout, runtime
-from lowc.ir.dialect import quant
+from lowc.ir.dialect import quant, sparse
 
 
 def _check(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features) -> None:
@@ -72,6 +80,69 @@ def _linear_lut_fake(x, weight, scales, zeros, bias, bits, group_size, in_featur
 LINEAR_LUT = torch.ops.lowc.linear_lut.default
 
 
+def _check_gs(x, weight, mask, scales, zeros, bias, bits, group_size, in_features, out_features, sparse_group, n_keep):
+    op = "lowc::linear_lut_gs"
+    if not 1 <= bits <= 4:
+        raise ValueError(f"{op}: bits must be in 1..4, got {bits}")
+    if sparse_group <= 0 or sparse_group % 16 or group_size <= 0 or group_size % 16:
+        raise ValueError(f"{op}: sparse_group and group_size must be positive multiples of 16, got "
+                         f"{sparse_group} and {group_size}")
+    n_groups = sparse.padded_sparse_width(in_features, sparse_group) // sparse_group
+    if not 1 <= n_keep <= n_groups:
+        raise ValueError(f"{op}: n_keep={n_keep} is not in 1..{n_groups}")
+    kc = n_keep * sparse_group
+    n, g = scales.shape
+    want_w = (out_features, layout.sparse_weight_bytes(n_keep, sparse_group))
+    want_m = (out_features, 8 * layout.mask_words(in_features, sparse_group))
+    if n != out_features or g != -(-kc // group_size):
+        raise ValueError(f"{op}: scales {tuple(scales.shape)} do not match out_features={out_features}, "
+                         f"n_keep={n_keep}, sparse_group={sparse_group}, group_size={group_size}")
+    for name, t, want in (("weight", weight, want_w), ("mask", mask, want_m)):
+        if t.dtype != torch.uint8 or tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} {t.dtype}{tuple(t.shape)} is not the group-sparse LUT layout {want}")
+    quant.check_linear_operands(op, x, zeros, bias, n, (n, g), sparse.padded_sparse_width(in_features, sparse_group),
+                                in_features)
+
+
+def reference_linear_lut_gs(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features, mask,
+                            sparse_group, n_keep):
+    """The oracle: the dequantized weight and ``F.linear`` of ``lowc::linear_gsq``."""
+    qweight, idx = layout.to_sparse_reference(weight.cpu(), mask.cpu(), bits, sparse_group, n_keep)
+    w = sparse.dequantize(qweight.to(x.device), scales, zeros, bits, group_size, in_features, idx.to(x.device),
+                          sparse_group, dtype=x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("lowc::linear_lut_gs", mutates_args=())
+def linear_lut_gs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+    mask: torch.Tensor,
+    sparse_group: int,
+    n_keep: int,
+) -> torch.Tensor:
+    _check_gs(x, weight, mask, scales, zeros, bias, bits, group_size, in_features, out_features, sparse_group, n_keep)
+    return reference_linear_lut_gs(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features, mask,
+                                   sparse_group, n_keep)
+
+
+@linear_lut_gs.register_fake
+def _linear_lut_gs_fake(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features, mask,
+                        sparse_group, n_keep):
+    _check_gs(x, weight, mask, scales, zeros, bias, bits, group_size, in_features, out_features, sparse_group, n_keep)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+#: the group-sparse op
+LINEAR_LUT_GS = torch.ops.lowc.linear_lut_gs.default
+
 _cpu_registered = False
 
 
@@ -80,9 +151,17 @@ def _cpu_kernel(x, weight, scales, zeros, bias, bits, group_size, in_features, o
     return runtime.run(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features)
 
 
+def _cpu_kernel_gs(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features, mask, sparse_group,
+                   n_keep):
+    _check_gs(x, weight, mask, scales, zeros, bias, bits, group_size, in_features, out_features, sparse_group, n_keep)
+    return runtime.run_sparse(x, weight, mask, scales, zeros, bias, bits, group_size, in_features, out_features,
+                              sparse_group, n_keep)
+
+
 def register_cpu_kernel() -> None:
-    """Make the generated C the CPU implementation of ``lowc::linear_lut`` (idempotent)."""
+    """Make the generated C the CPU implementation of ``lowc::linear_lut`` and ``lowc::linear_lut_gs`` (idempotent)."""
     global _cpu_registered
     if not _cpu_registered:
         torch.library.register_kernel("lowc::linear_lut", "cpu", _cpu_kernel)
+        torch.library.register_kernel("lowc::linear_lut_gs", "cpu", _cpu_kernel_gs)
         _cpu_registered = True

@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from lowc.backends.cpu_lut import build, codegen
-from lowc.backends.cpu_lut.codegen import KernelConfig
+from lowc.backends.cpu_lut import build, codegen, layout
+from lowc.backends.cpu_lut.codegen import KernelConfig, SparseKernelConfig
 from lowc.errors import LowcError
 
 _functions: dict[KernelConfig, ctypes._CFuncPtr] = {}
@@ -23,6 +23,8 @@ _threads: int | None = None
 
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+#: the group-sparse kernels take n_keep after N and the mask after the weight
+_SPARSE_ARGTYPES = _ARGTYPES[:5] + [ctypes.c_int64, ctypes.c_void_p] + _ARGTYPES[5:]
 
 
 def set_num_threads(n: int | None) -> None:
@@ -50,14 +52,14 @@ def num_threads() -> int:
 
 def ensure(configs) -> str | None:
     """Build/load one library with every configuration in ``configs`` not loaded yet; its path."""
-    missing = sorted({c for c in configs if c not in _functions})
+    missing = sorted({c for c in configs if c not in _functions}, key=codegen.config_key)
     if not missing:
         return None
     path = build.build(codegen.generate(missing))
     lib = build.load(path)
     for c in missing:
         fn = getattr(lib, c.name)
-        fn.argtypes = _ARGTYPES
+        fn.argtypes = _SPARSE_ARGTYPES if isinstance(c, SparseKernelConfig) else _ARGTYPES
         fn.restype = None
         _functions[c] = fn
         _libraries[c] = path
@@ -110,6 +112,53 @@ def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torc
            _ptr(None if zeros is None else zeros.contiguous()), _ptr(bf), _ptr(y),
            threads or num_threads(), int(bool(force_scalar)))
     return y.reshape(*lead, out_features).to(x.dtype)
+
+
+def run_sparse(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+               out_features: int, sparse_group: int, n_keep: int, force_scalar: bool | None = None,
+               threads: int | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` for a group-sparse weight in the LUT layout (float32 compute; x's dtype out)."""
+    cfg = SparseKernelConfig(bits, group_size, sparse_group, zeros is None)
+    fn = _functions.get(cfg)
+    if fn is None:
+        ensure([cfg])
+        fn = _functions[cfg]
+    k_pad = -(-in_features // sparse_group) * sparse_group
+    if x.shape[-1] != in_features:
+        raise LowcError(f"lowc::linear_lut_gs: input width {x.shape[-1]} != in_features={in_features}")
+    want = (out_features, layout.sparse_weight_bytes(n_keep, sparse_group))
+    if tuple(weight.shape) != want or tuple(mask.shape) != (out_features, 8 * layout.mask_words(in_features, sparse_group)):
+        raise LowcError(f"lowc::linear_lut_gs: weight {tuple(weight.shape)} / mask {tuple(mask.shape)} do not match "
+                        f"N={out_features}, n_keep={n_keep}, sparse_group={sparse_group} (expected the cpu-lut layout)")
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, in_features).to(torch.float32).contiguous()
+    m = xf.shape[0]
+    y = torch.empty((m, out_features), dtype=torch.float32)
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    if force_scalar is None:
+        force_scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0")
+    if m > 0:
+        fn(_ptr(xf), m, in_features, k_pad, out_features, n_keep, _ptr(weight.contiguous()), _ptr(mask.contiguous()),
+           _ptr(scales.to(torch.float32).contiguous()), _ptr(None if zeros is None else zeros.contiguous()), _ptr(bf),
+           _ptr(y), threads or num_threads(), int(bool(force_scalar)))
+    return y.reshape(*lead, out_features).to(x.dtype)
+
+
+def sparse_error_bound(x: torch.Tensor, scales_ref: torch.Tensor, idx: torch.Tensor, bits: int, group_size: int,
+                       sparse_group: int) -> torch.Tensor:
+    """Worst-case |y_lut - y_ref| per output ([..., N]) of the group-sparse kernels (see codegen).
+
+    Each activation is off by at most ``xs/2`` (``xs = max|x| / 32767`` of its input row) and
+    multiplies ``q - z`` (at most ``2^b - 1`` in size) times its group's scale; summed over the
+    ``n_keep * sparse_group`` kept weights of the row.
+    """
+    n_keep = idx.shape[1]
+    xs = x.float().abs().amax(-1, keepdim=True) / 32767  # [..., 1]
+    q = torch.arange(n_keep * sparse_group) // group_size
+    per_row = scales_ref.float().abs()[:, q].sum(-1)  # [N]: sum over kept weights of |s|
+    bound = xs * per_row * ((1 << bits) - 1) / 2
+    return bound * 1.001 + 1e-6  # float rounding of the int16 conversion and the accumulation
 
 
 def error_bound(x: torch.Tensor, scales_ref: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -2,8 +2,12 @@
 default; ``rtn{symmetric=true}`` or any method pass producing 1..4-bit ``linear_wq`` also works, per
 layer), lowered by ``lut-lower`` to ``lowc::linear_lut`` and run by generated C (T-MAC style tables).
 
+Group-sparse layers (``lowc::linear_gsq``, e.g. from ``gqsa``; ``Target.runs``) lower to
+``lowc::linear_lut_gs`` and run the group-sparse kernels, mixed freely with dense layers.
+
 ``emit`` writes ``backend/kernels.c`` (the C for this model's layer configurations) and
-``backend/kernels.json`` (layer -> kernel, shapes, library cache key). ``prepare`` builds/loads that
+``backend/kernels.json`` (layer -> kernel, shapes; sparse layers with their sparse group, kept groups
+per row and sparsity). ``prepare`` builds/loads that
 code (system C compiler, cached) and registers it as the CPU kernel of ``lowc::linear_lut``.
 """
 
@@ -16,12 +20,12 @@ import torch
 
 from lowc.backends.cpu_lut import build, codegen, op
 from lowc.backends.cpu_lut import runtime as lut_runtime
-from lowc.backends.cpu_lut.codegen import KernelConfig
+from lowc.backends.cpu_lut.codegen import KernelConfig, SparseKernelConfig
 from lowc.backends.cpu_lut.lower import LutLower
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
 from lowc.errors import KernelError
 from lowc.ir import meta as nodemeta
-from lowc.ir.dialect.args import LinearQArgs
+from lowc.ir.dialect.args import LinearQArgs, op_args
 from lowc.ir.scheme import Scheme
 from lowc.passes.cleanup import RemoveDead
 
@@ -41,11 +45,20 @@ def layer_kernels(program) -> list[dict]:
         rows.append({"layer": nodemeta.get(node).layer or node.name, "kernel": cfg.name, "bits": a.bits,
                      "group_size": a.group_size, "symmetric": a.zeros is None, "in_features": a.in_features,
                      "k_pad": g * a.group_size, "out_features": a.out_features, "_config": cfg})
+    for node in program.nodes(op.LINEAR_LUT_GS):
+        a = LinearQArgs.of(node)
+        n_keep = op_args(node)["n_keep"]
+        cfg = SparseKernelConfig(a.bits, a.group_size, a.sparse_group, a.zeros is None)
+        k_pad = -(-a.in_features // a.sparse_group) * a.sparse_group
+        rows.append({"layer": nodemeta.get(node).layer or node.name, "kernel": cfg.name, "bits": a.bits,
+                     "group_size": a.group_size, "symmetric": a.zeros is None, "in_features": a.in_features,
+                     "k_pad": k_pad, "out_features": a.out_features, "sparse_group": a.sparse_group,
+                     "kept_groups": n_keep, "sparsity": 1 - n_keep * a.sparse_group / k_pad, "_config": cfg})
     return rows
 
 
 def configs_of(program):
-    return sorted({r["_config"] for r in layer_kernels(program)})
+    return sorted({r["_config"] for r in layer_kernels(program)}, key=codegen.config_key)
 
 
 def emit(program, backend_dir: str) -> None:
@@ -56,7 +69,8 @@ def emit(program, backend_dir: str) -> None:
     meta = {
         "backend": "cpu-lut",
         "compile_flags": list(build.BASE_FLAGS),
-        "layout": "lowc.backends.cpu_lut.layout (row tiles of 32, bit planes, nibble pairs)",
+        "layout": "lowc.backends.cpu_lut.layout (row tiles of 32, bit planes, nibble pairs; group-sparse: "
+                  "rows of nibble block pairs, kept-group bitmask)",
         "layers": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
     }
     with open(os.path.join(backend_dir, "kernels.json"), "w") as f:
@@ -82,7 +96,7 @@ def targets() -> list[Target]:
     out = []
     for b in (1, 2, 3, 4):
         desc = (f"{b}-bit weights, groups of 128 (asymmetric), float activations; lookup-table GEMM "
-                f"(generated C, AVX2 pshufb or portable scalar)")
+                f"(generated C, AVX2 pshufb or portable scalar); group-sparse layers skip dropped groups")
         out.append(Target(f"cpu-lut-w{b}", "cpu-lut", desc, Scheme(b, 128, False), lut_pipeline, emit=emit, prepare=prepare,
-                          runtime=runtime))
+                          runtime=runtime, runs=("linear_gsq",)))
     return out
