@@ -218,3 +218,5 @@ def test_inspect_says_sparse(tmp_path):
     assert len(row) == 1 and "float 50% sparse (2:4, magnitude)" in row[0], res.stdout
     row = [l for l in res.stdout.splitlines() if l.startswith("lm_head")]
     assert len(row) == 1 and "sparse" not in row[0]
+    rows = lowc.load(out).layers()  # the label survives the artifact's strict reading
+    assert sum(r["transforms"] == ["prune(method=magnitude,pattern=2:4,sparsity=0.5)"] for r in rows) == 28  # 4 blocks x 7 linears
