@@ -101,7 +101,7 @@ def test_sparsity_table(run, monkeypatch):
     assert _text(results, "quality.md") == before
     rows = {r["key"]: r for r in json.loads(_text(results, "quality_sparsity.json"))["rows"]}
     cell = rows["wanda24-gptq"]["llama"]
-    assert cell["status"] == "ok" and [s["name"] for s in cell["pass_stats"]] == ["prune", "gptq"]
+    assert cell["status"] == "ok" and [s["name"] for s in cell["pass_stats"]][:2] == ["prune", "gptq"]
     assert cell["pass_stats"][0]["sparsity"] == 0.5 and rows["wanda24-gptq"]["bits_per_weight"] == 3.1562
     m = cell["metrics"]
     md = _text(results, "quality_sparsity.md")
