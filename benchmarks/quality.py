@@ -26,6 +26,16 @@ settings, so the table can be filled in parts (``--models``, ``--methods``, ``--
     OMP_NUM_THREADS=1 python benchmarks/quality.py                       # the whole table
     OMP_NUM_THREADS=1 python benchmarks/quality.py --methods float,rtn,gptq --schemes w4a16,w3a16
     python benchmarks/quality.py --render-only                           # re-render from the cells
+
+A second table, "Sparsity and quantization at equal size" (``--sparse`` rows, written to
+``<results>/quality_sparsity.md`` and ``.json`` so the table above is left as it is), compares GQSA
+W4 S50 with pruning baselines followed by W4 and with dense W2/W3 GPTQ, all on ``ref-w4a16`` (the
+pruned baselines run as dense weights with zeros on the reference backend), with the bits per weight
+each would take stored compressed (:func:`bits_per_weight`). Its rows are self-contained cells
+(scheme ``sparse``), float and dense W3 included, so it can be run with another ``--llama`` than the
+first table without touching that table's cells::
+
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --llama DIR --methods '' --sparse all
 """
 
 from __future__ import annotations
@@ -69,15 +79,57 @@ MODELS = ("llama", "minilm")
 #: the papers' ordering, best first (loss: perplexity / 1 - cosine)
 EXPECTED_ORDER = ("flatquant", "affinequant", "gptq", "rtn")
 
+#: the sparsity table's rows: key -> (passes on ``ref-w4a16``, label); cells have scheme ``sparse``
+SPARSE: dict[str, tuple[tuple[str, ...], str]] = {
+    "gqsa-s50": (("gqsa{sparsity=0.5}",), "GQSA W4 S50 (groups of 16; `gqsa{sparsity=0.5}`)"),
+    "sparsegpt24-gptq": (("prune{method=sparsegpt,pattern=2:4}", "gptq"), "2:4 + W4 g128: SparseGPT, then GPTQ"),
+    "sparsegpt24-joint": (("prune{method=sparsegpt,pattern=2:4,bits=4}",), "2:4 + W4 g128: SparseGPT joint prune+quantize"),
+    "wanda24-gptq": (("prune{method=wanda,pattern=2:4}", "gptq"), "2:4 + W4 g128: Wanda, then GPTQ"),
+    "sparsegpt50-gptq": (("prune{method=sparsegpt}", "gptq"), "unstructured 50% + W4 g128: SparseGPT, then GPTQ"),
+    "wanda50-gptq": (("prune{method=wanda}", "gptq"), "unstructured 50% + W4 g128: Wanda, then GPTQ"),
+    "gptq-w2": (("gptq{bits=2}",), "dense W2 g128 (GPTQ)"),
+    "gptq-w3": (("gptq{bits=3}",), "dense W3 g128 (GPTQ)"),
+    "float": ((), "float"),
+}
+SPARSE_TARGET = "ref-w4a16"
+
+
+def bits_per_weight(key: str) -> float:
+    """Bits per weight of a linear whose input width is a multiple of 128, stored compressed: codes
+    of the kept weights, per group of 128 input columns an fp16 scale and a ``bits``-bit zero point
+    (asymmetric), and where they are kept: GQSA a 16-bit index per kept group of 16
+    (:meth:`Scheme.bits_per_weight`); N:M a 2-bit position per kept weight (2:4's compressed format:
+    positions 0..3 of a group of 4); unstructured a 1-bit occupancy bitmap per weight. float: fp16."""
+    from lowc.ir.scheme import Scheme
+
+    k = 4096
+    if key == "float":
+        return 16.0
+    if key == "gqsa-s50":
+        return Scheme(4, 128, sparsity=0.5, sparse_group=16).bits_per_weight(k)
+    if key.startswith("gptq-w"):
+        return Scheme(int(key[-1]), 128).bits_per_weight(k)
+    dense_w4 = Scheme(4, 128).bits_per_weight(k)
+    scales = dense_w4 - 4
+    kept = 0.5
+    index = kept * 2 if "24" in key else 1.0
+    return kept * 4 + scales + index
+
 
 # ---- plan ------------------------------------------------------------------------------------------
 def available(method: str) -> bool:
     from lowc.passes.registry import PASSES
 
-    return all(p.split("{", 1)[0] in PASSES for p in METHODS[method])
+    return all(p.split("{", 1)[0] in PASSES for p in METHODS.get(method, SPARSE.get(method, ((),))[0]))
+
+
+def target_for(method: str, scheme: str) -> str:
+    return SPARSE_TARGET if scheme == "sparse" else SCHEMES[scheme][0]
 
 
 def passes_for(method: str, scheme: str) -> list[str]:
+    if scheme == "sparse":
+        return list(SPARSE[method][0])
     bits = SCHEMES[scheme][1]
     out = list(METHODS[method])
     if bits is not None and out:
@@ -86,9 +138,10 @@ def passes_for(method: str, scheme: str) -> list[str]:
     return out
 
 
-def cells(models, methods, schemes) -> list[tuple[str, str, str]]:
+def cells(models, methods, schemes, sparse=()) -> list[tuple[str, str, str]]:
     out = []
     for model in models:
+        out.extend((model, key, "sparse") for key in sparse)
         for method in methods:
             if method == "float":
                 out.append((model, "float", "-"))
@@ -224,7 +277,7 @@ def worker(args) -> None:
                 cell["metrics"] = {"cosine": 1.0, "min_cosine": 1.0, "sentences": len(data)}
             cell["status"] = "ok"
         else:
-            target = SCHEMES[scheme][0]
+            target = target_for(method, scheme)
             passes = passes_for(method, scheme)
             cell.update(target=target, passes=passes)
             torch.manual_seed(args.seed)
@@ -291,12 +344,12 @@ def _summary(cell: dict) -> str:
 
 
 def run(args, command: str) -> None:
-    todo = cells(args.models, args.methods, args.schemes)
+    todo = cells(args.models, args.methods, args.schemes, args.sparse)
     for i, (model, method, scheme) in enumerate(todo, 1):
         cid = cell_id(model, method, scheme)
         head = f"[{i}/{len(todo)}] {model} {method} {scheme}"
         if not available(method):
-            print(f"{head}: not available (pass {', '.join(p for p in METHODS[method])} not registered)", flush=True)
+            print(f"{head}: not available (pass {', '.join(passes_for(method, scheme))} not registered)", flush=True)
             continue
         old = read_cell(args, cid)
         if model == "llama" and not os.path.isfile(os.path.join(args.llama, "config.json")):
@@ -319,7 +372,10 @@ def run(args, command: str) -> None:
             print(f"{head}: done in {time.perf_counter() - t0:.0f} s ({_summary(cell)})", flush=True)
         else:
             print(f"{head}: FAILED (exit {p.returncode}): {cell.get('error', 'no cell written')}", flush=True)
-    render(args, command)
+    if args.methods:
+        render(args, command)
+    if args.sparse:
+        render_sparsity(args, command)
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -466,9 +522,96 @@ def render(args, command: str) -> None:
     print("\n".join(L))
 
 
+#: how the sparsity table counts bits per weight (:func:`bits_per_weight`)
+BITS_NOTE = ("Bits per weight count what a compressed store would hold for a layer whose width is a multiple of 128: "
+             "the kept weights' codes, per group of 128 input columns an fp16 scale and a 4-bit (W3: 3, W2: 2) zero point "
+             "(0.156 bits per weight at W4), and the positions of the kept weights: GQSA a 16-bit index per kept group of "
+             "16 (0.5 bits per weight at S50); 2:4 a 2-bit position per kept weight (1 bit per weight, the compressed "
+             "2:4 format); unstructured 50% a 1-bit occupancy bitmap (1 bit per weight). The pruned baselines run here as "
+             "dense int4 `lowc::linear_wq` with zeros (4.156 bits per weight as stored by lowc today): their quality is "
+             "the point, not their size on disk. Float counts fp16.")
+
+
+def render_sparsity(args, command: str) -> None:
+    """``<results>/quality_sparsity.md`` / ``.json``: the sparsity table from the ``sparse`` cells
+    with the current settings (nothing is written when there are none)."""
+    got = collect(args)
+    cells_ = {k: c for k, c in got["cells"].items() if k[2] == "sparse"}
+    if not cells_:
+        return
+    s = settings(args)
+    any_cell = next(iter(cells_.values()))
+    dates = sorted(c["date"] for c in cells_.values() if "date" in c)
+    commands = sorted({c.get("command") for c in cells_.values() if c.get("command")})
+    rows = []
+    for key, (passes, label) in SPARSE.items():
+        row = {"key": key, "label": label, "passes": list(passes), "target": SPARSE_TARGET,
+               "bits_per_weight": round(bits_per_weight(key), 4), "available": available(key)}
+        for model in MODELS:
+            c = cells_.get((model, key, "sparse"))
+            if c is not None:
+                row[model] = {"status": c.get("status"), "metrics": c.get("metrics"), "error": c.get("error"),
+                              "compile_s": c.get("compile_s"), "pass_stats": c.get("pass_stats")}
+        rows.append(row)
+    data = {"settings": s, "cell_dates": [dates[0], dates[-1]] if dates else [], "commands": commands,
+            "render_command": command, "rows": rows}
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "quality_sparsity.json"), "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+    def cell_text(key: str, model: str) -> str:
+        c = cells_.get((model, key, "sparse"))
+        if c is None:
+            return "not available" if not available(key) else "not run"
+        if c.get("status") != "ok":
+            return "error"
+        m = c["metrics"]
+        if model == "minilm":
+            return f"{m['cosine']:.4f} ({m['min_cosine']:.3f})"
+        return _fmt(m["ppl"]) if key == "float" else f"{_fmt(m['ppl'])} ({m['kl']:.4f})"
+
+    llama = os.path.relpath(s["llama"], ROOT) if s["llama"].startswith(ROOT) else s["llama"]
+    L = ["# Sparsity and quantization at equal size", ""]
+    L.append(f"Cells computed {dates[0] if dates else '–'} … {dates[-1] if dates else '–'} (UTC), one fresh process each, "
+             f"{any_cell.get('threads', args.threads)} torch thread(s), torch {any_cell.get('torch')}. Commands: "
+             + ("; ".join(f"`{c}`" for c in commands) if commands else "–") + f". Rendered by `{command}`.")
+    L.append("")
+    L.append(f"Every row compiles on `{SPARSE_TARGET}` with the passes named (calibration: {s['calib_samples']} × {s['seq_len']} "
+             f"tokens of wikitext-2 valid, seed {s['seed']}); `lm_head` stays float. Tiny Llama (`{llama}`): perplexity on "
+             f"the first {s['eval_windows']} windows of {s['eval_seq_len']} tokens of wikitext-2 test (KL(float ‖ compressed), "
+             f"nats/token); MiniLM: mean cosine of mean-pooled embeddings to float on {s['sentences']} sentences (min).")
+    L.append("")
+    L += ["| row | passes | bits/weight | tiny Llama ppl (KL) | MiniLM cosine (min) |", "|---|---|---:|---:|---:|"]
+    for row in rows:
+        passes = " → ".join(f"`{p}`" for p in row["passes"]) or "–"
+        L.append(f"| {row['label']} | {passes} | {row['bits_per_weight']:.3f} | {cell_text(row['key'], 'llama')} | "
+                 f"{cell_text(row['key'], 'minilm')} |")
+    L += ["", BITS_NOTE, ""]
+    claims = []
+    for other in ("sparsegpt24-gptq", "gptq-w2"):
+        for model, name, loss in (("llama", "perplexity", lambda m: m.get("ppl")),
+                                  ("minilm", "1 − cosine", lambda m: 1 - m["cosine"] if m.get("cosine") is not None else None)):
+            a, b = cells_.get((model, "gqsa-s50", "sparse")), cells_.get((model, other, "sparse"))
+            if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
+                claims.append(f"- GQSA W4 S50 vs {SPARSE[other][1]} ({model}, {name}): not measured")
+                continue
+            la, lb = loss(a["metrics"]), loss(b["metrics"])
+            claims.append(f"- GQSA W4 S50 vs {SPARSE[other][1]} ({model}, {name}): {la:.4g} vs {lb:.4g}: "
+                          + ("holds" if la < lb else "does NOT hold"))
+    L += ["The paper's claim (GQSA W4 S50 beats 2:4 + W4 and dense W2):", ""] + claims + [""]
+    errors = [c for c in cells_.values() if c.get("status") != "ok"]
+    if errors:
+        L += ["Failed cells:", ""] + [f"- {c['model']} {c['method']}: {c.get('error')}" for c in errors] + [""]
+    with open(os.path.join(args.results, "quality_sparsity.md"), "w") as f:
+        f.write("\n".join(L))
+    print("\n".join(L))
+
 # ---- CLI ------------------------------------------------------------------------------------------
 def _csv(choices):
     def parse(s: str) -> list[str]:
+        if s.strip() == "all":
+            return list(choices)
         items = [x.strip() for x in s.split(",") if x.strip()]
         bad = [x for x in items if x not in choices]
         if bad:
@@ -482,6 +625,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--llama", default=DEFAULT_LLAMA, help="trained causal LM (HF directory)")
     ap.add_argument("--models", type=_csv(MODELS), default=list(MODELS), help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--methods", type=_csv(tuple(METHODS)), default=list(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    ap.add_argument("--sparse", type=_csv(tuple(SPARSE)), default=[],
+                    help="rows of the sparsity table, comma-separated ('all' for every one): " + ", ".join(SPARSE))
     ap.add_argument("--schemes", type=_csv(tuple(SCHEMES)), default=list(SCHEMES), help="comma-separated: " + ", ".join(SCHEMES))
     ap.add_argument("--calib", default="wikitext-2-valid", help="calibration text: a file or a built-in text name (lowc.data)")
     ap.add_argument("--eval", default="wikitext-2-test", help="evaluation text: a file or a built-in text name (lowc.data)")
@@ -510,7 +655,9 @@ def main(argv=None) -> None:
         return
     command = "python benchmarks/quality.py" + (" " + shlex.join(sys.argv[1:] if argv is None else argv) if (argv or sys.argv[1:]) else "")
     if args.render_only:
-        render(args, command)
+        if args.methods:  # ``--methods ''``: only the sparsity table
+            render(args, command)
+        render_sparsity(args, command)
         return
     run(args, command)
 

@@ -19,12 +19,15 @@ def _fmt_mb(n: int) -> str:
 
 
 def _scheme_label(row: dict) -> str:
-    """``rtn W4A16 g128 asym`` for a layer row of the manifest, ``float`` for a float layer."""
+    """``rtn W4A16 g128 asym`` for a layer row of the manifest, ``float`` for a float layer; a pruned
+    layer adds ``50% sparse (2:4, sparsegpt)``."""
     from lowc.ir.scheme import Scheme
 
-    if not row.get("scheme"):
-        return "float"
-    return f"{row.get('method') or '?'} {Scheme.from_json(row['scheme']).label}"
+    from lowc.ir.meta import NodeInfo, pruned
+
+    label = f"{row.get('method') or '?'} {Scheme.from_json(row['scheme']).label}" if row.get("scheme") else "float"
+    p = pruned(NodeInfo(transforms=tuple(row.get("transforms", ()))))
+    return label + (f" {p[2]:.0%} sparse ({p[1]}, {p[0]})" if p else "")
 
 
 EXPORT_FORMATS = ("onnx", "compressed-tensors")  # lowc.export.FORMATS (not imported: torch)

@@ -78,7 +78,7 @@ class NodeInfo:
         method = U.typed(d.get("method", ""), str, f"{what}.method")
         transforms = tuple(U.typed(t, str, f"{what}.transforms") for t in U.typed(d.get("transforms", []), list, f"{what}.transforms"))
         for label in (method, *transforms):
-            if len(label) > 200 or not re.fullmatch(r"[\w+.=,()\-]*", label):
+            if len(label) > 200 or not re.fullmatch(r"[\w+.=,:()\-]*", label):
                 raise ArtifactError(f"{what}: {U._show(label)} is not a method or transform label")
         return NodeInfo(layer=layer, role=role, block=block,
                         scheme=Scheme.from_json(scheme, f"{what}.scheme") if scheme is not None else None,
@@ -91,6 +91,25 @@ class NodeInfo:
     def transformed(self, label: str) -> "NodeInfo":
         """This layer with ``label`` added to its transforms."""
         return replace(self, transforms=(*self.transforms, label))
+
+
+#: the ``transforms`` label of a layer pruned by ``prune`` (:mod:`lowc.passes.quant.prune`):
+#: ``prune(method=wanda,pattern=2:4,sparsity=0.5)``, ``sparsity`` the fraction of the layer's weights
+#: that are zero after pruning
+_PRUNE_RE = re.compile(r"prune\(method=(\w+),pattern=(unstructured|\d+:\d+),sparsity=([0-9.]+)\)")
+
+
+def prune_label(method: str, pattern: str, sparsity: float) -> str:
+    return f"prune(method={method},pattern={pattern},sparsity={sparsity:.4g})"
+
+
+def pruned(info: NodeInfo) -> tuple[str, str, float] | None:
+    """``(method, pattern, sparsity)`` when a ``prune`` pass zeroed weights of this layer, else None."""
+    for t in info.transforms:
+        m = _PRUNE_RE.fullmatch(t)
+        if m:
+            return m.group(1), m.group(2), float(m.group(3))
+    return None
 
 
 def _scheme_v1(d: dict[str, Any], what: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ PASSES: dict[str, str] = {
     "smoothquant": "lowc.passes.quant.smoothquant:SmoothQuant",
     "affinequant": "lowc.passes.quant.affinequant:AffineQuant",
     "flatquant": "lowc.passes.quant.flatquant:FlatQuant",
+    "prune": "lowc.passes.quant.prune:Prune",
     "quantize-activations": "lowc.passes.quant.activations:QuantizeActivations",
     "quantize-kv": "lowc.passes.quant.kv:QuantizeKV",
     "remove-dead": "lowc.passes.cleanup:RemoveDead",

@@ -102,6 +102,8 @@ NON_DEFAULT = {
                     "batch_size": 2},
     "flatquant": {"bits": 3, "group_size": -1, "symmetric": True, "ignore": ("lm_head", "mlp.*"), "epochs": 4, "lr": 0.001,
                   "alpha": 0.5, "lwc": False, "lac": False, "batch_size": 2, "gptq": True},
+    "prune": {"method": "sparsegpt", "pattern": "4:8", "sparsity": 0.5, "bits": 3, "group_size": 64, "symmetric": True,
+              "ignore": ("lm_head", "mlp.*"), "damp": 0.05, "block_size": 64},
     "remove-dead": {},
     "lut-lower": {},
     "linearize": {"method": "hedgehog", "layers": ("0", "model.layers.1*"), "feature_dim": 16, "window": 0,

@@ -82,3 +82,36 @@ def test_plan_and_not_available(run, monkeypatch):
     md = open(os.path.join(results, "quality.md")).read()
     assert "| FlatQuant | not available | not available | not available | not available |" in md
     assert "| GPTQ | not run |" in md
+
+
+def _text(results: str, name: str) -> str:
+    with open(os.path.join(results, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_sparsity_table(run, monkeypatch):
+    """The second table: its own cells (scheme ``sparse``), its own files; the first table's files
+    stay as they were; an unregistered pass (GQSA before it lands) is "not available"."""
+    _, args, results, env = run
+    before = _text(results, "quality.md")
+    p = subprocess.run([sys.executable, SCRIPT, *args, "--methods", "", "--sparse", "float,wanda24-gptq"],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[2/2] llama wanda24-gptq sparse: done" in p.stdout
+    assert _text(results, "quality.md") == before
+    rows = {r["key"]: r for r in json.loads(_text(results, "quality_sparsity.json"))["rows"]}
+    cell = rows["wanda24-gptq"]["llama"]
+    assert cell["status"] == "ok" and [s["name"] for s in cell["pass_stats"]][:2] == ["prune", "gptq"]
+    assert cell["pass_stats"][0]["sparsity"] == 0.5 and rows["wanda24-gptq"]["bits_per_weight"] == 3.1562
+    m = cell["metrics"]
+    md = _text(results, "quality_sparsity.md")
+    assert (f"| 2:4 + W4 g128: Wanda, then GPTQ | `prune{{method=wanda,pattern=2:4}}` → `gptq` | 3.156 | "
+            f"{m['ppl']:.2f} ({m['kl']:.4f}) | not run |") in md
+    q = _load()
+    from lowc.passes import registry
+
+    monkeypatch.setattr(registry, "PASSES", {k: v for k, v in registry.PASSES.items() if k != "gqsa"})
+    q.render_sparsity(q.parse_args([*args, "--render-only", "--methods", ""]), "test")
+    md = _text(results, "quality_sparsity.md")
+    assert "| GQSA W4 S50 (groups of 16; `gqsa{sparsity=0.5}`) | `gqsa{sparsity=0.5}` | 2.578 | not available | not available |" in md
+    assert "dense W2 g128 (GPTQ) | `gptq{bits=2}` | 2.141 | not run |" in md

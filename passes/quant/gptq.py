@@ -19,6 +19,12 @@ quantized, which minimises ``‖XWᵀ − XŴᵀ‖²`` greedily. As in the pape
   quantized together, in graph order (q/k/v, then o, then gate/up, then down); each later group's
   Hessian is measured with the earlier groups already quantized. Blocks are sequential too: block
   i+1 is calibrated on the outputs of quantized block i.
+* pruned layers (``prune`` ran before, see :mod:`lowc.passes.quant.prune`): their zero weights are
+  held at 0 (stored as the group's zero point, so they dequantize to exactly 0) while the sweep
+  pushes their rounding error, like any other, onto the columns not yet quantized. Without this
+  the error feedback would refill them. Group ranges are computed from the kept weights.
+
+The column sweep is :func:`obs_sweep`, shared with SparseGPT (which chooses the zeros as it goes).
 
 Inner loops are vectorised over output rows (one column step is a rank-1 update of the block).
 """
@@ -26,11 +32,13 @@ Inner loops are vectorised over output rows (one column step is a rank-1 update 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lowc.errors import CalibrationError
+from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import linear_input, linear_layer
 from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult, opt
@@ -48,35 +56,17 @@ def _qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
     return quant.compute_qparams(w, bits, symmetric)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  *, act_order: bool = False, damp: float = 0.01, block_size: int = 128, max_retries: int = 6,
-                  name: str = "layer") -> tuple[quant.QuantizedWeight, dict]:
-    """GPTQ on one ``[N, K]`` weight with Hessian ``[K, K]`` (fp32 math on the weight's device)."""
-    W = weight.detach().float().clone()
-    n, k = W.shape
-    H = hessian.detach().float().to(W.device).clone()
-    if not torch.isfinite(H).all():
-        raise CalibrationError(f"gptq: {name}: the Hessian has NaN/inf entries (non-finite calibration activations)")
-    maxq = (1 << bits) - 1
-    gs, k_pad = quant.padded_in_features(k, group_size)
-    n_groups = k_pad // gs
+#: SparseGPT's adaptive mask selection (:mod:`lowc.passes.quant.prune`): called before each column
+#: ``i`` of a block with the block's current weights ``W1``, the diagonal of its ``H⁻¹`` Cholesky
+#: factor and the block's mask (True = pruned), which it may extend for columns ``i`` onwards
+Select = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], None]
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
 
-    # static group parameters (act_order) / per-channel parameters are fixed before any update
-    static = None
-    if act_order or group_size == -1:
-        Wp = torch.nn.functional.pad(W, (0, k_pad - k)).reshape(n, n_groups, gs)
-        static = _qparams(Wp, bits, symmetric)  # each [N, G]
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        invperm = torch.argsort(perm)
-
-    # inverse Hessian, upper Cholesky factor, with damping retries
+def inverse_hessian_factor(H: torch.Tensor, damp: float, max_retries: int, name: str,
+                           what: str = "gptq") -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹`` and the λ used (``damp``, raised
+    ×10 per retry while the matrix is not positive definite); ``H`` has no dead columns left."""
+    k = H.shape[0]
     lam = damp
     mean_diag = torch.mean(torch.diag(H)).item()
     retries = 0
@@ -90,14 +80,62 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 break
         retries += 1
         if retries > max_retries:
-            raise CalibrationError(f"gptq: {name}: the Hessian is not positive definite even with damping {lam:g}")
+            raise CalibrationError(f"{what}: {name}: the Hessian is not positive definite even with damping {lam:g}")
         lam *= 10
     if retries:
-        warnings.warn(f"gptq: {name}: Hessian not positive definite; damping raised to {lam:g}", stacklevel=2)
-    Hinv = U
+        warnings.warn(f"{what}: {name}: Hessian not positive definite; damping raised to {lam:g}", stacklevel=3)
+    return U, lam
 
-    # blocks hold whole groups, so a group never starts on columns missing in-block updates
-    bs = block_size if group_size == -1 else max(gs, (block_size // gs) * gs)
+
+def effective_block(block_size: int, group_size: int | None) -> int:
+    """Columns per block of the sweep: blocks hold whole quantization groups (``group_size``; None
+    when not quantizing or per-channel), so a group never starts on columns missing in-block updates."""
+    return block_size if group_size is None or group_size == -1 else max(group_size, (block_size // group_size) * group_size)
+
+
+def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, bits: int | None, group_size: int, symmetric: bool,
+              *, act_order: bool = False, damp: float = 0.01, block_size: int = 128, max_retries: int = 6,
+              name: str = "layer", mask: torch.Tensor | None = None, select: Select | None = None,
+              what: str = "gptq") -> dict:
+    """The column sweep GPTQ and SparseGPT share, on one ``[N, K]`` weight with Hessian ``[K, K]``:
+    each column is replaced by its quantized value (``bits``; ``None``: kept in float) or by 0 where
+    the mask says pruned, and the error, scaled by ``H⁻¹``'s Cholesky factor, is pushed onto the
+    columns to its right. ``mask`` (``[N, K]``, True = pruned) fixes pruned weights up front (GPTQ
+    after ``prune``); ``select`` chooses them block by block as the sweep goes (SparseGPT). A pruned
+    weight is stored as the group's zero point, so it dequantizes to exactly 0.
+
+    Returns ``Q`` (codes ``[N, K]``, or the float weights when ``bits`` is None), ``scales``/``zeros``
+    ``[N, G]`` (quantizing), ``mask`` (or None), ``loss`` and the ``damp`` used."""
+    W = weight.detach().float().clone()
+    n, k = W.shape
+    H = hessian.detach().float().to(W.device).clone()
+    if not torch.isfinite(H).all():
+        raise CalibrationError(f"{what}: {name}: the Hessian has NaN/inf entries (non-finite calibration activations)")
+    quantizing = bits is not None
+    maxq = (1 << bits) - 1 if quantizing else 0
+    gs, k_pad = quant.padded_in_features(k, group_size)
+    n_groups = k_pad // gs
+    pruning = mask is not None or select is not None
+    M = mask.to(W.device).clone() if mask is not None else torch.zeros(n, k, dtype=torch.bool, device=W.device)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # static group parameters (act_order) / per-channel parameters are fixed before any update
+    static = None
+    if quantizing and (act_order or group_size == -1):
+        Wp = torch.nn.functional.pad(W.masked_fill(M, 0), (0, k_pad - k)).reshape(n, n_groups, gs)
+        static = _qparams(Wp, bits, symmetric)  # each [N, G]
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H, M = W[:, perm], H[perm][:, perm], M[:, perm]
+        invperm = torch.argsort(perm)
+
+    Hinv, lam = inverse_hessian_factor(H, damp, max_retries, name, what)
+
+    bs = effective_block(block_size, gs if quantizing and group_size != -1 else None)
     scales = torch.empty(n, n_groups, device=W.device)
     zeros = torch.empty(n, n_groups, device=W.device)
     if static is not None:
@@ -111,23 +149,33 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        M1 = M[:, i1:i2]  # a view: selections land in M
         for i in range(i2 - i1):
             col = i1 + i
+            if select is not None:
+                select(W1, torch.diag(Hinv1), M1, i, col)
             w = W1[:, i]
             d = Hinv1[i, i]
-            if act_order:
-                g = int(perm[col]) // gs
-                s, z = scales[:, g], zeros[:, g]
-            elif group_size == -1:
-                s, z = scales[:, 0], zeros[:, 0]
+            if not quantizing:
+                deq = w.masked_fill(M1[:, i], 0) if pruning else w
+                Q1[:, i] = deq
             else:
-                if col % gs == 0:
-                    cur_s, cur_z = _qparams(W1[:, i : i + gs], bits, symmetric)
-                    scales[:, col // gs], zeros[:, col // gs] = cur_s, cur_z
-                s, z = cur_s, cur_z
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            deq = (q - z) * s
-            Q1[:, i] = q
+                if act_order:
+                    g = int(perm[col]) // gs
+                    s, z = scales[:, g], zeros[:, g]
+                elif group_size == -1:
+                    s, z = scales[:, 0], zeros[:, 0]
+                else:
+                    if col % gs == 0:
+                        # the group's range from the weights it keeps (pruned ones chosen so far read as 0)
+                        cur_s, cur_z = _qparams(W1[:, i : i + gs].masked_fill(M1[:, i : i + gs], 0), bits, symmetric)
+                        scales[:, col // gs], zeros[:, col // gs] = cur_s, cur_z
+                    s, z = cur_s, cur_z
+                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                if pruning:
+                    q = torch.where(M1[:, i], z, q)
+                deq = (q - z) * s
+                Q1[:, i] = q
             err = (w - deq) / d
             losses += (w - deq) ** 2 / d**2 / 2
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
@@ -135,13 +183,68 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if act_order:
-        Q = Q[:, invperm]
-    codes = torch.empty(n, k_pad, device=W.device)
-    codes[:, :k] = Q
+        Q, M = Q[:, invperm], M[:, invperm]
+    return {"Q": Q, "scales": scales, "zeros": zeros, "mask": M if pruning else None,
+            "loss": losses.sum().item(), "damp": lam, "k_pad": k_pad, "group_size": gs}
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  *, act_order: bool = False, damp: float = 0.01, block_size: int = 128, max_retries: int = 6,
+                  name: str = "layer", mask: torch.Tensor | None = None, select: Select | None = None,
+                  what: str = "gptq") -> tuple[quant.QuantizedWeight, dict]:
+    """GPTQ on one ``[N, K]`` weight with Hessian ``[K, K]`` (fp32 math on the weight's device);
+    ``mask``/``select``: weights held at 0, see :func:`obs_sweep`."""
+    r = obs_sweep(weight, hessian, bits, group_size, symmetric, act_order=act_order, damp=damp,
+                  block_size=block_size, max_retries=max_retries, name=name, mask=mask, select=select, what=what)
+    n, k = weight.shape
+    k_pad, zeros = r["k_pad"], r["zeros"]
+    codes = torch.empty(n, k_pad, device=r["Q"].device)
+    codes[:, :k] = r["Q"]
     if k_pad > k:  # padded columns store the zero point: they dequantize to exactly 0
         codes[:, k:] = zeros[:, -1:].expand(n, k_pad - k)
-    qw = quant.from_codes(codes, scales, zeros, bits, gs, k, symmetric, weight.dtype)
-    return qw, {"loss": losses.sum().item(), "damp": lam}
+    qw = quant.from_codes(codes, r["scales"], zeros, bits, r["group_size"], k, symmetric, weight.dtype)
+    return qw, {"loss": r["loss"], "damp": r["damp"], "mask": r["mask"]}
+
+
+def stage_hessians(block, stage: list, what: str = "gptq", diagonal: bool = False) -> dict[str, torch.Tensor]:
+    """``H = 2/n · Σ x xᵀ`` over the calibration tokens reaching each linear of ``stage`` (run
+    through ``block``), keyed by linear node name; linears sharing an input share one tensor.
+    ``diagonal``: only ``diag H`` (``[K]``, what Wanda's ``‖X_j‖₂²`` needs)."""
+    hess: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    key_of = {n.name: linear_input(n).name for n in stage}
+    first_of_key: dict[str, str] = {}
+    for nm, key in key_of.items():
+        first_of_key.setdefault(key, nm)
+
+    def hook(name, x, y):
+        key = key_of[name]
+        if first_of_key[key] != name:
+            return  # linears sharing an input share one Hessian
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"{what}: non-finite activations reach {name} in calibration")
+        h = hess.get(key)
+        c = counts.get(key, 0)
+        m = x.shape[0]
+        if h is None:
+            h = torch.zeros(x.shape[-1], device=x.device) if diagonal else torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        h.mul_(c / (c + m)).add_(x.pow(2).sum(0) if diagonal else x.t() @ x, alpha=2.0 / (c + m))
+        hess[key], counts[key] = h, c + m
+
+    block.run(hook, nodes=list(key_of))
+    return {nm: hess[key] for nm, key in key_of.items()}
+
+
+def sequential_stages(nodes: list, true_sequential: bool) -> list[list]:
+    """A block's linears in calibration stages: groups sharing an input, in graph order
+    (``true_sequential``), or all at once."""
+    if not true_sequential:
+        return [nodes]
+    groups: dict[str, list] = {}
+    for n in nodes:
+        groups.setdefault(linear_input(n).name, []).append(n)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)
@@ -174,42 +277,17 @@ class GPTQ(WeightQuantPass):
             mine = [n for n in block.linears() if n.name in targets]
             if not mine:
                 continue
-            # groups of linears sharing an input, in graph order
-            groups: dict[str, list] = {}
-            for n in mine:
-                groups.setdefault(linear_input(n).name, []).append(n)
-            stages = list(groups.values()) if self.true_sequential else [mine]
             block_loss = 0.0
-            for stage in stages:
-                names = [n.name for n in stage]
-                hess: dict[str, torch.Tensor] = {}
-                counts: dict[str, int] = {}
-                key_of = {n.name: linear_input(n).name for n in stage}
-                first_of_key: dict[str, str] = {}
-                for nm in names:
-                    first_of_key.setdefault(key_of[nm], nm)
-
-                def hook(name, x, y, _key=key_of, _first=first_of_key):
-                    key = _key[name]
-                    if _first[key] != name:
-                        return  # linears sharing an input share one Hessian
-                    x = x.reshape(-1, x.shape[-1]).float()
-                    if not torch.isfinite(x).all():
-                        raise CalibrationError(f"gptq: non-finite activations reach {name} in calibration")
-                    h = hess.get(key)
-                    c = counts.get(key, 0)
-                    m = x.shape[0]
-                    if h is None:
-                        h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
-                    h.mul_(c / (c + m)).add_(x.t() @ x, alpha=2.0 / (c + m))
-                    hess[key], counts[key] = h, c + m
-
-                block.run(hook, nodes=names)
+            for stage in sequential_stages(mine, self.true_sequential):
+                hess = stage_hessians(block, stage)
                 for node in stage:
                     lname = linear_layer(node)
-                    qw, info = gptq_quantize(linear_weight(program, node), hess[key_of[node.name]], s.w_bits,
+                    w = linear_weight(program, node)
+                    # a pruned layer keeps its zeros: GPTQ's error feedback would refill them
+                    mask = (w == 0) if nodemeta.pruned(nodemeta.get(node)) else None
+                    qw, info = gptq_quantize(w, hess[node.name], s.w_bits,
                                              s.group_size, s.symmetric, act_order=self.act_order, damp=self.damp,
-                                             block_size=self.block_size, name=lname)
+                                             block_size=self.block_size, name=lname, mask=mask)
                     if info["damp"] != self.damp:
                         ctx.log.append(f"gptq: {lname}: Hessian not positive definite; damping raised to {info['damp']:g}")
                     if qw.k_pad != qw.in_features:
