@@ -339,7 +339,8 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 
 @cli.command(name="export")
 @click.argument("artifact", type=click.Path())
-@click.option("--format", "fmt", default="onnx", show_default=True, help="file format (onnx)")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="file format: onnx, or gguf (llama.cpp; Llama-architecture causal LMs)")
 @click.option("--output", "-o", "output", required=True, type=click.Path(), help="file to write, e.g. model.onnx")
 @click.option("--matmulnbits", is_flag=True, help="emit com.microsoft::MatMulNBits instead of DequantizeLinear->MatMul")
 @click.option("--accuracy-level", type=int, default=0, show_default=True,
@@ -349,18 +350,30 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="print the IR after this pass of the export (onnx-lower)")
+@click.option("--requant", metavar="TYPE", default=None,
+              help="gguf: re-quantize (lossy; error reported) layers whose scheme no GGUF block type carries "
+                   "exactly, to Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 or F32; exact: 4-bit g32 -> Q4_1 (asym) / Q4_0 "
+                   "(sym), 8-bit sym g32 -> Q8_0")
 @click.option("--force", is_flag=True, help="replace an existing output file")
-def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, force):
-    """Export a compiled ARTIFACT to another runtime's format (ONNX, opset 21).
+def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, requant, force):
+    """Export a compiled ARTIFACT to another runtime's format (ONNX opset 21, or GGUF for llama.cpp).
 
     An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
     was written with (no --matmulnbits, --accuracy-level 0, no --external-data) it is copied, not
-    exported again."""
+    exported again. GGUF carries lowc's integer codes unchanged where the scheme is a GGUF block type
+    (only the per-block scale and minimum are rounded to fp16)."""
     from lowc.errors import ArtifactError, LowcError
     from lowc.progress import reporting, to_stderr
 
-    if fmt != "onnx":
-        raise LowcError(f"unknown export format '{fmt}'; known formats: onnx")
+    if fmt not in ("onnx", "gguf"):
+        raise LowcError(f"unknown export format '{fmt}'; known formats: onnx, gguf")
+    if fmt == "gguf":
+        onnx_only = [n for n, v in (("--matmulnbits", matmulnbits), ("--accuracy-level", accuracy_level),
+                                    ("--external-data", external_data), ("--print-after", print_after)) if v]
+        if onnx_only:
+            raise LowcError(f"{onnx_only[0]} is an ONNX export option; --format gguf does not take it")
+    elif requant is not None:
+        raise LowcError("--requant is a GGUF export option; --format onnx does not take it")
     if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
     from lowc.artifact import check_file_output
@@ -368,6 +381,11 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
     check_file_output(output, protect=[artifact])
     from lowc.export import export as export_to
 
+    if fmt == "gguf":
+        with reporting(to_stderr):
+            r = export_to(artifact, output, format=fmt, requant=requant, force=True)
+        _echo_gguf(r)
+        return
     with reporting(to_stderr):
         r = export_to(artifact, output, format=fmt, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
                       external_data=external_data or None, force=True, print_after=print_after)
@@ -378,6 +396,26 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
     click.echo(f"wrote {r.path}{' (+ .data)' if r.external_data else ''}{how}: {_fmt_mb(r.bytes)}, opset {r.opset}, "
                f"inputs {', '.join(r.inputs)} -> {r.output}" + (f"; {forms}" if forms else ""))
     click.echo(f"onnxruntime: {r.arithmetic} (recorded in the model's metadata_props)")
+
+
+def _echo_gguf(r) -> None:
+    """What a GGUF export wrote: tensor types, exact layers, and the error re-quantization added."""
+    types = ", ".join(f"{k} x{v}" for k, v in r.types.items())
+    click.echo(f"wrote {r.path}: {_fmt_mb(r.bytes)}, {r.tensors} tensors ({types}); tokenizer gpt2 (pre {r.tokenizer_pre}), "
+               f"vocab {r.vocab_size}")
+    for how, what in (("exact", "codes carried unchanged, scales/minimums rounded to fp16"),
+                      ("requant", f"re-quantized to {r.requant} by gguf's reference quantizer (lossy)"),
+                      ("float", "float")):
+        rows = [row for row in r.layers if row["how"] == how]
+        if not rows:
+            continue
+        worst = max(rows, key=lambda row: row["rel_err"])
+        line = f"  {how}: {len(rows)} layers ({what})"
+        if how != "float":
+            line += (f"; max |dw| {max(row['max_abs_err'] for row in rows):.3g}, relative RMS error "
+                     f"mean {sum(row['rel_err'] for row in rows) / len(rows):.3g}, worst {worst['rel_err']:.3g} "
+                     f"({worst['layer']}, {worst['scheme']} -> {worst['type']})")
+        click.echo(line)
 
 
 STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)

@@ -1,6 +1,7 @@
 """``lowc export``: a compiled model or an artifact directory to another runtime's file format.
 
-ONNX is the one format today (:mod:`lowc.backends.onnx`, which exports a program). This API-level
+ONNX (:mod:`lowc.backends.onnx`, which exports a program) and GGUF for llama.cpp
+(:mod:`lowc.formats.gguf`, which maps an artifact's codes onto GGUF block types). This API-level
 module adds what needs the artifact: an artifact compiled for an ``onnx-*`` target already holds
 ``backend/model.onnx`` and, in ``backend/onnx.json``, the options it was written with; given that
 artifact and the same options, the file is copied (after checking its sha256 against the
@@ -22,18 +23,29 @@ from lowc.artifact import check_files, read_manifest
 from lowc.backends.onnx.errors import OnnxExportError
 from lowc.backends.onnx.export import ExportResult, export_onnx, export_options
 from lowc.errors import ArtifactError
+from lowc.formats.gguf import GgufExportError, GgufResult, export_gguf
 from lowc.progress import step
 from lowc.version import __version__
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "gguf")
 
 
 def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits: bool = False, accuracy_level: int = 0,
-           external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = ()) -> ExportResult:
+           external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = (),
+           requant: str | None = None) -> ExportResult | GgufResult:
     """Export a :class:`lowc.api.CompiledModel`, a Program or an artifact directory to ``path``
-    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``)."""
+    (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``;
+    ``requant``: GGUF only, the type for layers no GGUF block type carries exactly)."""
     if format not in FORMATS:
         raise ArtifactError(f"unknown export format '{format}'; known formats: {', '.join(FORMATS)}")
+    if format == "gguf":
+        onnx_only = [n for n, v in (("matmulnbits", matmulnbits), ("accuracy_level", accuracy_level),
+                                    ("external_data", external_data), ("print_after", print_after)) if v]
+        if onnx_only:
+            raise GgufExportError(f"export option {onnx_only[0]} is for ONNX, not GGUF")
+        return export_gguf(model, path, requant=requant, force=force)
+    if requant is not None:
+        raise ArtifactError("export option requant is for GGUF, not ONNX")
     if isinstance(model, (str, os.PathLike)) and not print_after:
         reused = reuse_emitted(os.fspath(model), path, export_options(matmulnbits, accuracy_level, external_data),
                                force=force)

@@ -9,7 +9,7 @@ Layers, lowest first (a module may import its own layer and the ones before it):
     passes    lowc.passes        (compression passes, pipeline, options)
     runtime   lowc.runtime       (generation: decoding loops, KV/recurrent state)
     backends  lowc.backends      (targets, lowering passes, kernels, the registry of everything)
-    api       lowc.api, lowc.artifact, lowc.evaluate, lowc.export
+    api       lowc.api, lowc.artifact, lowc.evaluate, lowc.export, lowc.formats (files other engines read)
     cli       lowc.cli
 
 ``lowc`` itself (compiler/__init__.py) is a lazy facade: it imports nothing at module level.
@@ -26,9 +26,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE_DIRS = {"compiler": "lowc", "ir": "lowc.ir", "passes": "lowc.passes", "backends": "lowc.backends"}
 LAYERS = ("base", "frontend", "ir", "passes", "runtime", "backends", "api", "cli")
 BASE = ("lowc.errors", "lowc.progress", "lowc.version", "lowc.untrusted", "lowc.data")
-API = ("lowc.api", "lowc.artifact", "lowc.evaluate", "lowc.export")
+API = ("lowc.api", "lowc.artifact", "lowc.evaluate", "lowc.export", "lowc.formats")
 #: packages a module may import inside a function, with a comment saying why: optional extras
-OPTIONAL = ("triton", "onnx", "onnxruntime", "onnxscript", "onnx_ir")
+OPTIONAL = ("triton", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "gguf")
 #: modules that are lazy on purpose: the package facade (``import lowc`` imports no torch) and the
 #: CLI (``lowc --help`` and errors in the arguments answer without importing torch)
 LAZY_MODULES = ("lowc", "lowc.cli")
@@ -43,7 +43,7 @@ def layer_of(module: str) -> str:
     for name in ("frontend", "ir", "passes", "runtime", "backends"):
         if module == f"lowc.{name}" or module.startswith(f"lowc.{name}."):
             return name
-    if module in API:
+    if module in API or module.startswith("lowc.formats."):
         return "api"
     if module == "lowc.cli":
         return "cli"

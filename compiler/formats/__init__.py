@@ -1,0 +1,1 @@
+"""Export formats read by other engines."""
