@@ -5,6 +5,7 @@ fail with one line and write nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import gguf
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CALIB, make_llama_dir, run_lowc
+from lowc import data
 from lowc.formats.gguf import (
     GgufExportError,
     export_gguf,
@@ -232,3 +234,33 @@ def test_non_llama_and_online_transforms_are_refused(llama_dir, tmp_path):
     with pytest.raises(GgufExportError, match=r"layer model\.layers\.0\.self_attn.* runs lowc::fake_quant_kv"):
         export_gguf(kv, tmp_path / "m.gguf")
     assert not os.path.exists(tmp_path / "m.gguf")
+
+
+def test_tokenizer_metadata_of_a_trained_byte_level_bpe():
+    """What the trained tiny Llama's tokenizer looks like (examples/train_tiny_llama.py): ByteLevel
+    with GPT-2's regex -> pre ``gpt-2``; tokens by id, merges in order, special tokens as control;
+    ids past the tokenizer up to vocab_size are unused ``[PADn]``."""
+    from lowc.formats.gguf import tokenizer_metadata
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    with open(data.wikitext2("valid")) as f:
+        text = f.read(20000)
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    meta = tokenizer_metadata(hf, 304, "m")
+    vocab = hf.get_vocab()
+    assert meta["pre"] == "gpt-2" and meta["model"] == "gpt2" and len(meta["tokens"]) == 304
+    assert all(meta["tokens"][i] == t for t, i in vocab.items())
+    assert meta["tokens"][300:] == [f"[PAD{i}]" for i in range(300, 304)] and meta["types"][300:] == [5] * 4
+    assert [meta["types"][vocab[t]] for t in ("<s>", "</s>", "<unk>", "a")] == [3, 3, 3, 1]
+    merges = [" ".join(m) if not isinstance(m, str) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    assert meta["merges"] == merges and len(merges) > 0
+    assert (meta["bos_id"], meta["eos_id"], meta["add_bos"]) == (vocab["<s>"], vocab["</s>"], False)
+    with pytest.raises(GgufExportError, match="tokenizer has 300 tokens, more than the model's vocab_size 200"):
+        tokenizer_metadata(hf, 200, "m")
