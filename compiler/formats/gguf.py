@@ -17,9 +17,9 @@ reported per layer. The exact mappings (groups of 32, the GGUF block):
 * float layers, embeddings and norms -> ``F32`` (``F16`` for a float16 model's 2-D tensors; 1-D
   tensors are always ``F32``, as llama.cpp wants them).
 
-Bound of the exact mappings (fp16 rounding of ``d`` and ``m``, relative error at most 2^-11 for
-normal numbers, 2^-25 absolute below): per block, ``|w_gguf - w_lowc| <= 2^-11 * (qmax*|d| + |m|)
-+ 2^-24``, with ``qmax`` the largest code magnitude (15 for Q4_1, 8 for Q4_0, 128 for Q8_0)
+Bound of the exact mappings (rounding to fp16 changes a value by at most 2^-11 of it, or 2^-25 in
+fp16's subnormal range): per block, ``|w_gguf - w_lowc| <= qmax*(2^-11*|d| + 2^-25) + 2^-11*|m| +
+2^-25``, with ``qmax`` the largest code magnitude (15 for Q4_1, 8 for Q4_0, 128 for Q8_0)
 (:func:`fp16_bound`); every layer's measured error is checked against it before the file is written.
 
 llama.cpp's RoPE pairs dimensions ``(i, i + d/2)`` differently from Hugging Face's, so the rows of
@@ -115,10 +115,10 @@ def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
 def fp16_bound(d: np.ndarray, m: np.ndarray | None, gtype: str) -> np.ndarray:
     """Per block, the largest change rounding ``d`` (and ``m``) to fp16 can make to a weight of an
     exact block type (module docstring)."""
-    b = _QMAX[gtype] * np.abs(d.astype(np.float64))
+    b = _QMAX[gtype] * (np.abs(d.astype(np.float64)) * 2.0 ** -11 + 2.0 ** -25)
     if m is not None:
-        b = b + np.abs(m.astype(np.float64))
-    return b * 2.0 ** -11 + 2.0 ** -24
+        b = b + np.abs(m.astype(np.float64)) * 2.0 ** -11 + 2.0 ** -25
+    return b
 
 
 # ---- hyper-parameters and tokenizer ---------------------------------------------------------------
