@@ -34,10 +34,9 @@ import sys
 import tempfile
 import time
 
+import lowc
 import numpy as np
 import torch
-
-import lowc
 from lowc import data
 from lowc.evaluate import perplexity, token_windows
 from lowc.formats.gguf import export_gguf
@@ -151,12 +150,12 @@ def main() -> None:
     lines = [f"# lowc GGUF export run by llama.cpp: WikiText-2 test perplexity ({os.path.basename(args.model)})", "",
              f"Command: `{info['command']}`  ",
              f"Machine: {info['machine']}; date {info['date']}; load {tuple(round(x, 1) for x in info['load'])}", "",
-             f"{info['windows']} windows of {args.seq_len} tokens ({info['tokens']} tokens), tokenized by the model's "
-             f"Hugging Face tokenizer; GPTQ calibrated on {args.calib_samples} x {args.seq_len} tokens of wikitext-2-valid. "
-             f"token_embd and output are F32 in every file. llama.cpp's tokenizer on the GGUF matches the HF one "
-             f"on the first 2000 characters: {tokens_match}.", "",
-             "| model | weights | file MB | llama.cpp ppl | lowc ppl (same artifact) | greedy continuation of "
-             f"{PROMPT!r} (llama.cpp) |", "|---|---|---:|---:|---:|---|"]
+             (f"{info['windows']} windows of {args.seq_len} tokens ({info['tokens']} tokens), tokenized by the model's "
+              f"Hugging Face tokenizer; GPTQ calibrated on {args.calib_samples} x {args.seq_len} tokens of wikitext-2-valid. "
+              f"token_embd and output are F32 in every file. llama.cpp's tokenizer on the GGUF matches the HF one "
+              f"on the first 2000 characters: {tokens_match}."), "",
+             ("| model | weights | file MB | llama.cpp ppl | lowc ppl (same artifact) | greedy continuation of "
+              f"{PROMPT!r} (llama.cpp) |"), "|---|---|---:|---:|---:|---|"]
     for r in rows:
         kinds = ", ".join(f"{k} x{v}" for k, v in r.get("types", {}).items()) or "llama_model_quantize Q4_1"
         lowc_ppl = f"{r['lowc_ppl']:.3f}" if "lowc_ppl" in r else "-"
