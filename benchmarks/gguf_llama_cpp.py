@@ -58,6 +58,21 @@ def llama_cpp_quantize(src: str, dst: str, ftype: str) -> None:
         raise SystemExit(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
 
 
+def plain_cpu_buffers() -> None:
+    """Load weights without llama.cpp's extra CPU buffer types (AMX / repacked layouts): on this
+    machine the CPU reports AMX, and evaluating a Q4_0/Q4_1/Q8_0 model through the AMX buffer
+    crashes (segmentation fault) while F32 runs; plain buffers use the ordinary ggml-cpu kernels."""
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = params
+
+
 def llama_cpp_eval(path: str, windows: torch.Tensor, threads: int, prompt_ids: list[int]) -> dict:
     """Perplexity of ``windows`` from llama.cpp's logits, and a greedy continuation of the prompt."""
     import llama_cpp
@@ -90,12 +105,16 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--extra-bufts", action="store_true",
+                    help="let llama.cpp use its extra CPU buffer types (AMX, repacking; see plain_cpu_buffers)")
     ap.add_argument("--workdir", default=None, help="where the artifacts and GGUF files go (default: a temp dir)")
     args = ap.parse_args()
     try:
         import llama_cpp
     except ImportError:
         raise SystemExit("needs llama-cpp-python: CMAKE_ARGS='-DGGML_NATIVE=ON' pip install llama-cpp-python") from None
+    if not args.extra_bufts:
+        plain_cpu_buffers()
     work = args.workdir or tempfile.mkdtemp(prefix="gguf-bench-")
     os.makedirs(work, exist_ok=True)
     calib = {"calib": data.wikitext2("valid"), "calib_samples": args.calib_samples, "seq_len": args.seq_len}
@@ -132,8 +151,9 @@ def main() -> None:
         print(f"{name}: llama.cpp ppl {r['ppl']:.3f}" + (f", lowc ppl {r['lowc_ppl']:.3f}" if "lowc_ppl" in r else "")
               + f"; generates {r['generated']!r}", flush=True)
     vocab = llama_cpp.Llama(model_path=files["float"], vocab_only=True, verbose=False)
-    sample = text[:2000]
-    tokens_match = vocab.tokenize(sample.encode(), add_bos=False, special=False) == tok(sample, add_special_tokens=False)["input_ids"]
+    # special=True: Hugging Face matches added tokens (WikiText's literal "<unk>") in text; so does llama.cpp then
+    sample = text[:20000]
+    tokens_match = vocab.tokenize(sample.encode(), add_bos=False, special=True) == tok(sample, add_special_tokens=False)["input_ids"]
     info = {
         "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -141,19 +161,20 @@ def main() -> None:
                    f"torch {torch.__version__}, {args.threads} llama.cpp threads",
         "load": os.getloadavg(), "model": os.path.abspath(args.model), "seq_len": args.seq_len,
         "windows": int(windows.shape[0]), "tokens": int(windows.numel()), "calib_samples": args.calib_samples,
-        "compile_seconds": compile_s, "llama_cpp_tokenizer_matches_hf_on_2000_chars": tokens_match, "rows": rows,
+        "compile_seconds": compile_s, "llama_cpp_extra_buffer_types": args.extra_bufts, "llama_cpp_tokenizer_matches_hf_on_20000_chars": tokens_match, "rows": rows,
     }
     base = os.path.join(os.path.dirname(__file__), "results", "gguf")
     os.makedirs(os.path.dirname(base), exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump(info, f, indent=2)
-    lines = [f"# lowc GGUF export run by llama.cpp: WikiText-2 test perplexity ({os.path.basename(args.model)})", "",
+    trained = os.path.basename(os.path.normpath(args.model))
+    lines = [f"# lowc GGUF export run by llama.cpp: WikiText-2 test perplexity ({trained})", "",
              f"Command: `{info['command']}`  ",
              f"Machine: {info['machine']}; date {info['date']}; load {tuple(round(x, 1) for x in info['load'])}", "",
              (f"{info['windows']} windows of {args.seq_len} tokens ({info['tokens']} tokens), tokenized by the model's "
               f"Hugging Face tokenizer; GPTQ calibrated on {args.calib_samples} x {args.seq_len} tokens of wikitext-2-valid. "
-              f"token_embd and output are F32 in every file. llama.cpp's tokenizer on the GGUF matches the HF one "
-              f"on the first 2000 characters: {tokens_match}."), "",
+              f"token_embd and output are F32 in every file; llama.cpp ran with use_extra_bufts={args.extra_bufts}. llama.cpp's tokenizer on the GGUF matches the HF one "
+              f"on the first 20000 characters of the test text (special tokens parsed): {tokens_match}."), "",
              ("| model | weights | file MB | llama.cpp ppl | lowc ppl (same artifact) | greedy continuation of "
               f"{PROMPT!r} (llama.cpp) |"), "|---|---|---:|---:|---:|---|"]
     for r in rows:
