@@ -3,7 +3,7 @@
     python benchmarks/gguf_llama_cpp.py [--model /work/models/tiny-llama-wt2] [--seq-len 256]
         [--max-windows 40] [--calib-samples 128] [--threads 2]
 
-Needs ``llama-cpp-python`` (builds llama.cpp from source: ``CMAKE_ARGS="-DGGML_NATIVE=ON" pip
+Needs ``llama-cpp-python`` (``lowc[llama-cpp]``; builds llama.cpp from source: ``CMAKE_ARGS="-DGGML_NATIVE=ON" pip
 install llama-cpp-python``) and ``gguf`` (``lowc[export]``). On the same Llama-architecture causal LM
 (a Hugging Face directory) it compares, all run by llama.cpp on the same token windows:
 
