@@ -30,7 +30,7 @@ def _scheme_label(row: dict) -> str:
     return label + (f" {p[2]:.0%} sparse ({p[1]}, {p[0]})" if p else "")
 
 
-EXPORT_FORMATS = ("onnx", "compressed-tensors")  # lowc.export.FORMATS (not imported: torch)
+EXPORT_FORMATS = ("onnx", "compressed-tensors", "gguf")  # lowc.export.FORMATS (not imported: torch)
 AGAINST_HELP = ("float model to compare with; default: the artifact's source when it is a preset or an HF "
                 "directory that has not changed (a factory is never imported from an artifact: name it here)")
 
@@ -345,9 +345,10 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @cli.command(name="export")
 @click.argument("artifact", type=click.Path())
 @click.option("--format", "fmt", default="onnx", show_default=True,
-              help="onnx (a file), or compressed-tensors (a Hugging Face model directory for transformers / vLLM)")
+              help="onnx (a file), compressed-tensors (a Hugging Face model directory for transformers / vLLM), "
+                   "or gguf (a file for llama.cpp; Llama-architecture causal LMs)")
 @click.option("--output", "-o", "output", required=True, type=click.Path(),
-              help="file to write, e.g. model.onnx; a directory for compressed-tensors")
+              help="file to write, e.g. model.onnx or model.gguf; a directory for compressed-tensors")
 @click.option("--matmulnbits", is_flag=True, help="emit com.microsoft::MatMulNBits instead of DequantizeLinear->MatMul")
 @click.option("--accuracy-level", type=int, default=0, show_default=True,
               help="onnxruntime arithmetic: 0 = fp32 (matches lowc), 4 = int8 activations (faster; what a default "
@@ -356,12 +357,18 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
 @click.option("--external-data", is_flag=True, help="store weights in OUTPUT.data (automatic past 2 GB)")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="print the IR after this pass of the export (onnx-lower)")
-@click.option("--densify", is_flag=True, help="store group-sparse (gqsa) layers as dense quantized layers (exact; about "
-              "1.7x their bytes at 50% sparsity); without it such a layer fails the export")
+@click.option("--densify", is_flag=True, help="onnx: store group-sparse (gqsa) layers as dense quantized layers (exact; "
+              "about 1.7x their bytes at 50% sparsity); without it such a layer fails the export")
+@click.option("--requant", metavar="TYPE", default=None,
+              help="gguf: re-quantize (lossy; error reported) layers whose scheme no GGUF block type carries "
+                   "exactly, to Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 or F32; exact: 4-bit g32 -> Q4_1 (asym) / Q4_0 "
+                   "(sym), 8-bit sym g32 -> Q8_0")
 @click.option("--force", is_flag=True, help="replace an existing output file (directory)")
-def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, densify, force):
-    """Export a compiled ARTIFACT to another runtime's format: ONNX (opset 21), or compressed-tensors
-    (pack-quantized int weights in a Hugging Face directory, for transformers and vLLM).
+def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, print_after, densify, requant, force):
+    """Export a compiled ARTIFACT to another runtime's format: ONNX (opset 21), compressed-tensors
+    (pack-quantized int weights in a Hugging Face directory, for transformers and vLLM), or GGUF
+    (llama.cpp; lowc's integer codes carried unchanged where the scheme is a GGUF block type, only
+    the per-block scale and minimum rounded to fp16).
 
     An artifact compiled for an onnx-* target already holds backend/model.onnx: with the options it
     was written with (no --matmulnbits, --accuracy-level 0, no --external-data) it is copied, not
@@ -371,11 +378,16 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
 
     if fmt not in EXPORT_FORMATS:
         raise LowcError(f"unknown export format '{fmt}'; known formats: {', '.join(EXPORT_FORMATS)}")
+    onnx_only = [n for n, v in (("--matmulnbits", matmulnbits), ("--accuracy-level", accuracy_level),
+                                ("--external-data", external_data), ("--print-after", print_after),
+                                ("--densify", densify)) if v]
+    if fmt != "onnx" and onnx_only:
+        raise LowcError(f"{onnx_only[0]} is an ONNX export option; --format {fmt} does not take it")
+    if fmt != "gguf" and requant is not None:
+        raise LowcError(f"--requant is a GGUF export option; --format {fmt} does not take it")
     if os.path.lexists(output) and not force:
         raise ArtifactError(f"output {output} already exists (use --force to replace it)")
     if fmt == "compressed-tensors":
-        if matmulnbits or accuracy_level or external_data or print_after or densify:
-            raise LowcError("--matmulnbits, --accuracy-level, --external-data, --print-after and --densify are ONNX options")
         _export_ct(artifact, output, force)
         return
     from lowc.artifact import check_file_output
@@ -383,6 +395,11 @@ def export(artifact, fmt, output, matmulnbits, accuracy_level, external_data, pr
     check_file_output(output, protect=[artifact])
     from lowc.export import export as export_to
 
+    if fmt == "gguf":
+        with reporting(to_stderr):
+            r = export_to(artifact, output, format=fmt, requant=requant, force=True)
+        _echo_gguf(r)
+        return
     with reporting(to_stderr):
         r = export_to(artifact, output, format=fmt, matmulnbits=matmulnbits, accuracy_level=accuracy_level,
                       external_data=external_data or None, force=True, print_after=print_after, densify=densify)
@@ -409,6 +426,26 @@ def _export_ct(artifact: str, output: str, force: bool) -> None:
     click.echo(f"wrote {r.path}: {_fmt_mb(r.bytes)} in {r.tensors} tensors; {groups}; float linear layers: "
                f"{', '.join(r.ignored) or 'none'}")
     click.echo(f"checked against the compiled graph: relative difference {r.check_rel_diff:.1e}")
+
+
+def _echo_gguf(r) -> None:
+    """What a GGUF export wrote: tensor types, exact layers, and the error re-quantization added."""
+    types = ", ".join(f"{k} x{v}" for k, v in r.types.items())
+    click.echo(f"wrote {r.path}: {_fmt_mb(r.bytes)}, {r.tensors} tensors ({types}); tokenizer gpt2 (pre {r.tokenizer_pre}), "
+               f"vocab {r.vocab_size}")
+    for how, what in (("exact", "codes carried unchanged, scales/minimums rounded to fp16"),
+                      ("requant", f"re-quantized to {r.requant} by gguf's reference quantizer (lossy)"),
+                      ("float", "float")):
+        rows = [row for row in r.layers if row["how"] == how]
+        if not rows:
+            continue
+        worst = max(rows, key=lambda row: row["rel_err"])
+        line = f"  {how}: {len(rows)} layers ({what})"
+        if how != "float":
+            line += (f"; max |dw| {max(row['max_abs_err'] for row in rows):.3g}, relative RMS error "
+                     f"mean {sum(row['rel_err'] for row in rows) / len(rows):.3g}, worst {worst['rel_err']:.3g} "
+                     f"({worst['layer']}, {worst['scheme']} -> {worst['type']})")
+        click.echo(line)
 
 
 STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)

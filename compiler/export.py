@@ -1,7 +1,8 @@
 """``lowc export``: a compiled model or an artifact directory to another runtime's file format.
 
-Formats: ONNX (:mod:`lowc.backends.onnx`, which exports a program) and compressed-tensors, a
-Hugging Face model directory that transformers and vLLM load (:mod:`lowc.formats.compressed_tensors`).
+Formats: ONNX (:mod:`lowc.backends.onnx`, which exports a program); compressed-tensors, a
+Hugging Face model directory that transformers and vLLM load (:mod:`lowc.formats.compressed_tensors`);
+and GGUF for llama.cpp (:mod:`lowc.formats.gguf`, which maps an artifact's codes onto GGUF block types).
 For ONNX this API-level module adds what needs the artifact: an artifact compiled for an ``onnx-*`` target already holds
 ``backend/model.onnx`` and, in ``backend/onnx.json``, the options it was written with; given that
 artifact and the same options, the file is copied (after checking its sha256 against the
@@ -24,23 +25,36 @@ from lowc.backends.onnx.errors import OnnxExportError
 from lowc.backends.onnx.export import ExportResult, export_onnx, export_options
 from lowc.errors import ArtifactError
 from lowc.formats.compressed_tensors import CTExport, export_compressed_tensors
+from lowc.formats.gguf import GgufExportError, GgufResult, export_gguf
 from lowc.progress import step
 from lowc.version import __version__
 
-FORMATS = ("onnx", "compressed-tensors")
+FORMATS = ("onnx", "compressed-tensors", "gguf")
 
 
 def export(model, path: str | os.PathLike, *, format: str = "onnx", matmulnbits: bool = False, accuracy_level: int = 0,
            external_data: bool | None = None, force: bool = True, print_after: Sequence[str] = (),
-           densify: bool = False) -> ExportResult | CTExport:
+           densify: bool = False, requant: str | None = None) -> ExportResult | CTExport | GgufResult:
     """Export a :class:`lowc.api.CompiledModel`, a Program (ONNX) or an artifact directory to ``path``
     (``print_after``: passes of the export whose output graph to print, e.g. ``onnx-lower``;
-    ``densify``: store group-sparse layers as dense quantized layers, exactly, instead of failing).
+    ``densify``: store group-sparse layers as dense quantized layers, exactly, instead of failing;
+    ``requant``: GGUF only, the type for layers no GGUF block type carries exactly).
     ``format="compressed-tensors"`` writes the directory ``path`` (the ONNX options do not apply)."""
     if format not in FORMATS:
         raise ArtifactError(f"unknown export format '{format}'; known formats: {', '.join(FORMATS)}")
+    onnx_only = [n for n, v in (("matmulnbits", matmulnbits), ("accuracy_level", accuracy_level),
+                                ("external_data", external_data), ("print_after", print_after),
+                                ("densify", densify)) if v]
     if format == "compressed-tensors":
+        if onnx_only or requant is not None:
+            raise ArtifactError(f"export option {(onnx_only or ['requant'])[0]} does not apply to compressed-tensors")
         return _export_ct(model, path, force)
+    if format == "gguf":
+        if onnx_only:
+            raise GgufExportError(f"export option {onnx_only[0]} is for ONNX, not GGUF")
+        return export_gguf(model, path, requant=requant, force=force)
+    if requant is not None:
+        raise ArtifactError("export option requant is for GGUF, not ONNX")
     if isinstance(model, (str, os.PathLike)):
         if not print_after:  # printing needs the export's passes to run
             reused = reuse_emitted(os.fspath(model), path,

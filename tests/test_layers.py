@@ -28,7 +28,7 @@ LAYERS = ("base", "frontend", "ir", "passes", "runtime", "backends", "api", "cli
 BASE = ("lowc.errors", "lowc.progress", "lowc.version", "lowc.untrusted", "lowc.data")
 API = ("lowc.api", "lowc.artifact", "lowc.evaluate", "lowc.export", "lowc.formats")
 #: packages a module may import inside a function, with a comment saying why: optional extras
-OPTIONAL = ("triton", "onnx", "onnxruntime", "onnxscript", "onnx_ir")
+OPTIONAL = ("triton", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "gguf")
 #: modules that are lazy on purpose: the package facade (``import lowc`` imports no torch) and the
 #: CLI (``lowc --help`` and errors in the arguments answer without importing torch)
 LAZY_MODULES = ("lowc", "lowc.cli")
