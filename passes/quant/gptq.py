@@ -48,6 +48,32 @@ def _qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
     return quant.compute_qparams(w, bits, symmetric)
 
 
+def inverse_hessian_factor(H: torch.Tensor, damp: float, max_retries: int = 6, name: str = "layer",
+                           method: str = "gptq") -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor ``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` (``UᵀU = H⁻¹``) and the ``λ``
+    used: ``damp``, multiplied by 10 (with a warning naming the layer) until ``H`` is positive
+    definite, at most ``max_retries`` times. ``H`` has no dead columns (``H_ii = 0``)."""
+    k = H.shape[0]
+    lam = damp
+    mean_diag = torch.mean(torch.diag(H)).item()
+    retries = 0
+    while True:
+        Hd = H + lam * mean_diag * torch.eye(k, device=H.device)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                break
+        retries += 1
+        if retries > max_retries:
+            raise CalibrationError(f"{method}: {name}: the Hessian is not positive definite even with damping {lam:g}")
+        lam *= 10
+    if retries:
+        warnings.warn(f"{method}: {name}: Hessian not positive definite; damping raised to {lam:g}", stacklevel=3)
+    return U, lam
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   *, act_order: bool = False, damp: float = 0.01, block_size: int = 128, max_retries: int = 6,
                   name: str = "layer") -> tuple[quant.QuantizedWeight, dict]:
@@ -76,25 +102,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         W, H = W[:, perm], H[perm][:, perm]
         invperm = torch.argsort(perm)
 
-    # inverse Hessian, upper Cholesky factor, with damping retries
-    lam = damp
-    mean_diag = torch.mean(torch.diag(H)).item()
-    retries = 0
-    while True:
-        Hd = H + lam * mean_diag * torch.eye(k, device=H.device)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
-                break
-        retries += 1
-        if retries > max_retries:
-            raise CalibrationError(f"gptq: {name}: the Hessian is not positive definite even with damping {lam:g}")
-        lam *= 10
-    if retries:
-        warnings.warn(f"gptq: {name}: Hessian not positive definite; damping raised to {lam:g}", stacklevel=2)
-    Hinv = U
+    Hinv, lam = inverse_hessian_factor(H, damp, max_retries, name)
 
     # blocks hold whole groups, so a group never starts on columns missing in-block updates
     bs = block_size if group_size == -1 else max(gs, (block_size // gs) * gs)
