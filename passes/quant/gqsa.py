@@ -31,11 +31,13 @@ Options and defaults. ``sparse_group`` 16 and ``sparsity`` 0.5 are the paper's m
 S50%). ``bits``, ``group_size`` and ``symmetric`` default to the target's scheme like ``rtn``/``gptq``
 (W4 g128 on ``ref-w4a16``); ``group_size`` must be -1 or a multiple of ``sparse_group`` (a scale
 then covers whole kept groups); the paper's own layout, one scale per kept group, is
-``group_size=16``. The paper trains on 128 × 2048-token WikiText-2 segments for tens of BQPO
-epochs and a short E2E phase on a GPU; lowc's defaults are scaled to the small models it compiles
-on CPUs (``lowc compile`` takes 128 × 512 tokens): ``epochs`` 2, ``e2e_epochs`` 1, ``lr`` 1e-2 for
-the clipping logits (OmniQuant's), ``weight_lr`` 1e-5 for the kept weights, ``e2e_lr`` 1e-3 for the
-scales' log-multipliers.
+``group_size=16``. The paper describes BQPO as block-wise training of the (masked) weights with
+their quantization, and E2E-OQP as end-to-end tuning of the quantization parameters with the
+weights frozen, on GPUs over OmniQuant-style calibration; its exact epoch counts and learning
+rates were not readable from the sources reachable here, so lowc's defaults are its own, scaled to
+the small models it compiles on CPUs (``lowc compile`` takes 128 × 512 tokens): ``epochs`` 2,
+``e2e_epochs`` 1, ``lr`` 1e-2 for the clipping logits (OmniQuant's LWC rate), ``weight_lr`` 1e-5
+for the kept weights, ``e2e_lr`` 1e-3 for the scales' log-multipliers.
 
 Errors (one line, naming the option or layer): sparsity outside [0, 1), ``sparse_group`` not a
 positive multiple of 8, ``group_size`` not -1 or a multiple of ``sparse_group``, a layer whose
