@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from lowc import data
 from lowc import evaluate as ev
 from lowc.artifact import check_files, read_manifest, read_program, write_artifact
-from lowc.backends.registry import build_pass, get_target, load_recipe, parse_pass
+from lowc.backends.registry import all_targets, build_pass, get_target, load_recipe, parse_pass
 from lowc.backends.target import CompileOptions
 from lowc.errors import (
     ArtifactError,
@@ -30,6 +30,7 @@ from lowc.ir import meta as nodemeta
 from lowc.ir import verifier
 from lowc.ir.capture import check_finite, trace
 from lowc.ir.dialect.args import LinearArgs, LinearQArgs, is_quantized_linear
+from lowc.ir.dialect.sparse import padded_sparse_width
 from lowc.ir.program import LINEAR
 from lowc.passes.base import Pass, PassContext
 from lowc.passes.calibration import load_calibration
@@ -302,10 +303,14 @@ def layer_table(program) -> list[dict[str, Any]]:
             scales = program.attr(a.scales.target)
             # backend layouts say N (``out_features``): their scales may be stored [G, N]
             n = int(a.out_features) if a.out_features is not None else int(scales.shape[0])
-            k, k_pad = int(a.in_features), scales.numel() // n * a.group_size
+            k = int(a.in_features)
+            # a group-sparse layer's groups cover the compact row: its padding is to the sparse group
+            k_pad = padded_sparse_width(k, a.sparse_group) if a.sparse else scales.numel() // n * a.group_size
+            stored = nbytes(a.weight, a.scales, a.zeros, a.idx)
             rows.append({**row, "scheme": info.scheme.to_json(), "op": a.op_name,
                          "padded_in_features": k_pad if k_pad != k else None, "out_features": n, "in_features": k,
-                         "bytes": nbytes(a.weight, a.scales, a.zeros), "float_bytes": n * k * scales.element_size()})
+                         "bytes": stored, "float_bytes": n * k * scales.element_size(),
+                         "bits_per_weight": round(stored * 8 / max(n * k, 1), 4)})
     return rows
 
 
@@ -342,12 +347,19 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
     for _, p in steps:
         if "calibration" in p.requirements() and calib is None:
             raise CalibrationError(f"pass '{p.name}' needs calibration data: pass calib= (Python) or --calib FILE (CLI)")
+        p.check_target(tgt)
+        missing = [op for op in p.emits if op not in tgt.runs]
+        if missing:
+            raise PassOptionError(f"pass '{p.name}' writes lowc::{missing[0]} layers, which target '{tgt.name}' cannot run "
+                                  f"(targets that do: {', '.join(_targets_running(missing[0])) or 'none'})")
 
     def starting(i, phase, p):
         step(f"[{i + 1}/{len(steps)}] {phase} pass {p.spelling()}")
 
     def done(record):
         step(f"  {record.summary()}")
+        if record.phase == "method":
+            _check_runs(program, tgt)
 
     pipeline = Pipeline(steps, verify=verify, print_after=tuple(print_after), on_start=starting, on_end=done)
     pipeline.check()
@@ -394,6 +406,28 @@ def compile(model: Any, target: str = "ref-fp32", example_inputs: Sequence[Any] 
         "metrics": {"check": check},
     }
     return CompiledModel(program, tgt, manifest)
+
+
+#: dialect ops a method pass may write that only some targets run (``Target.runs``)
+EXTRA_OPS = ("linear_gsq",)
+
+
+def _targets_running(op: str) -> list[str]:
+    return [name for name, t in all_targets().items() if op in t.runs]
+
+
+def _check_runs(program, tgt) -> None:
+    """Every layer the method phase wrote runs on ``tgt``: an op of :data:`EXTRA_OPS`, or a
+    group-sparse scheme, needs the op in ``tgt.runs`` (raises naming the layer and the target)."""
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = node.target.name().split("::")[-1] if isinstance(node.target, torch._ops.OpOverload) else None
+        scheme = nodemeta.get(node).scheme
+        op = name if name in EXTRA_OPS else "linear_gsq" if scheme is not None and scheme.sparsity else None
+        if op is not None and op not in tgt.runs:
+            raise PassOptionError(f"layer {nodemeta.get(node).layer or node.name}: target '{tgt.name}' cannot run "
+                                  f"lowc::{op} layers (targets that do: {', '.join(_targets_running(op)) or 'none'})")
 
 
 def _check_inputs(program, example_inputs) -> list:

@@ -351,7 +351,7 @@ def _passes(v, what):
 
 
 _LAYER_KEYS = ("layer", "role", "block", "scheme", "method", "transforms", "op", "padded_in_features",
-               "out_features", "in_features", "bytes", "float_bytes")
+               "out_features", "in_features", "bytes", "float_bytes", "bits_per_weight")
 _LAYER_REQUIRED = ("layer", "role", "block", "scheme", "out_features", "in_features", "bytes", "float_bytes")
 
 
@@ -372,6 +372,9 @@ def _layers(v, what):
             U.int_in(r["padded_in_features"], 0, 1 << 40, f"{w}.padded_in_features")
         for k in ("out_features", "in_features", "bytes", "float_bytes"):
             U.int_in(r[k], 0, 1 << 50, f"{w}.{k}")
+        bpw = U.typed(r.get("bits_per_weight", 0.0), (int, float), f"{w}.bits_per_weight")
+        if isinstance(bpw, bool) or not 0 <= bpw <= 64:
+            raise ArtifactError(f"{w}.bits_per_weight: expected a number in [0, 64], got {bpw!r}")
     return v
 
 

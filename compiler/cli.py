@@ -190,11 +190,15 @@ def inspect(artifact, as_json):
     layers = m.get("layers", [])
     if layers:
         w = max(len(r["layer"]) for r in layers)
-        click.echo(f"\n{'layer':<{w}}  {'role':<7} {'shape (out x in)':<18} {'scheme':<28} {'bytes':>10} {'float':>10}")
-        for r in layers:
+        labels = [_scheme_label(r) + (f" pad->{r['padded_in_features']}" if r.get("padded_in_features") else "")
+                  for r in layers]
+        sw = max(28, *map(len, labels))
+        click.echo(f"\n{'layer':<{w}}  {'role':<7} {'shape (out x in)':<18} {'scheme':<{sw}} {'bpw':>6} {'bytes':>10} {'float':>10}")
+        for r, label in zip(layers, labels):
             shape = f"{r['out_features']} x {r['in_features']}"
-            pad = f" pad->{r['padded_in_features']}" if r.get("padded_in_features") else ""
-            click.echo(f"{r['layer']:<{w}}  {r['role'] or '-':<7} {shape:<18} {_scheme_label(r) + pad:<28} {r['bytes']:>10} {r['float_bytes']:>10}")
+            bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"
+            click.echo(f"{r['layer']:<{w}}  {r['role'] or '-':<7} {shape:<18} {label:<{sw}} {bpw:>6} "
+                       f"{r['bytes']:>10} {r['float_bytes']:>10}")
     size = m.get("size")
     if size:
         click.echo(f"\nsize: {_fmt_mb(size['bytes'])} vs {_fmt_mb(size['float_bytes'])} float ({size['bytes'] / max(size['float_bytes'], 1):.3f}x)")

@@ -73,14 +73,18 @@ class Scheme:
 
     def bits_per_weight(self, in_features: int, scale_bits: int = 16) -> float:
         """Stored bits per weight of an ``[N, in_features]`` layer: codes, plus per group a scale
-        and (asymmetric) a ``w_bits`` zero point; for a sparse layer only kept groups count, plus a
-        16-bit index per kept sparse group."""
+        and (asymmetric) a ``w_bits`` zero point. A group-sparse layer counts exactly what
+        ``lowc::linear_gsq`` stores (:mod:`lowc.ir.dialect.sparse`): the codes of the kept sparse
+        groups only (:func:`kept_sparse_groups`, rounded as the pass rounds), one scale and one uint8
+        zero point per quantization group of the compact row, one int16 index per kept group."""
+        if self.sparsity:
+            n_keep = kept_sparse_groups(in_features, self.sparse_group, self.sparsity)
+            kc = n_keep * self.sparse_group
+            gs = kc if self.group_size == -1 or self.group_size >= kc else self.group_size
+            per_row = kc * self.w_bits + -(-kc // gs) * (scale_bits + (0 if self.symmetric else 8)) + n_keep * 16
+            return per_row / in_features
         groups = 1 if self.group_size == -1 else -(-in_features // self.group_size)
         per_row = in_features * self.w_bits + groups * (scale_bits + (0 if self.symmetric else self.w_bits))
-        if self.sparsity:
-            kept = 1 - self.sparsity
-            n_sparse = -(-in_features // self.sparse_group)
-            per_row = per_row * kept + n_sparse * kept * 16
         return per_row / in_features
 
     # ---- building ---------------------------------------------------------------------------------------
@@ -119,6 +123,13 @@ class Scheme:
             return Scheme(**d)
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{what}: {e}") from None
+
+
+def kept_sparse_groups(in_features: int, sparse_group: int, sparsity: float) -> int:
+    """Sparse groups kept per row of an ``in_features``-wide layer (padded to a multiple of
+    ``sparse_group``) at ``sparsity``: the dropped fraction rounded to the nearest group, at least one kept."""
+    n_groups = -(-in_features // sparse_group)
+    return max(1, min(n_groups, round(n_groups * (1 - sparsity))))
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Scheme) if f.name != "w_bits"}

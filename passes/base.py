@@ -64,6 +64,9 @@ class Pass:
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     summary: ClassVar[str] = ""
+    #: dialect ops beyond the dense quantized linears that this pass writes (e.g. ``("linear_gsq",)``):
+    #: the API refuses the pass, before loading the model, on a target whose ``Target.runs`` lacks one
+    emits: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +78,10 @@ class Pass:
         """What this pass, with its options, needs (default: the class's ``requires``). Override
         when it depends on an option (``quantize-activations{static=true}`` needs calibration)."""
         return self.requires
+
+    def check_target(self, target) -> None:
+        """Raise PassOptionError if the options cannot work with ``target`` (a
+        :class:`lowc.backends.target.Target`); the API calls it before the model is loaded."""
 
     def run(self, program, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError

@@ -16,6 +16,7 @@ from lowc.errors import PassOptionError
 PASSES: dict[str, str] = {
     "rtn": "lowc.passes.quant.rtn:RTN",
     "gptq": "lowc.passes.quant.gptq:GPTQ",
+    "gqsa": "lowc.passes.quant.gqsa:GQSA",
     "smoothquant": "lowc.passes.quant.smoothquant:SmoothQuant",
     "affinequant": "lowc.passes.quant.affinequant:AffineQuant",
     "flatquant": "lowc.passes.quant.flatquant:FlatQuant",

@@ -104,6 +104,9 @@ NON_DEFAULT = {
                   "alpha": 0.5, "lwc": False, "lac": False, "batch_size": 2, "gptq": True},
     "prune": {"method": "sparsegpt", "pattern": "4:8", "sparsity": 0.5, "bits": 3, "group_size": 64, "symmetric": True,
               "ignore": ("lm_head", "mlp.*"), "damp": 0.05, "block_size": 64},
+    "gqsa": {"sparsity": 0.25, "sparse_group": 32, "bits": 3, "group_size": 64, "symmetric": True, "ignore": ("lm_head",),
+             "salience": "wanda", "epochs": 1, "lr": 0.005, "weight_lr": 0.0001, "train_weights": False,
+             "e2e_epochs": 0, "e2e_lr": 0.002, "damp": 0.05, "batch_size": 2},
     "remove-dead": {},
     "lut-lower": {},
     "linearize": {"method": "hedgehog", "layers": ("0", "model.layers.1*"), "feature_dim": 16, "window": 0,
@@ -112,6 +115,7 @@ NON_DEFAULT = {
     "triton-lower": {},
     "onnx-check": {},
     "onnx-lower": {"matmulnbits": True, "accuracy_level": 4},
+    "densify-sparse": {},
 }
 
 

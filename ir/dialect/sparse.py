@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from lowc.ir.dialect import packing, quant
+from lowc.ir.scheme import kept_sparse_groups
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ def kept_groups(in_features: int, sparse_group: int, sparsity: float) -> int:
     """Sparse groups kept per row at ``sparsity`` (fraction dropped, rounded to the nearest group; at least one)."""
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    n_groups = padded_sparse_width(in_features, sparse_group) // sparse_group
-    return max(1, min(n_groups, round(n_groups * (1 - sparsity))))
+    padded_sparse_width(in_features, sparse_group)  # checks sparse_group
+    return kept_sparse_groups(in_features, sparse_group, sparsity)
 
 
 def effective_group_size(group_size: int, compact_width: int) -> int:

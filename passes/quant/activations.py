@@ -104,6 +104,9 @@ class QuantizeActivations(Pass):
         bits = self.bits if self.bits is not None else (ctx.scheme.a_bits if ctx.scheme else None)
         if bits is None or bits >= 16:
             raise self.fail("no activation bit width: give bits= or use a target with quantized activations")
+        for node in program.nodes(torch.ops.lowc.linear_gsq.default):
+            raise self.fail(f"layer {nodemeta.get(node).layer or node.name} is group-sparse (lowc::linear_gsq), which "
+                            "takes float activations only: use a target without activation quantization (e.g. ref-w4a16)")
         nodes = list(program.nodes(torch.ops.lowc.linear_wq.default))
         if not self.static:
             for node in nodes:

@@ -20,7 +20,7 @@ import torch.fx
 
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import linear_layer
-from lowc.ir.dialect import ensure_registered, quant
+from lowc.ir.dialect import ensure_registered, quant, sparse
 from lowc.ir.dialect.args import LinearArgs
 from lowc.ir.scheme import Scheme
 from lowc.passes.base import Pass, PassContext, opt
@@ -83,10 +83,12 @@ def linear_bias(program, node: torch.fx.Node) -> torch.Tensor | None:
     return program.attr(bias.target) if isinstance(bias, torch.fx.Node) else None
 
 
-def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, scheme: Scheme, method: str) -> torch.fx.Node:
-    """Replace ``aten.linear(x, W, b)`` by ``lowc::linear_wq(x, qweight, scales, zeros, b, ...)``.
+def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight | sparse.SparseQuantizedWeight,
+                   scheme: Scheme, method: str) -> torch.fx.Node:
+    """Replace ``aten.linear(x, W, b)`` by ``lowc::linear_wq(x, qweight, scales, zeros, b, ...)``, or by
+    ``lowc::linear_gsq(..., idx, sparse_group)`` for a group-sparse weight.
 
-    Buffers are registered on the linear's module (``<layer>.qweight/.scales/.zeros``); the float
+    Buffers are registered on the linear's module (``<layer>.qweight/.scales/.zeros[/.idx]``); the float
     weight is dropped by :meth:`Program.remove_dead` once nothing reads it. The new node's NodeInfo
     records ``scheme`` and ``method`` and keeps the layer's earlier transforms.
     """
@@ -94,13 +96,17 @@ def rewrite_linear(program, node: torch.fx.Node, qw: quant.QuantizedWeight, sche
     ensure_registered()
     lin = LinearArgs.of(node)
     module_path = lin.weight.target.rpartition(".")[0]
-    q_n, s_n, z_n = program.add_operand_buffers(module_path, node,
-                                                {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros})
+    buffers = {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros}
+    is_sparse = isinstance(qw, sparse.SparseQuantizedWeight)
+    if is_sparse:
+        buffers["idx"] = qw.idx
+    q_n, s_n, z_n, *idx_n = program.add_operand_buffers(module_path, node, buffers)
+    args = (lin.input, q_n, s_n, z_n, lin.bias, qw.bits, qw.group_size, qw.in_features)
+    op = torch.ops.lowc.linear_wq.default
+    if is_sparse:
+        op, args = torch.ops.lowc.linear_gsq.default, (*args, idx_n[0], qw.sparse_group)
     with program.graph.inserting_before(node):
-        new = program.graph.call_function(
-            torch.ops.lowc.linear_wq.default,
-            (lin.input, q_n, s_n, z_n, lin.bias, qw.bits, qw.group_size, qw.in_features),
-        )
+        new = program.graph.call_function(op, args)
     new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
     info = nodemeta.get(node)
     nodemeta.set_info(new, replace(info, layer=info.layer or module_path).compressed(scheme, method))

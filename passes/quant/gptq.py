@@ -62,7 +62,7 @@ def _qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
 Select = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], None]
 
 
-def inverse_hessian_factor(H: torch.Tensor, damp: float, max_retries: int, name: str,
+def inverse_hessian_factor(H: torch.Tensor, damp: float, max_retries: int = 6, name: str = "layer",
                            what: str = "gptq") -> tuple[torch.Tensor, float]:
     """The upper Cholesky factor of ``(H + λ·mean(diag H)·I)⁻¹`` and the λ used (``damp``, raised
     ×10 per retry while the matrix is not positive definite); ``H`` has no dead columns left."""
