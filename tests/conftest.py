@@ -15,6 +15,13 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: under pytest-xdist (the README's ``-n auto``: one worker per core) each worker and every process it
+#: starts computes on one thread, so the workers do not oversubscribe the cores
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 from lowc import data  # noqa: E402  (the texts lowc ships: the tests need nothing outside the repository)
 
 VALID, TEST = data.wikitext2("valid"), data.wikitext2("test")
@@ -40,6 +47,20 @@ def make_llama_dir(path, seed: int = 0, **cfg) -> str:
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_kernel_cache(tmp_path_factory):
+    """Kernels (CPU-LUT libraries, Triton autotune results) built by the tests go to a cache of this
+    session (of this xdist worker), never to the user's ``~/.cache/lowc``, and no two test processes
+    share one; tests that need a cache of their own still set ``LOWC_CACHE_DIR`` themselves."""
+    old = os.environ.get("LOWC_CACHE_DIR")
+    os.environ["LOWC_CACHE_DIR"] = str(tmp_path_factory.mktemp("lowc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LOWC_CACHE_DIR", None)
+    else:
+        os.environ["LOWC_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

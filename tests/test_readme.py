@@ -44,6 +44,18 @@ def test_readme_quick_subset_is_the_ci_pytest_command_without_slow_tests():
     assert 'markers = ["slow: ' in _read("pyproject.toml")
 
 
+def test_parallel_test_command_installs_its_plugin():
+    """The test command runs one pytest-xdist worker per core (``-n auto``, a whole file per worker:
+    module fixtures are built once), and the ``dev`` extra the command installs provides xdist."""
+    readme = _read("README.md")
+    (test_cmd,) = [b for b in re.findall(r"```bash\n(.*?)\n```", readme, re.S) if "pytest" in b]
+    args = test_cmd.split("&&")[-1].split()
+    assert args[args.index("-n") + 1] == "auto" and args[args.index("--dist") + 1] == "loadfile", test_cmd
+    assert "'.[dev," in test_cmd
+    dev = re.search(r"^dev = \[(.*)\]$", _read("pyproject.toml"), re.M)
+    assert dev and '"pytest-xdist' in dev.group(1), "pyproject.toml: the dev extra must install pytest-xdist"
+
+
 def test_readme_tables_list_every_target_and_pass():
     import lowc
     from lowc.backends.registry import pass_table

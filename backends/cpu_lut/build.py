@@ -92,9 +92,11 @@ def build(source: str, flags: tuple[str, ...] = BASE_FLAGS) -> str:
         os.makedirs(d, mode=0o700, exist_ok=True)
         os.chmod(d, stat.S_IMODE(os.lstat(d).st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
         src = os.path.join(d, "kernels.c")
-        with open(src + ".tmp", "w") as f:
+        # a temporary name of this process: two processes building the same key never share one
+        fd, src_tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".c", dir=d)
+        with os.fdopen(fd, "w") as f:
             f.write(source)
-        os.replace(src + ".tmp", src)
+        os.replace(src_tmp, src)
         fd, tmp = tempfile.mkstemp(prefix=".lib-", suffix=".so", dir=d)
         os.close(fd)
     except OSError as e:
