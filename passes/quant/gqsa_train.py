@@ -229,12 +229,12 @@ def e2e_tune(program, reference, nodes: Sequence[torch.fx.Node], samples: Sequen
         with torch.enable_grad():
             loss = _loss(main_tensor(tuned.call(*inputs[j])), ref(j), kl)
             if not torch.isfinite(loss):
-                raise CalibrationError(f"gqsa: the end-to-end loss became {loss.item()}: lower e2e_lr or check the calibration data")
+                raise CalibrationError(f"gqsa: the end-to-end loss became {loss.detach().item()}: lower e2e_lr or check the calibration data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
         if hasattr(it, "set_postfix"):
-            it.set_postfix(loss=f"{loss.item():.4g}")
+            it.set_postfix(loss=f"{loss.detach().item():.4g}")
     last = calib_loss()
     kept = last < first
     if kept:
