@@ -81,7 +81,9 @@ EXPECTED_ORDER = ("flatquant", "affinequant", "gptq", "rtn")
 
 #: the sparsity table's rows: key -> (passes on ``ref-w4a16``, label); cells have scheme ``sparse``
 SPARSE: dict[str, tuple[tuple[str, ...], str]] = {
-    "gqsa-s50": (("gqsa{sparsity=0.5}",), "GQSA W4 S50 (groups of 16; `gqsa{sparsity=0.5}`)"),
+    "gqsa-s50": (("gqsa{sparsity=0.5}",), "GQSA W4 S50 g128 (sparse groups of 16; `gqsa{sparsity=0.5}`)"),
+    "gqsa-s50-g16": (("gqsa{sparsity=0.5,group_size=16}",),
+                     "GQSA W4 S50 g16 (a scale per kept group of 16: the paper's layout, about 2:4 + W4's size)"),
     "sparsegpt24-gptq": (("prune{method=sparsegpt,pattern=2:4}", "gptq"), "2:4 + W4 g128: SparseGPT, then GPTQ"),
     "sparsegpt24-joint": (("prune{method=sparsegpt,pattern=2:4,bits=4}",), "2:4 + W4 g128: SparseGPT joint prune+quantize"),
     "wanda24-gptq": (("prune{method=wanda,pattern=2:4}", "gptq"), "2:4 + W4 g128: Wanda, then GPTQ"),
@@ -105,8 +107,8 @@ def bits_per_weight(key: str) -> float:
     k = 4096
     if key == "float":
         return 16.0
-    if key == "gqsa-s50":
-        return Scheme(4, 128, sparsity=0.5, sparse_group=16).bits_per_weight(k)
+    if key.startswith("gqsa-s50"):
+        return Scheme(4, 16 if key.endswith("g16") else 128, sparsity=0.5, sparse_group=16).bits_per_weight(k)
     if key.startswith("gptq-w"):
         return Scheme(int(key[-1]), 128).bits_per_weight(k)
     dense_w4 = Scheme(4, 128).bits_per_weight(k)
@@ -589,16 +591,17 @@ def render_sparsity(args, command: str) -> None:
                  f"{cell_text(row['key'], 'minilm')} |")
     L += ["", BITS_NOTE, ""]
     claims = []
-    for other in ("sparsegpt24-gptq", "gptq-w2"):
-        for model, name, loss in (("llama", "perplexity", lambda m: m.get("ppl")),
-                                  ("minilm", "1 − cosine", lambda m: 1 - m["cosine"] if m.get("cosine") is not None else None)):
-            a, b = cells_.get((model, "gqsa-s50", "sparse")), cells_.get((model, other, "sparse"))
-            if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
-                claims.append(f"- GQSA W4 S50 vs {SPARSE[other][1]} ({model}, {name}): not measured")
-                continue
-            la, lb = loss(a["metrics"]), loss(b["metrics"])
-            claims.append(f"- GQSA W4 S50 vs {SPARSE[other][1]} ({model}, {name}): {la:.4g} vs {lb:.4g}: "
-                          + ("holds" if la < lb else "does NOT hold"))
+    for mine in ("gqsa-s50", "gqsa-s50-g16"):
+        for other in ("sparsegpt24-gptq", "gptq-w2"):
+            for model, name, loss in (("llama", "perplexity", lambda m: m.get("ppl")),
+                                      ("minilm", "1 − cosine", lambda m: 1 - m["cosine"] if m.get("cosine") is not None else None)):
+                a, b = cells_.get((model, mine, "sparse")), cells_.get((model, other, "sparse"))
+                what = f"{SPARSE[mine][1].split(' (')[0]} vs {SPARSE[other][1]} ({model}, {name})"
+                if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
+                    claims.append(f"- {what}: not measured")
+                    continue
+                la, lb = loss(a["metrics"]), loss(b["metrics"])
+                claims.append(f"- {what}: {la:.4g} vs {lb:.4g}: " + ("holds" if la < lb else "does NOT hold"))
     L += ["The paper's claim (GQSA W4 S50 beats 2:4 + W4 and dense W2):", ""] + claims + [""]
     errors = [c for c in cells_.values() if c.get("status") != "ok"]
     if errors:

@@ -113,5 +113,6 @@ def test_sparsity_table(run, monkeypatch):
     monkeypatch.setattr(registry, "PASSES", {k: v for k, v in registry.PASSES.items() if k != "gqsa"})
     q.render_sparsity(q.parse_args([*args, "--render-only", "--methods", ""]), "test")
     md = _text(results, "quality_sparsity.md")
-    assert "| GQSA W4 S50 (groups of 16; `gqsa{sparsity=0.5}`) | `gqsa{sparsity=0.5}` | 2.578 | not available | not available |" in md
+    assert ("| GQSA W4 S50 g128 (sparse groups of 16; `gqsa{sparsity=0.5}`) | `gqsa{sparsity=0.5}` | 2.594 | "
+            "not available | not available |") in md
     assert "dense W2 g128 (GPTQ) | `gptq{bits=2}` | 2.141 | not run |" in md
