@@ -78,16 +78,18 @@ def _tracked_files() -> list[str]:
     return [p for p in r.stdout.split("\0") if p and not p.startswith((".ci/", ".git/"))]
 
 
-#: spellings of a data path outside the repository: "../shared", ".../shared/data", and the
-#: os.path.join form ("..", "shared", "data") the tests and benchmarks used before lowc.data
-OUTSIDE = re.compile(r"\.\./shared|shared/data|[\"']shared[\"']\s*,\s*[\"']data[\"']")
+#: spellings of a data path outside the repository: the sibling folder beside the clone, its data/
+#: subfolder, and the os.path.join form the tests and benchmarks used before lowc.data; the folder's
+#: name is assembled so that this file, which is scanned too, holds none of the spellings itself
+_SIBLING = "sha" + "red"
+OUTSIDE = re.compile(r"\.\./" + _SIBLING + "|" + _SIBLING + r"/data|[\"']" + _SIBLING + r"[\"']\s*,\s*[\"']data[\"']")
 
 
 def test_no_tracked_file_reads_data_from_outside_the_repository():
     hits = []
     for rel in _tracked_files():
         path = os.path.join(ROOT, rel)
-        if not os.path.isfile(path) or rel.startswith("compiler/data/wikitext-2/") or rel == "tests/test_data.py":  # this check's own patterns
+        if not os.path.isfile(path) or rel.startswith("compiler/data/wikitext-2/"):
             continue
         with open(path, encoding="utf-8", errors="replace") as f:
             for i, line in enumerate(f, 1):
@@ -97,8 +99,8 @@ def test_no_tracked_file_reads_data_from_outside_the_repository():
 
 
 def test_the_outside_path_check_catches_each_spelling():
-    for line in ('calib="../shared/data/wikitext-2/valid.txt"', "/work/shared/data/wikitext-2/test.txt",
-                 'os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2")'):
+    for line in (f'calib="../{_SIBLING}/data/wikitext-2/valid.txt"', f"/work/{_SIBLING}/data/wikitext-2/test.txt",
+                 f'os.path.join(HERE, "..", "..", "{_SIBLING}", "data", "wikitext-2")'):
         assert OUTSIDE.search(line), line
     assert not OUTSIDE.search("a shared denominator; shared memory; data.wikitext2('valid')")
 
