@@ -22,8 +22,8 @@ steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests bench sparse decode linattn
                      tests/test_triton_linear.py tests/test_triton_sparse.py tests/test_linear_attention.py \
                      $(ls tests/test_triton_ssd.py 2>/dev/null) ;;
         bench)   timeout 170 python3 benchmarks/triton_linear.py --out "$res" ;;
-        sparse)  timeout 80 python3 benchmarks/triton_linear.py --sparse --out "$res" ;;
-        decode)  timeout 100 python3 benchmarks/triton_linear.py --decode --out "$res" ;;
+        sparse)  timeout 70 python3 benchmarks/triton_linear.py --sparse --out "$res" ;;
+        decode)  timeout 90 python3 benchmarks/triton_linear.py --decode --out "$res" ;;
         linattn) timeout 100 python3 benchmarks/linear_attention.py --parts cuda \
                      && cp benchmarks/results/linear_attention.* "$res"/ ;;
         *) echo "unknown step $s" ;;
