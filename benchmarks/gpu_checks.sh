@@ -4,7 +4,7 @@
 # time limit so one slow step cannot eat the others. Results and logs go to $OUT (default
 # /tmp/lowc-gpu-out) as log.txt and results.tgz (benchmarks/results/*.md/json written by this run).
 #
-#   bash benchmarks/gpu_checks.sh [STEP...]     steps: tests bench sparse decode linattn (default: all)
+#   bash benchmarks/gpu_checks.sh [STEP...]     steps: tests bench benchcg sparse decode linattn (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/lowc-gpu-out}"; mkdir -p "$OUT"
@@ -21,9 +21,10 @@ steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests bench sparse decode linattn
         tests)   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=20 --timeout 140 \
                      tests/test_triton_linear.py tests/test_triton_sparse.py tests/test_linear_attention.py \
                      $(ls tests/test_triton_ssd.py 2>/dev/null) ;;
-        bench)   timeout 170 python3 benchmarks/triton_linear.py --out "$res" ;;
+        bench)   timeout 130 python3 benchmarks/triton_linear.py --out "$res" ;;
+        benchcg) timeout 120 python3 benchmarks/triton_linear.py --cuda-graph --out "$res/cudagraph" ;;
         sparse)  timeout 70 python3 benchmarks/triton_linear.py --sparse --out "$res" ;;
-        decode)  timeout 90 python3 benchmarks/triton_linear.py --decode --out "$res" ;;
+        decode)  timeout 80 python3 benchmarks/triton_linear.py --decode --out "$res" ;;
         linattn) timeout 100 python3 benchmarks/linear_attention.py --parts cuda \
                      && cp benchmarks/results/linear_attention.* "$res"/ ;;
         *) echo "unknown step $s" ;;

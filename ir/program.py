@@ -148,8 +148,9 @@ class Program:
         return total
 
     def example_inputs(self, batch: int | None = None, seq: int | None = None, seed: int = 0) -> list[torch.Tensor]:
-        """Flat example inputs in placeholder order (dynamic dims resized if asked)."""
-        out = []
+        """Flat example inputs in placeholder order (dynamic dims resized if asked), on the program's
+        device (a program compiled for CUDA checks and calibrates there)."""
+        out, device = [], self.device
         for spec in self.info.inputs:
             shape = list(spec.shape)
             for dim, sym in spec.dynamic.items():
@@ -157,7 +158,7 @@ class Program:
                     shape[dim] = batch
                 if sym == "seq" and seq is not None:
                     shape[dim] = seq
-            out.append(spec.example(shape, seed))
+            out.append(spec.example(shape, seed).to(device))
         return out
 
     def bind(self, *args, **kwargs) -> dict[str, torch.Tensor]:

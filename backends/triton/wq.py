@@ -59,10 +59,25 @@ def _problem(x2: torch.Tensor, scales, zeros, bits, group_size, in_features, out
                             dtype=str(x2.dtype).replace("torch.", ""))
 
 
+#: launch plans by (configuration, problem, operand kinds, strides): decode calls every layer once per
+#: token, so the grid and keyword arguments are built once, not per call
+_plans: dict = {}
+
+
 def launch(cfg: autotune.Config, x2, qweight, scales, zeros, bias, out, p: autotune.Problem) -> None:
     """Run one configuration: ``out[M, N] = x2[M, K] @ W.T + bias``."""
+    key = (cfg, p, zeros is not None, bias is not None, x2.stride(0), out.stride(0), qweight.shape[0])
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _plan(cfg, p, zeros is not None, bias is not None, x2, out, qweight.shape[0])
+    plan(x2, qweight, scales, zeros, bias, out)
+    LAUNCHES[cfg.kernel] += 1
+
+
+def _plan(cfg: autotune.Config, p: autotune.Problem, has_zeros: bool, has_bias: bool, x2, out, kw: int):
+    """A function launching ``cfg`` for ``p`` on given operands (everything else precomputed)."""
     K = _kernels()
-    m, n = x2.shape[0], p.n
+    m, n = p.m, p.n
     bk = cfg.block_k
     num_tiles = -(-p.k_pad // bk)
     split = max(1, min(cfg.split_k, num_tiles))
@@ -70,29 +85,32 @@ def launch(cfg: autotune.Config, x2, qweight, scales, zeros, bias, out, p: autot
     tiles_per_group = p.group_size // bk if p.n_groups > 1 else num_tiles
     if p.n_groups > 1 and p.group_size % bk:
         raise KernelError(f"lowc::linear_wq_tr: block_k={bk} does not divide group_size={p.group_size}")
-    kw = qweight.shape[0]
     partial = split > 1
-    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if partial else out
-    dummy = scales
-    common = dict(BITS=p.bits, PACK=p.pack, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+    common = dict(BITS=p.bits, PACK=p.pack, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
                   PARTIAL=partial, EVEN_K=p.k_pad % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x2, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, target,
-            m, n, p.k, kw, x2.stride(0), out.stride(0), tiles_per_split, num_tiles, tiles_per_group)
+    tail = (m, n, p.k, kw, x2.stride(0), out.stride(0), tiles_per_split, num_tiles, tiles_per_group)
     if cfg.kernel == "gemv":
-        K.wq_gemv[(-(-n // cfg.block_n), split, m)](*args, **common)
+        kernel = K.wq_gemv[(-(-n // cfg.block_n), split, m)]
     elif cfg.kernel == "gemm":
         dot_fp32 = x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and interpreting())
-        grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n), split)
-        K.wq_gemm[grid](*args, DOT_FP32=dot_fp32, UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
-                        **common)
+        common.update(DOT_FP32=dot_fp32, UNPACK=cfg.unpack, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m)
+        kernel = K.wq_gemm[(-(-m // cfg.block_m) * -(-n // cfg.block_n), split)]
     else:
         raise KernelError(f"lowc::linear_wq_tr: unknown kernel {cfg.kernel!r} in configuration {cfg}")
-    LAUNCHES[cfg.kernel] += 1
-    if partial:
-        rb = 256
-        K.splitk_reduce[(-(-n // rb), m)](target, bias if bias is not None else dummy, out, m, n, out.stride(0),
-                                          SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_N=rb, num_warps=4)
+    rb = 256
+    reduce = K.splitk_reduce[(-(-n // rb), m)] if partial else None
+
+    def run(x2, qweight, scales, zeros, bias, out):
+        dummy = scales
+        target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if partial else out
+        kernel(x2, qweight, scales, dummy if zeros is None else zeros, dummy if bias is None else bias, target,
+               *tail, **common)
+        if partial:
+            reduce(target, dummy if bias is None else bias, out, m, n, out.stride(0),
+                   SPLIT_K=split, HAS_BIAS=has_bias, BLOCK_N=rb, num_warps=4)
+
+    return run
 
 
 def compile_for_gpu(cfg: autotune.Config, p: autotune.Problem, arch: int = 90, has_bias: bool = True) -> dict:
@@ -153,7 +171,8 @@ _chosen: dict = {}
 def choose(p: autotune.Problem, x2, run) -> autotune.Config:
     """The configuration for ``p``: cached/tuned on CUDA, the heuristic elsewhere or while capturing a graph.
     Decisions are memoized per (device, problem) for this process (decode calls each layer every token)."""
-    memo = (x2.device, p, _autotune_enabled(), autotune.cache_path())
+    env = os.environ
+    memo = (x2.device, p, env.get("LOWC_TRITON_AUTOTUNE"), env.get("LOWC_CACHE_DIR"), env.get("HOME"))
     hit = _chosen.get(memo)
     if hit is not None:
         return hit
@@ -201,16 +220,19 @@ def run_rows(op_name: str, x, operands, in_features: int, out_features: int, pro
     ``x`` to ``[M, K]`` (unit stride along K), cut M so that offsets fit int32, pick a configuration
     per chunk (``problem(xs)`` -> Problem; ``config`` forces one) and ``run(cfg, xs, out, problem)``;
     returns ``[..., N]`` in the activation dtype."""
-    shape = f"x {str(x.dtype).replace('torch.', '')}{list(x.shape)}, N={out_features}, K={in_features}"
+    def shape():
+        return f"x {str(x.dtype).replace('torch.', '')}{list(x.shape)}, N={out_features}, K={in_features}"
+
     if x.dtype not in DTYPES:
         raise KernelError(f"{op_name}: the Triton kernels take float16, bfloat16 or float32 activations; "
-                          f"got {shape}")
-    devs = {t.device for t in (x, *operands) if t is not None}
-    if len(devs) != 1:
-        raise KernelError(f"{op_name}: operands on different devices {sorted(map(str, devs))} ({shape})")
+                          f"got {shape()}")
+    dev = x.device
+    if any(t is not None and t.device != dev for t in operands):
+        devs = {t.device for t in (x, *operands) if t is not None}
+        raise KernelError(f"{op_name}: operands on different devices {sorted(map(str, devs))} ({shape()})")
     if not x.is_cuda and not interpreting():
         raise KernelError(f"{op_name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU "
-                          f"tensors); got {x.device} ({shape})")
+                          f"tensors); got {x.device} ({shape()})")
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -219,6 +241,10 @@ def run_rows(op_name: str, x, operands, in_features: int, out_features: int, pro
     if m == 0:
         return out.reshape(*x.shape[:-1], out_features)
     rows = max(1, _MAX_ELEMS // max(out_features, x2.stride(0), 1))
+    if m <= rows:  # one chunk (always in decode): no slicing
+        p = problem(x2)
+        run(config if config is not None else choose(p, x2, lambda cfg: run(cfg, x2, out, p)), x2, out, p)
+        return out.reshape(*x.shape[:-1], out_features)
     for r0 in range(0, m, rows):
         xs, os_ = x2[r0:r0 + rows], out[r0:r0 + rows]
         p = problem(xs)
