@@ -89,6 +89,9 @@ DECODE: tuple[Config, ...] = (
     Config("gemv", block_n=256, block_k=128, split_k=0, num_warps=4, num_stages=2),
     Config("gemv", block_n=64, block_k=256, split_k=0, num_warps=4, num_stages=2),
     Config("gemv", block_n=128, block_k=256, split_k=0, num_warps=8, num_stages=2),
+    # wider tiles: more bytes in flight per program (with groups of 128 a K tile holds at most 16 word rows)
+    Config("gemv", block_n=256, block_k=128, split_k=0, num_warps=8, num_stages=3),
+    Config("gemv", block_n=512, block_k=128, split_k=0, num_warps=8, num_stages=2),
     Config("gemm", block_m=16, block_n=64, block_k=128, split_k=0, unpack=1, num_warps=4, num_stages=3),
     Config("gemm", block_m=16, block_n=128, block_k=128, split_k=0, unpack=1, num_warps=4, num_stages=3),
     Config("gemm", block_m=16, block_n=128, block_k=128, split_k=0, unpack=0, num_warps=4, num_stages=2),
