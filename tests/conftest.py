@@ -343,3 +343,22 @@ def isolated_autotune(tmp_path_factory):
         else:
             os.environ[k] = v
     autotune.clear_memory()
+
+
+def triton_interpreter_broken() -> str | None:
+    """Why triton's interpreter cannot run our kernels in this environment, or None. Triton 3.6's
+    interpreter turns 1-element arrays into loop bounds with ``int()``, which numpy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); the GPU machine has that pair
+    (triton 3.6, numpy 2.5), where the same kernels are tested compiled on CUDA instead."""
+    import importlib.metadata as md
+
+    try:
+        tv, nv = md.version("triton"), md.version("numpy")
+    except md.PackageNotFoundError:
+        return None
+    t = tuple(int(x) for x in tv.split(".")[:2] if x.isdigit())
+    n = tuple(int(x) for x in nv.split(".")[:2] if x.isdigit())
+    if t == (3, 6) and n >= (2, 4):
+        return f"triton {tv}'s interpreter fails with numpy {nv} (>= 2.4) on loop bounds"
+    return None
+

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import triton_interpreter_broken
 from lowc.errors import KernelError
 from lowc.ir.dialect import ensure_registered
 
@@ -356,6 +357,8 @@ _KERNEL_SCRIPT = textwrap.dedent(r"""
 def kernel_results():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install -e '.[triton]')")
+    if triton_interpreter_broken():
+        pytest.skip(triton_interpreter_broken())
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -211,7 +211,7 @@ def heuristic(p: Problem, sms: int = DEFAULT_SMS) -> Config:
     if p.m == 1:
         base = DECODE[0]
     elif p.m <= DECODE_MAX_M:
-        base = DECODE[4]
+        base = next(c for c in DECODE if c.kernel == "gemm")  # BLOCK_M = 16
     elif p.m <= 64:
         base = PREFILL[2 * 5]  # 32 x 128 x 128, unpack 1
     else:
