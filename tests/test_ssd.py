@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_linear_attention import _PeakTensor
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowc.ir.dialect.ssd import (  # defines lowc::ssd
     SSDState,
@@ -193,21 +193,6 @@ def test_initial_state_continuation():
     _, s = call(chunked_ssd, _slice(p, 0, cut), return_state=True)
     y2 = call(chunked_ssd, _slice(p, cut, 130), initial_state=s.ssm)
     close(y2, call(chunked_ssd, p)[:, :, cut:])
-
-
-class _PeakTensor(TorchDispatchMode):
-    """Largest tensor produced by any op (numel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_chunked_memory_is_linear_not_quadratic():

@@ -38,6 +38,7 @@ import warnings
 
 import torch
 
+from lowc.backends.triton.linear_attention import _pow2
 from lowc.ir.dialect.ops import register_backend_kernel
 from lowc.ir.dialect.ssd import _check
 from lowc.ir.dialect.ssd_chunked import SSDState, chunked_ssd, prepare
@@ -46,10 +47,6 @@ from lowc.ir.dialect.ssd_chunked import SSDState, chunked_ssd, prepare
 BLOCK = 64
 MAX_WIDTH = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (max(1, n) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
