@@ -346,3 +346,26 @@ def test_decode_bad_input():
         ssd_step(st, torch.rand(1, 4, 2, 8), *args[1:])
     with pytest.raises(ValueError, match=r"do not match the state \(Bt=1, H=4, P=12, N=8\)"):
         ssd_step(st, torch.rand(1, 4, 1, 16), *args[1:])
+
+
+def test_op_exports_with_a_dynamic_length():
+    """torch.export captures the op (fake kernel with a symbolic L), and the exported program runs it."""
+
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.D = torch.nn.Parameter(torch.randn(4))
+            self.conv = torch.nn.Parameter(torch.randn(2, 12, 4))
+
+        def forward(self, C, B, x, a):
+            return torch.ops.lowc.ssd(C, B, x, a, self.D, None, None, self.conv, chunk=32)
+
+    o = operands(b=1, length=40, d=False)
+    m = Mixer()
+    length = torch.export.Dim("L", min=2, max=4096)
+    dyn = {"C": {2: length}, "B": {2: length}, "x": {2: length}, "a": {2: length}}
+    ep = torch.export.export(m, (o["C"], o["B"], o["x"], o["a"]), dynamic_shapes=dyn)
+    assert "torch.ops.lowc.ssd.default" in ep.graph_module.code
+    o2 = operands(b=1, length=77, d=False, seed=4)
+    args = (o2["C"], o2["B"], o2["x"], o2["a"])
+    torch.testing.assert_close(ep.module()(*args), m(*args), rtol=0, atol=0)
