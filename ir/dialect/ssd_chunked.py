@@ -163,9 +163,9 @@ def chunked_ssd(C, B, x, a, D=None, conv_c=None, conv_b=None, conv_x=None, key_m
     else:
         q = max(1, min(chunk, length))
         nc = -(-length // q)
-        cc = _chunk(cf.reshape(b, g, hg, length, n).flatten(1, 2), nc, q).view(b, g, hg, nc, q, n)
+        cc = _chunk(cf, nc, q).view(b, g, hg, nc, q, n)  # query heads grouped by the group they read
         bc, xc = _chunk(bf, nc, q), _chunk(xf, nc, q)  # [B, G, nc, Q, N|P]
-        acs = _chunk(af.reshape(b, h, length), nc, q).view(b, g, hg, nc, q).cumsum(dim=-1)
+        acs = _chunk(af, nc, q).view(b, g, hg, nc, q).cumsum(dim=-1)  # in-chunk cumulative log-decay
 
         tri = torch.ones(q, q, dtype=torch.bool, device=C.device).tril()
         decay = torch.exp((acs[..., :, None] - acs[..., None, :]).masked_fill(~tri, float("-inf")))
