@@ -166,6 +166,8 @@ def run_cuda(lengths):
         row["ssd_triton_s"] = triton.testing.do_bench(lambda: ssd_triton(q, kk, v, a)) / 1e3
         if length <= 8192:
             row["ssd_chunked_torch_s"] = triton.testing.do_bench(lambda: chunked_ssd(q, kk, v, a)) / 1e3
+            ref = chunked_ssd(q, kk, v, a).float()  # the kernel checked on this GPU too: relative max error
+            row["ssd_triton_rel_err"] = ((ssd_triton(q, kk, v, a).float() - ref).abs().max() / ref.abs().max()).item()
         for name, fn in peers.items():
             try:
                 call = fn(q, kk, v, a)
@@ -396,6 +398,9 @@ def render(res) -> str:
                     lines.append(f"| {r['length']} | {us(r.get('ssd_triton_s'))} | {us(r.get('ssd_chunked_torch_s'))} "
                                  f"| {us(r.get('ssd_fla_s'))} | {us(r.get('ssd_mamba_ssm_s'))} | {us(r['sdpa_s'])} "
                                  f"| {r['sdpa_s'] / r['ssd_triton_s']:.2f}x |")
+                errs = [r["ssd_triton_rel_err"] for r in sec["rows"] if "ssd_triton_rel_err" in r]
+                if errs:
+                    lines += ["", f"SSD Triton vs the chunked torch form (bf16 outputs), largest max|diff| / max|y|: {max(errs):.2g}."]
         if key in ("cpu", "cuda"):
             lines += ["", "Log-log slope of time vs length (1 = linear, 2 = quadratic): all lengths "
                       + ", ".join(f"{k_.removesuffix('_s')} {_fmt_slope(v_)}" for k_, v_ in sec["slopes"].items())
