@@ -9,9 +9,13 @@ this time are kept from the previous file, so the CPU and GPU runs can be made o
 * ``cpu``: forward time of the chunked plain-PyTorch form (the op's registered implementation; causal,
   window 0 = Hedgehog form, window 64 = LoLCATs hybrid) vs causal ``F.scaled_dot_product_attention``
   (fp32), B=1, H=4, D=Dv=64, F=128 (LoLCATs' 2x64 features), lengths 1k..32k; log-log slopes and
-  the crossover length.
+  the crossover length. Also the Mamba-2 SSD mixer ``lowc::ssd`` (its chunked form, chunk 64;
+  ``C``, ``B``, ``x`` = the same q, k, v, so N = P = 64, per-token decays ``a``, no convolutions).
 * ``cuda``: the Triton kernel vs SDPA (FlashAttention backend), bf16, B=1, H=32, D=Dv=128, F=128,
-  ``triton.testing.do_bench``; same lengths, slopes and crossover. Refuses clearly without CUDA.
+  ``triton.testing.do_bench``; same lengths, slopes and crossover. Refuses clearly without CUDA. Also
+  ``lowc::ssd``'s Triton kernel (N = P = 128) vs SDPA and vs its chunked PyTorch form on CUDA, and the
+  peers' SSD kernels when importable (flash-linear-attention's ``chunk_simple_gla``, mamba_ssm's
+  ``mamba_chunk_scan_combined``; columns left empty otherwise).
 * ``decode``: memory of generating N tokens (N = 1..4096) with the recurrent state
   (:mod:`lowc.runtime.state`) vs a softmax KV cache, one layer, B=1, H=Hk=8,
   D=Dv=64, F=128, window 64, fp32: bytes by tensor sizes, and the live/peak tensor bytes of a real
@@ -52,6 +56,12 @@ def _operands(length, h, d, f, dtype, device, seed=0):
     w = torch.randn(d, f // 2, generator=g) / math.sqrt(d)
     fq, fk = _features(q, w), _features(k, w)
     return [t.to(device=device, dtype=dtype) for t in (q, k, v, fq, fk)]
+
+
+def _log_decay(length, h, device, seed=1):
+    """SSD per-token log-decays ``a = -softplus(dt)`` ``[1, H, L]`` fp32 (Mamba-2's range)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (-F.softplus(torch.randn(1, h, length, generator=g) - 2.0)).to(device)
 
 
 def _median_time(fn, reps: int) -> float:
@@ -96,6 +106,7 @@ def run_cpu(lengths, reps, max_sdpa_seconds):
 
     ensure_registered()
     op = torch.ops.lowc.linear_attention
+    ssd = torch.ops.lowc.ssd
     h, d, f = 4, 64, 128
     rows, skipped = [], []
     sdpa_too_slow = False
@@ -106,6 +117,8 @@ def run_cpu(lengths, reps, max_sdpa_seconds):
             for w in (0, 64):
                 row[f"linear_w{w}_s"] = _median_time(
                     lambda: op(fq, fk, v, q if w else None, k if w else None, None, None, None, True, w, d ** -0.5, 1e-6), reps)
+            a, kk = _log_decay(length, h, "cpu"), k * d ** -0.5
+            row["ssd_s"] = _median_time(lambda: ssd(q, kk, v, a), reps)
             if sdpa_too_slow:
                 skipped.append(f"sdpa at {length}: the previous length took > {max_sdpa_seconds} s (quadratic)")
             else:
@@ -115,11 +128,13 @@ def run_cpu(lengths, reps, max_sdpa_seconds):
         print(f"cpu L={length}: " + ", ".join(f"{k_}={v_ * 1e3:.1f} ms" for k_, v_ in row.items() if k_ != "length"), flush=True)
         del q, k, v, fq, fk
     return {
-        "config": f"B=1, H={h}, D=Dv={d}, F={f} (softmax_f features), causal, fp32, {torch.get_num_threads()} threads",
+        "config": f"B=1, H={h}, D=Dv={d}, F={f} (softmax_f features), causal, fp32, {torch.get_num_threads()} threads; "
+                  f"SSD: H=G={h}, N=P={d}, chunk 64, no convolutions",
         "rows": rows, "skipped": skipped,
-        "slopes": {key: _slope(rows, key) for key in ("linear_w0_s", "linear_w64_s", "sdpa_s")},
-        "slopes_from_4k": {key: _slope(rows, key, 4096) for key in ("linear_w0_s", "linear_w64_s", "sdpa_s")},
-        "crossover": {w: _crossover(rows, f"linear_{w}_s", "sdpa_s") for w in ("w0", "w64")},
+        "slopes": {key: _slope(rows, key) for key in ("linear_w0_s", "linear_w64_s", "ssd_s", "sdpa_s")},
+        "slopes_from_4k": {key: _slope(rows, key, 4096) for key in ("linear_w0_s", "linear_w64_s", "ssd_s", "sdpa_s")},
+        "crossover": {**{w: _crossover(rows, f"linear_{w}_s", "sdpa_s") for w in ("w0", "w64")},
+                      "ssd": _crossover(rows, "ssd_s", "sdpa_s")},
     }
 
 
@@ -130,9 +145,12 @@ def run_cuda(lengths):
     import triton.testing
 
     from lowc.backends.triton.linear_attention import linear_attention_triton
+    from lowc.backends.triton.ssd import ssd_triton
     from lowc.ir.dialect.linear_attention_chunked import chunked_linear_attention
+    from lowc.ir.dialect.ssd import chunked_ssd
 
     h, d, f = 32, 128, 128
+    peers = _ssd_peers()
     rows = []
     for length in lengths:
         q, k, v, fq, fk = _operands(length, h, d, f, torch.bfloat16, "cuda")
@@ -143,18 +161,64 @@ def run_cuda(lengths):
             if length <= 8192:
                 row[f"chunked_torch_w{w}_s"] = triton.testing.do_bench(lambda: chunked_linear_attention(*args)) / 1e3
         row["sdpa_s"] = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)) / 1e3
+        a = _log_decay(length, h, "cuda")
+        kk = k * d ** -0.5
+        row["ssd_triton_s"] = triton.testing.do_bench(lambda: ssd_triton(q, kk, v, a)) / 1e3
+        if length <= 8192:
+            row["ssd_chunked_torch_s"] = triton.testing.do_bench(lambda: chunked_ssd(q, kk, v, a)) / 1e3
+            ref = chunked_ssd(q, kk, v, a).float()  # the kernel checked on this GPU too: relative max error
+            row["ssd_triton_rel_err"] = ((ssd_triton(q, kk, v, a).float() - ref).abs().max() / ref.abs().max()).item()
+        for name, fn in peers.items():
+            try:
+                call = fn(q, kk, v, a)
+                row[f"ssd_{name}_s"] = triton.testing.do_bench(call) / 1e3
+            except Exception as e:  # a peer's version or shape limits: recorded, not fatal
+                row[f"ssd_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
-        print(f"cuda L={length}: " + ", ".join(f"{k_}={v_ * 1e6:.0f} us" for k_, v_ in row.items() if k_ != "length"), flush=True)
+        print(f"cuda L={length}: " + ", ".join(f"{k_}={v_ * 1e6:.0f} us" for k_, v_ in row.items() if k_.endswith("_s")), flush=True)
         del q, k, v, fq, fk
         torch.cuda.empty_cache()
     return {
         "config": f"B=1, H={h}, D=Dv={d}, F={f}, causal, bf16, {torch.cuda.get_device_name()}, "
-                  f"triton {triton.__version__}, triton.testing.do_bench",
+                  f"triton {triton.__version__}, triton.testing.do_bench; SSD: H=G={h}, N=P={d}, chunk 64; "
+                  f"peers: {', '.join(peers) or 'none importable'}",
         "rows": rows,
-        "slopes": {key: _slope(rows, key) for key in ("triton_w0_s", "triton_w64_s", "sdpa_s")},
-        "slopes_from_4k": {key: _slope(rows, key, 4096) for key in ("triton_w0_s", "triton_w64_s", "sdpa_s")},
-        "crossover": {w: _crossover(rows, f"triton_{w}_s", "sdpa_s") for w in ("w0", "w64")},
+        "slopes": {key: _slope(rows, key) for key in ("triton_w0_s", "triton_w64_s", "ssd_triton_s", "sdpa_s")},
+        "slopes_from_4k": {key: _slope(rows, key, 4096) for key in ("triton_w0_s", "triton_w64_s", "ssd_triton_s", "sdpa_s")},
+        "crossover": {**{w: _crossover(rows, f"triton_{w}_s", "sdpa_s") for w in ("w0", "w64")},
+                      "ssd": _crossover(rows, "ssd_triton_s", "sdpa_s")},
     }
+
+
+def _ssd_peers() -> dict:
+    """The peers' SSD / scalar-decay linear-attention kernels that import here: name -> a function of our
+    operands (``C, B, x [1, H, L, D]`` bf16, ``a [1, H, L]``) returning a closure to time (layouts
+    converted outside the timing). Same token mixing as ``lowc::ssd`` without D (mamba_ssm scales x by
+    dt = -a internally: same work)."""
+    peers = {}
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla  # optional: flash-linear-attention
+
+        def fla(c, b, x, a):
+            q, k, v, g = (t.transpose(1, 2).contiguous() for t in (c, b, x, a))
+            return lambda: chunk_simple_gla(q, k, v, g=g, scale=1.0)
+
+        peers["fla"] = fla
+    except ImportError:
+        pass
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # optional: mamba_ssm
+
+        def mamba(c, b, x, a):
+            cc, bb, xx = (t.transpose(1, 2).contiguous() for t in (c, b, x))
+            dt = (-a).transpose(1, 2).contiguous()
+            big_a = -torch.ones(a.shape[1], device=a.device)
+            return lambda: mamba_chunk_scan_combined(xx, dt, big_a, bb, cc, chunk_size=64)
+
+        peers["mamba_ssm"] = mamba
+    except ImportError:
+        pass
+    return peers
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -313,21 +377,35 @@ def render(res) -> str:
         lines += [f"Command: `{sec['command']}`  ", f"Machine: {sec['machine']}; date {sec['date']}; load {sec['load']}  ",
                   f"Config: {sec['config']}", ""]
         if key == "cpu":
-            lines += ["| length | linear w=0 ms | linear w=64 ms | SDPA causal ms | SDPA / linear w=64 |", "|---:|---:|---:|---:|---:|"]
+            lines += ["| length | linear w=0 ms | linear w=64 ms | SSD (lowc::ssd) ms | SDPA causal ms | SDPA / linear w=64 | SDPA / SSD |",
+                      "|---:|---:|---:|---:|---:|---:|---:|"]
             for r in sec["rows"]:
                 ratio = f"{r['sdpa_s'] / r['linear_w64_s']:.2f}x" if r.get("sdpa_s") else "–"
-                lines.append(f"| {r['length']} | {_fmt_ms(r['linear_w0_s'])} | {_fmt_ms(r['linear_w64_s'])} | {_fmt_ms(r.get('sdpa_s'))} | {ratio} |")
+                ratio_ssd = f"{r['sdpa_s'] / r['ssd_s']:.2f}x" if r.get("sdpa_s") and r.get("ssd_s") else "–"
+                lines.append(f"| {r['length']} | {_fmt_ms(r['linear_w0_s'])} | {_fmt_ms(r['linear_w64_s'])} | {_fmt_ms(r.get('ssd_s'))} "
+                             f"| {_fmt_ms(r.get('sdpa_s'))} | {ratio} | {ratio_ssd} |")
         elif key == "cuda":
             lines += ["| length | Triton w=0 µs | Triton w=64 µs | chunked torch w=64 µs | SDPA µs | SDPA / Triton w=64 |", "|---:|---:|---:|---:|---:|---:|"]
             for r in sec["rows"]:
                 us = lambda x: "–" if x is None else f"{x * 1e6:.0f}"  # noqa: E731
                 lines.append(f"| {r['length']} | {us(r['triton_w0_s'])} | {us(r['triton_w64_s'])} | {us(r.get('chunked_torch_w64_s'))} "
                              f"| {us(r['sdpa_s'])} | {r['sdpa_s'] / r['triton_w64_s']:.2f}x |")
+            if any("ssd_triton_s" in r for r in sec["rows"]):
+                lines += ["", "SSD mixer (`lowc::ssd`):", "",
+                          "| length | SSD Triton µs | SSD chunked torch µs | fla chunk_simple_gla µs | mamba_ssm chunk scan µs "
+                          "| SDPA µs | SDPA / SSD Triton |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                for r in sec["rows"]:
+                    lines.append(f"| {r['length']} | {us(r.get('ssd_triton_s'))} | {us(r.get('ssd_chunked_torch_s'))} "
+                                 f"| {us(r.get('ssd_fla_s'))} | {us(r.get('ssd_mamba_ssm_s'))} | {us(r['sdpa_s'])} "
+                                 f"| {r['sdpa_s'] / r['ssd_triton_s']:.2f}x |")
+                errs = [r["ssd_triton_rel_err"] for r in sec["rows"] if "ssd_triton_rel_err" in r]
+                if errs:
+                    lines += ["", f"SSD Triton vs the chunked torch form (bf16 outputs), largest max|diff| / max|y|: {max(errs):.2g}."]
         if key in ("cpu", "cuda"):
             lines += ["", "Log-log slope of time vs length (1 = linear, 2 = quadratic): all lengths "
                       + ", ".join(f"{k_.removesuffix('_s')} {_fmt_slope(v_)}" for k_, v_ in sec["slopes"].items())
                       + "; from 4k " + ", ".join(f"{k_.removesuffix('_s')} {_fmt_slope(v_)}" for k_, v_ in sec["slopes_from_4k"].items()) + ".  ",
-                      "Crossover (first length from which linear attention is faster than SDPA, and stays so): "
+                      "Crossover (first length from which linear attention / SSD is faster than SDPA, and stays so): "
                       + ", ".join(f"{w} {c if c else 'not within the lengths measured'}" for w, c in sec["crossover"].items()) + "."]
             if sec.get("skipped"):
                 lines += ["", "Skipped: " + "; ".join(sec["skipped"]) + "."]

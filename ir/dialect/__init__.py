@@ -16,6 +16,7 @@ OPS: dict[str, str] = {
     "linear_wqaq": "lowc.ir.dialect.ops",
     "linear_gsq": "lowc.ir.dialect.sparse",
     "linear_attention": "lowc.ir.dialect.linear_attention",
+    "ssd": "lowc.ir.dialect.ssd",
     "fake_quant_kv": "lowc.ir.dialect.kv",
     "kron_transform": "lowc.ir.dialect.kron",
 }
