@@ -59,6 +59,7 @@ class _Worker:
 
     def __init__(self, spec: ScorerSpec, threads: int):
         self.spec, self.threads, self.scorer = spec, threads, None
+        self.scored, self.score_cpu_s = 0, 0.0
 
     def setup(self) -> dict[str, Any]:
         """Build the scorer (idempotent); what it cost and where it runs."""
@@ -71,7 +72,13 @@ class _Worker:
     def score(self, assignment: dict[str, int], n_tokens: int) -> float:
         if self.scorer is None:  # a replacement actor builds on its first assignment
             self.setup()
-        return float(self.scorer.score(assignment, n_tokens))
+        t0 = time.process_time()
+        value = float(self.scorer.score(assignment, n_tokens))
+        self.scored, self.score_cpu_s = self.scored + 1, self.score_cpu_s + time.process_time() - t0
+        return value
+
+    def stats(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "scored": self.scored, "score_cpu_s": self.score_cpu_s}
 
 
 def _import_ray():
@@ -178,6 +185,11 @@ class RayEvaluator:
                     raise _cause(err) from None
                 pbar.update(1)
         return results  # type: ignore[return-value]
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per live actor: pid, assignments scored and the CPU seconds spent scoring them (a machine's
+        load does not change CPU time as it changes wall time)."""
+        return self._ray.get([a.stats.remote() for a in self._actors])
 
     def close(self) -> None:
         """Stop the actors, and the Ray runtime if this evaluator started it (idempotent)."""

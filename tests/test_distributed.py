@@ -131,7 +131,11 @@ def test_results_in_order_and_the_same_for_2_workers(runtime, pool):
     two, _ = pool
     assert two.workers == 2 and [i["threads"] for i in two.setup_info] == [1, 1]
     assert len({i["pid"] for i in two.setup_info} | {os.getpid()}) == 3  # two worker processes
+    before = sum(st["scored"] for st in two.stats())
     assert two.evaluate(ASSIGNMENTS, N_TOKENS) == expected
+    after = two.stats()
+    assert sum(st["scored"] for st in after) - before == len(ASSIGNMENTS)
+    assert all(st["scored"] > 0 and st["score_cpu_s"] > 0 for st in after), "both workers take assignments"
     assert runtime.is_initialized(), "an evaluator leaves a runtime it did not start running"
 
 
