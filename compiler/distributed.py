@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowc.errors import DistributedError, LowcError
-from lowc.progress import active, bar, step
+from lowc.progress import active, step
 
 #: what the CLI and the error messages tell a user to install
 EXTRA = "pip install 'lowc[distributed]'"
@@ -252,33 +252,3 @@ def ray_evaluator(spec: ScorerSpec, workers: int | None = None, address: str | N
         raise DistributedError(f"lowc.distributed: {n or 'no'} workers of {threads} CPU(s) asked, "
                                f"but the Ray cluster has {cpus} CPUs")
     return RayEvaluator(ray, spec, n, threads=threads, max_replacements=max_replacements, owns_runtime=owns)
-
-
-class InProcessEvaluator:
-    """The same interface in this process (no Ray): ``lowc search`` without ``--workers``/``--ray``."""
-
-    def __init__(self, spec: ScorerSpec):
-        self.spec, self.scorer = spec, spec.build()
-        self.workers = 1
-
-    def evaluate(self, assignments: Sequence[dict[str, int]], n_tokens: int,
-                 progress: bool | None = None) -> list[float]:
-        items = bar(assignments, "scoring offspring", total=len(assignments), unit="offspring", enabled=progress)
-        return [float(self.scorer.score(a, n_tokens)) for a in items]
-
-    def close(self) -> None:
-        self.scorer = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def evaluator(spec: ScorerSpec, workers: int | None = None, address: str | None = None,
-              **kwargs) -> RayEvaluator | InProcessEvaluator:
-    """Ray when ``workers`` or ``address`` is given (``--workers N`` / ``--ray ADDRESS``), else in-process."""
-    if workers is None and address is None:
-        return InProcessEvaluator(spec)
-    return ray_evaluator(spec, workers, address, **kwargs)
