@@ -71,3 +71,8 @@ class GenerationError(LowcError):
 class ExportError(LowcError):
     """A compiled model cannot be written in the export format asked for (a layer the format has no
     entry for, a model that is not a Hugging Face model)."""
+
+
+class DistributedError(LowcError):
+    """A distributed run cannot start or finish: Ray is not installed, the cluster cannot be reached or
+    has too few CPUs, or its workers keep dying."""
