@@ -18,11 +18,21 @@ from lowc.backends.cpu_lut.codegen import KernelConfig, SparseKernelConfig
 from lowc.errors import LowcError
 
 _functions: dict[KernelConfig, ctypes._CFuncPtr] = {}
+_dequant_functions: dict[KernelConfig, ctypes._CFuncPtr] = {}
 _libraries: dict[KernelConfig, str] = {}
 _threads: int | None = None
 
+#: M (input rows per call) from which :func:`run` takes the GEMM path, per tile dtype and bits: the
+#: measured crossover against the LUT kernel (benchmarks/results/cpu_lut_prefill.md)
+GEMM_MIN_M = {torch.bfloat16: {1: 16, 2: 16, 3: 16, 4: 16}, torch.float32: {1: 64, 2: 64, 3: 64, 4: 64}}
+#: bytes of the GEMM path's dequantized weight tile (one buffer per call, reused tile after tile)
+GEMM_TILE_BYTES = 4 << 20
+
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+#: ``NAME_dequant(w, scales, zeros, N, k_in, k_pad, t0, ntiles, out, ld, bf16, nthreads)``
+_DEQUANT_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
 #: the group-sparse kernels take n_keep after N and the mask after the weight
 _SPARSE_ARGTYPES = _ARGTYPES[:5] + [ctypes.c_int64, ctypes.c_void_p] + _ARGTYPES[5:]
 
@@ -62,6 +72,10 @@ def ensure(configs) -> str | None:
         fn.argtypes = _SPARSE_ARGTYPES if isinstance(c, SparseKernelConfig) else _ARGTYPES
         fn.restype = None
         _functions[c] = fn
+        if isinstance(c, KernelConfig):
+            dq = getattr(lib, c.name + "_dequant")
+            dq.argtypes, dq.restype = _DEQUANT_ARGTYPES, None
+            _dequant_functions[c] = dq
         _libraries[c] = path
     return path
 
@@ -86,8 +100,12 @@ def _ptr(t: torch.Tensor | None):
 
 def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
         bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, out_features: int,
-        force_scalar: bool | None = None, threads: int | None = None) -> torch.Tensor:
-    """``y = x @ W^T + bias`` for a weight in the LUT layout (float32 compute; output in x's dtype)."""
+        force_scalar: bool | None = None, threads: int | None = None, gemm: bool | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` for a weight in the LUT layout (output in x's dtype).
+
+    ``gemm``: ``None`` takes :func:`run_gemm` when x has at least :func:`gemm_min_m` rows (and the
+    scalar path is not forced), ``True``/``False`` force it on/off; else the LUT kernel (float32 compute).
+    """
     cfg = KernelConfig(bits, group_size, zeros is None)
     fn = _functions.get(cfg)
     if fn is None:
@@ -100,18 +118,122 @@ def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torc
     if tuple(weight.shape) != (-(-out_features // 32), k_pad // 8, bits, 32):
         raise LowcError(f"lowc::linear_lut: weight {tuple(weight.shape)} does not match N={out_features}, "
                         f"K_pad={k_pad}, bits={bits} (expected the cpu-lut layout)")
+    if force_scalar is None:
+        force_scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0")
+    if gemm is None:
+        gemm = not force_scalar and x.numel() // max(in_features, 1) >= gemm_min_m(bits)
+    if gemm:
+        return run_gemm(x, weight, scales, zeros, bias, bits, group_size, in_features, out_features, threads)
     lead = x.shape[:-1]
     xf = x.reshape(-1, in_features).to(torch.float32).contiguous()
     m = xf.shape[0]
     y = torch.empty((m, out_features), dtype=torch.float32)
     bf = None if bias is None else bias.to(torch.float32).contiguous()
-    if force_scalar is None:
-        force_scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0")
     if m > 0:
         fn(_ptr(xf), m, in_features, k_pad, out_features, _ptr(weight.contiguous()), _ptr(scales.contiguous()),
            _ptr(None if zeros is None else zeros.contiguous()), _ptr(bf), _ptr(y),
            threads or num_threads(), int(bool(force_scalar)))
     return y.reshape(*lead, out_features).to(x.dtype)
+
+
+def gemm_dtype() -> torch.dtype:
+    """The element type of the GEMM path's weight tiles: ``$LOWC_CPU_LUT_GEMM_DTYPE`` (``bf16``/``fp32``), else
+    bf16 where oneDNN has a native bf16 GEMM on this CPU (AVX-512 BF16/AMX), else float32."""
+    env = os.environ.get("LOWC_CPU_LUT_GEMM_DTYPE", "")
+    if env:
+        if env not in _GEMM_DTYPES:
+            raise LowcError(f"LOWC_CPU_LUT_GEMM_DTYPE={env!r} must be one of {', '.join(_GEMM_DTYPES)}")
+        return _GEMM_DTYPES[env]
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+_GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def gemm_min_m(bits: int) -> int:
+    """Input rows from which :func:`run` takes the GEMM path (``$LOWC_CPU_LUT_GEMM_MIN_M`` overrides)."""
+    env = os.environ.get("LOWC_CPU_LUT_GEMM_MIN_M", "")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise LowcError(f"LOWC_CPU_LUT_GEMM_MIN_M={env!r} is not an integer") from None
+    return GEMM_MIN_M[gemm_dtype()][bits]
+
+
+def dequantize_tiles(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                     group_size: int, in_features: int, out_features: int, t0: int, ntiles: int, out: torch.Tensor,
+                     threads: int | None = None) -> torch.Tensor:
+    """Write rows ``32*t0 .. 32*(t0+ntiles)`` (clipped to N) of the real weight into ``out`` (float32 or
+    bf16, ``[>= rows, in_features]``, unit column stride, any row stride): exactly ``lowc::linear_wq``'s
+    ``(q - z) * s`` (then rounded to bf16 if ``out`` is bf16). Returns the written rows of ``out``."""
+    cfg = KernelConfig(bits, group_size, zeros is None)
+    fn = _dequant_functions.get(cfg)
+    if fn is None:
+        ensure([cfg])
+        fn = _dequant_functions[cfg]
+    k_pad = scales.shape[1] * group_size
+    n_tiles = -(-out_features // layout.TILE)
+    rows = min(out_features, (t0 + ntiles) * layout.TILE) - t0 * layout.TILE
+    if not (0 <= t0 and t0 + ntiles <= n_tiles and out.dtype in (torch.float32, torch.bfloat16) and out.dim() == 2
+            and out.shape[1] == in_features and out.shape[0] >= rows and out.stride(1) == 1
+            and out.stride(0) >= in_features):
+        raise LowcError(f"lowc::linear_lut: cannot dequantize tiles {t0}..{t0 + ntiles} of N={out_features} into "
+                        f"{out.dtype}{tuple(out.shape)}")
+    fn(_ptr(weight), _ptr(scales), _ptr(zeros), out_features, in_features, k_pad, t0, ntiles, _ptr(out), out.stride(0),
+       int(out.dtype == torch.bfloat16), threads or num_threads())
+    return out[:rows]
+
+
+def run_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, out_features: int,
+             threads: int | None = None, dtype: torch.dtype | None = None,
+             tile_bytes: int | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` through dequantized weight tiles and ``torch.mm`` (the large-M path).
+
+    The weight is dequantized ``tile_bytes`` (default :data:`GEMM_TILE_BYTES`) at a time into one
+    reused buffer (C, ``threads`` threads) and multiplied by torch's GEMM (its intra-op threads); no
+    dequantized copy outlives the call. ``dtype`` (default :func:`gemm_dtype`): bf16 rounds the
+    weight, the activations and the output to bf16 (fp32 accumulation), see :func:`gemm_error_bound`.
+    """
+    dtype = dtype or gemm_dtype()
+    threads = threads or num_threads()
+    lead = x.shape[:-1]
+    xd = x.reshape(-1, in_features).to(dtype).contiguous()
+    m = xd.shape[0]
+    weight, scales = weight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    elt = torch.finfo(dtype).bits // 8
+    per = max(layout.TILE * threads, (tile_bytes or GEMM_TILE_BYTES) // (in_features * elt) // layout.TILE * layout.TILE)
+    per = min(per, -(-out_features // layout.TILE) * layout.TILE)
+    # rows padded by 64 bytes: the tile's 32 rows are written interleaved, and a row stride that is a
+    # multiple of 4 KiB would put them all in one L1 set
+    buf = torch.empty((per, in_features + 64 // elt), dtype=dtype)[:, :in_features]
+    yt = torch.empty((out_features, m), dtype=dtype)  # y^T: a tile's rows are contiguous rows of it
+    for n0 in range(0, out_features, per):
+        wt = dequantize_tiles(weight, scales, zeros, bits, group_size, in_features, out_features, n0 // layout.TILE,
+                              per // layout.TILE if n0 + per <= out_features else -(-(out_features - n0) // layout.TILE),
+                              buf, threads)
+        torch.mm(wt, xd.T, out=yt[n0:n0 + wt.shape[0]])
+    y = yt.T.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, out_features).to(x.dtype)
+
+
+def gemm_error_bound(x: torch.Tensor, weight_ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Worst-case |y_gemm - y_ref| per output ([..., N]) of :func:`run_gemm` against ``lowc::linear_wq``.
+
+    ``weight_ref``: the real weight [N, K] (the dequantized tiles are exactly it, or its bf16 rounding).
+    With ``S = |x| @ |W|^T``, ``g = K u32 / (1 - K u32)`` (``u32 = 2^-24``, float32 sums in any order,
+    both sides) and ``u = 2^-8`` for bf16 tiles (x, W and the output each rounded once; products exact
+    in float32) or 0 for float32 ones: ``|y - y_ref| <= ((1 + u)^3 (1 + g) - 1 + g) * S``.
+    """
+    k = weight_ref.shape[1]
+    g = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+    s = x.float().abs() @ weight_ref.float().abs().T
+    return s * (((1 + u) ** 3 * (1 + g) - 1 + g) * 1.001) + 1e-6
 
 
 def run_sparse(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor,
