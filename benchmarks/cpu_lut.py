@@ -216,14 +216,15 @@ def gemv(repeat: int, bits_list=(1, 2, 3, 4)) -> list[dict]:
     return rows
 
 
-def end_to_end(repeat: int, layers: int) -> list[dict]:
+def compiled_llama(layers: int, vocab: int, heads: int) -> dict:
+    """A random Llama (hidden 2048, intermediate 5632, 4 KV heads) compiled to ref-fp32, cpu-lut-w4 and -w2."""
     import lowc
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowc.frontend.presets import byte_tokenizer
 
-    cfg = LlamaConfig(vocab_size=259, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=4, max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
@@ -231,7 +232,11 @@ def end_to_end(repeat: int, layers: int) -> list[dict]:
         model.save_pretrained(d)
         byte_tokenizer().save_pretrained(d)
         del model
-        progs = {t: lowc.compile(d, t, progress=False) for t in ("ref-fp32", "cpu-lut-w4", "cpu-lut-w2")}
+        return {t: lowc.compile(d, t, progress=False) for t in ("ref-fp32", "cpu-lut-w4", "cpu-lut-w2")}
+
+
+def end_to_end(repeat: int, layers: int) -> list[dict]:
+    progs = compiled_llama(layers, 259, 32)
     ids = torch.randint(0, 259, (1, 1), generator=torch.Generator().manual_seed(0))
     fns = {t: (lambda cm=cm: cm(ids)) for t, cm in progs.items()}
     med, _ = timed(fns, repeat)
@@ -310,22 +315,9 @@ def crossovers(rows: list[dict], tile: str = "bf16") -> list[dict]:
 
 def prefill_e2e(repeat: int, layers: int, threads_list=(1, 2), tokens: int = 128) -> list[dict]:
     """Tokens/s of one ``tokens``-token forward (prefill) through the compiled issue-21 model."""
-    import lowc
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowc.backends.cpu_lut import runtime
-    from lowc.frontend.presets import byte_tokenizer
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        byte_tokenizer().save_pretrained(d)
-        del model
-        progs = {t: lowc.compile(d, t, progress=False) for t in ("ref-fp32", "cpu-lut-w4", "cpu-lut-w2")}
+    progs = compiled_llama(layers, 32000, 16)
     ids = torch.randint(0, 259, (1, tokens), generator=torch.Generator().manual_seed(0))
     big = str(tokens + 1)
 

@@ -44,6 +44,16 @@ Tables and integer sums are computed by one shared C builder (compiled with ``-f
 so both paths see identical int8 tables. The path is chosen per call: AVX2+FMA when the CPU has
 them and ``force_scalar`` is 0, else the portable scalar loop.
 
+Dequantization for the GEMM path (large M): ``NAME_dequant(w, scales, zeros, N, k_in, k_pad, t0,
+ntiles, out, ld, bf16, nthreads)`` writes row tiles ``t0 .. t0+ntiles`` of the real weight, exactly
+``(q - z) * s`` (then bf16, round to nearest even), row stride ``ld``. The bf16 AVX2 path builds per
+group and row a 16-entry table of the bf16 values (low/high bytes, ``pshufb``), gathers the plane bytes
+of two positions into 64-bit words and bit-transposes them (8x8, SWAR), which leaves the codes of 8
+activations of both rows in nibbles: ~1 instruction per weight against ~3.5 for a per-row
+``SPREAD``-table decode (0.20-0.24 ns per weight measured, one thread, CPU time). The float32 path
+decodes a row at a time with ``SPREAD``. The group-sparse ``NAME_dequant`` writes whole rows (0 in
+dropped groups) walking the kept-group mask.
+
 Group-sparse kernels (``lowc_lut_gs_b{bits}_g{group}_s{sparse_group}_{sym|asym}``, layout
 :class:`lowc.backends.cpu_lut.layout.LutSparseWeight`)::
 
@@ -909,6 +919,49 @@ void NAME(const float *x, int64_t M, int64_t k_in, int64_t k_pad, int64_t N, int
     }
     free(x16);
     free(xscale);
+}
+
+/* GEMM path: rows [r0, r0 + nrows) of the dense real weight (0 in dropped groups, (q - z) * s rounded once
+   as lowc::linear_gsq, then to bf16 if bf16) into out, k_in columns, row stride ld; ROWS_PER_TASK rows a task */
+typedef struct {
+    const uint8_t *w, *mask, *zeros; const float *scales; void *out;
+    int64_t k_in, k_pad, G, nb, words, row_bytes, r0, nrows, ld; int bf16;
+} NAME_dq_job;
+
+static void NAME_dq_task(void *arg, int64_t task) {
+    const NAME_dq_job *j = (const NAME_dq_job *)arg;
+    const int64_t i0 = task * ROWS_PER_TASK, i1 = i0 + ROWS_PER_TASK < j->nrows ? i0 + ROWS_PER_TASK : j->nrows;
+    int64_t *st = (int64_t *)malloc((size_t)(j->nb + 1) * sizeof(int64_t));
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t n = j->r0 + i;
+        gs_starts(j->mask + n * j->words * 8, j->words, SG, j->k_pad, st, j->nb);
+        const uint8_t *w = j->w + n * j->row_bytes, *z = ASYM ? j->zeros + n * j->G : NULL;
+        const float *s = j->scales + n * j->G;
+        float *of = (float *)j->out + i * j->ld;
+        uint16_t *ob = (uint16_t *)j->out + i * j->ld;
+        if (j->bf16) memset(ob, 0, (size_t)j->k_in * 2); else memset(of, 0, (size_t)j->k_in * 4);
+        (void)z;
+        for (int64_t b = 0; b < j->nb; b++) {
+            const int64_t q = b * 16 / GS;
+            const float sq = s[q], zq = ASYM ? (float)z[q] : (float)(1 << (BITS - 1));
+            const uint8_t *wp = w + 16 * (b >> 1);
+            const int sh = (int)(b & 1) * 4;
+            for (int64_t e = 0; e < 16 && st[b] + e < j->k_in; e++) {
+                const float v = ((float)((wp[e] >> sh) & 15) - zq) * sq;
+                if (j->bf16) ob[st[b] + e] = lowc_bf16(v); else of[st[b] + e] = v;
+            }
+        }
+    }
+    free(st);
+}
+
+void NAME_dequant(const uint8_t *w, const uint8_t *mask, const float *scales, const uint8_t *zeros, int64_t k_in,
+                  int64_t k_pad, int64_t n_keep, int64_t r0, int64_t nrows, void *out, int64_t ld, int bf16, int nthreads) {
+    NAME_dq_job j;
+    j.w = w; j.mask = mask; j.zeros = zeros; j.scales = scales; j.out = out; j.k_in = k_in; j.k_pad = k_pad;
+    j.nb = n_keep * SG / 16; j.G = (n_keep * SG + GS - 1) / GS; j.words = (k_pad / SG + 63) / 64;
+    j.row_bytes = (j.nb + 1) / 2 * 16; j.r0 = r0; j.nrows = nrows; j.ld = ld; j.bf16 = bf16;
+    pool_run(nthreads, (nrows + ROWS_PER_TASK - 1) / ROWS_PER_TASK, NAME_dq_task, &j);
 }
 """
 

@@ -19,6 +19,18 @@ contains the op can be read back.
     exactly the arithmetic of ``lowc::linear_gsq``; the generated C (registered with the dense one)
     reads only the kept groups and differs by the int8-activation bound of
     :func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`.
+
+Large M (prefill): from ``runtime.gemm_min_m(bits)`` input rows on (``runtime.GEMM_MIN_M``: CROSSOVER_TEXT),
+both CPU implementations switch to a GEMM path (:func:`lowc.backends.cpu_lut.runtime.run_gemm`,
+``run_sparse_gemm``): the weight is dequantized from the LUT layout in C, a tile of rows at a time
+(``runtime.GEMM_TILE_BYTES`` = 4 MiB, one buffer reused within the call: no dequantized copy is
+kept), exactly the reference's ``(q - z) * s``, and multiplied with ``torch.mm``: in bf16 where oneDNN
+has a native bf16 GEMM (AVX-512 BF16 / AMX), else float32 (``$LOWC_CPU_LUT_GEMM_DTYPE``). The LUT
+kernel's cost grows with M (tables and lookups per input row) while the GEMM's fixed cost, the
+dequantization, is paid once per call. Error: float32 tiles differ from the reference by summation
+order only; bf16 tiles round x, W and y once each, bounded by
+:func:`lowc.backends.cpu_lut.runtime.gemm_error_bound` (``~3 * 2^-8 * |x| @ |W|^T``; about 0.3% relative
+error on random layers, below the int8-table kernel's).
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@
 a program); a configuration asked for later that no loaded library has is built on its own on first
 use. Threads: ``set_num_threads(n)``, else ``$LOWC_CPU_LUT_THREADS``, else ``torch.get_num_threads()``.
 ``$LOWC_CPU_LUT_SCALAR=1`` (or ``force_scalar=True``) selects the portable scalar path.
+
+Large M: :func:`run` and :func:`run_sparse` take the GEMM path (:func:`run_gemm`, :func:`run_sparse_gemm`:
+weight tiles dequantized in C, ``torch.mm`` on torch's intra-op threads) from :func:`gemm_min_m` input
+rows on (``$LOWC_CPU_LUT_GEMM_MIN_M`` overrides :data:`GEMM_MIN_M`); tile dtype :func:`gemm_dtype`
+(``$LOWC_CPU_LUT_GEMM_DTYPE`` = ``bf16``/``fp32``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from lowc.backends.cpu_lut.codegen import KernelConfig, SparseKernelConfig
 from lowc.errors import LowcError
 
 _functions: dict[KernelConfig, ctypes._CFuncPtr] = {}
-_dequant_functions: dict[KernelConfig, ctypes._CFuncPtr] = {}
+_dequant_functions: dict[KernelConfig | SparseKernelConfig, ctypes._CFuncPtr] = {}
 _libraries: dict[KernelConfig, str] = {}
 _threads: int | None = None
 
@@ -33,6 +38,9 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ct
 #: ``NAME_dequant(w, scales, zeros, N, k_in, k_pad, t0, ntiles, out, ld, bf16, nthreads)``
 _DEQUANT_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+#: ``NAME_dequant(w, mask, scales, zeros, k_in, k_pad, n_keep, r0, nrows, out, ld, bf16, nthreads)`` (group-sparse)
+_SPARSE_DEQUANT_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                                             ctypes.c_int]
 #: the group-sparse kernels take n_keep after N and the mask after the weight
 _SPARSE_ARGTYPES = _ARGTYPES[:5] + [ctypes.c_int64, ctypes.c_void_p] + _ARGTYPES[5:]
 
@@ -72,10 +80,10 @@ def ensure(configs) -> str | None:
         fn.argtypes = _SPARSE_ARGTYPES if isinstance(c, SparseKernelConfig) else _ARGTYPES
         fn.restype = None
         _functions[c] = fn
-        if isinstance(c, KernelConfig):
-            dq = getattr(lib, c.name + "_dequant")
-            dq.argtypes, dq.restype = _DEQUANT_ARGTYPES, None
-            _dequant_functions[c] = dq
+        dq = getattr(lib, c.name + "_dequant")
+        dq.argtypes = _SPARSE_DEQUANT_ARGTYPES if isinstance(c, SparseKernelConfig) else _DEQUANT_ARGTYPES
+        dq.restype = None
+        _dequant_functions[c] = dq
         _libraries[c] = path
     return path
 
@@ -185,6 +193,35 @@ def dequantize_tiles(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return out[:rows]
 
 
+def _tiled_gemm(x: torch.Tensor, fill, bias: torch.Tensor | None, in_features: int, out_features: int, threads: int,
+                dtype: torch.dtype, tile_bytes: int | None) -> torch.Tensor:
+    """``x @ W^T + bias`` with ``W`` written a tile of rows at a time by ``fill(n0, rows, buf) -> buf[:rows]``."""
+    lead = x.shape[:-1]
+    elt = torch.finfo(dtype).bits // 8
+    pad = 64 // elt
+    per = max(layout.TILE * threads, (tile_bytes or GEMM_TILE_BYTES) // (in_features * elt) // layout.TILE * layout.TILE)
+    per = min(per, -(-out_features // layout.TILE) * layout.TILE)
+    # Rows padded by 64 bytes: the dense kernel writes a tile's 32 rows interleaved, and a row stride
+    # that is a multiple of 4 KiB would put them all in one L1 set. The padding is zero in both operands:
+    # oneDNN's bf16 GEMM reads a row past K when K is not a multiple of its block (measured: NaN there
+    # makes the row's outputs NaN, finite values are multiplied by zero).
+    buf = torch.empty((per, in_features + pad), dtype=dtype)
+    buf[:, in_features:] = 0
+    buf = buf[:, :in_features]
+    xd = torch.empty((x.numel() // max(in_features, 1), in_features + pad), dtype=dtype)
+    xd[:, in_features:] = 0
+    xd = xd[:, :in_features]
+    xd.copy_(x.reshape(-1, in_features))
+    yt = torch.empty((out_features, xd.shape[0]), dtype=dtype)  # y^T: a tile's rows are contiguous rows of it
+    for n0 in range(0, out_features, per):
+        wt = fill(n0, min(per, out_features - n0), buf)
+        torch.mm(wt, xd.T, out=yt[n0:n0 + wt.shape[0]])
+    y = yt.T.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, out_features).to(x.dtype)
+
+
 def run_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, out_features: int,
              threads: int | None = None, dtype: torch.dtype | None = None,
@@ -196,29 +233,53 @@ def run_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros:
     dequantized copy outlives the call. ``dtype`` (default :func:`gemm_dtype`): bf16 rounds the
     weight, the activations and the output to bf16 (fp32 accumulation), see :func:`gemm_error_bound`.
     """
-    dtype = dtype or gemm_dtype()
     threads = threads or num_threads()
-    lead = x.shape[:-1]
-    xd = x.reshape(-1, in_features).to(dtype).contiguous()
-    m = xd.shape[0]
     weight, scales = weight.contiguous(), scales.contiguous()
     zeros = None if zeros is None else zeros.contiguous()
-    elt = torch.finfo(dtype).bits // 8
-    per = max(layout.TILE * threads, (tile_bytes or GEMM_TILE_BYTES) // (in_features * elt) // layout.TILE * layout.TILE)
-    per = min(per, -(-out_features // layout.TILE) * layout.TILE)
-    # rows padded by 64 bytes: the tile's 32 rows are written interleaved, and a row stride that is a
-    # multiple of 4 KiB would put them all in one L1 set
-    buf = torch.empty((per, in_features + 64 // elt), dtype=dtype)[:, :in_features]
-    yt = torch.empty((out_features, m), dtype=dtype)  # y^T: a tile's rows are contiguous rows of it
-    for n0 in range(0, out_features, per):
-        wt = dequantize_tiles(weight, scales, zeros, bits, group_size, in_features, out_features, n0 // layout.TILE,
-                              per // layout.TILE if n0 + per <= out_features else -(-(out_features - n0) // layout.TILE),
-                              buf, threads)
-        torch.mm(wt, xd.T, out=yt[n0:n0 + wt.shape[0]])
-    y = yt.T.to(torch.float32)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.reshape(*lead, out_features).to(x.dtype)
+
+    def fill(n0, rows, buf):
+        return dequantize_tiles(weight, scales, zeros, bits, group_size, in_features, out_features, n0 // layout.TILE,
+                                -(-rows // layout.TILE), buf, threads)
+
+    return _tiled_gemm(x, fill, bias, in_features, out_features, threads, dtype or gemm_dtype(), tile_bytes)
+
+
+def dequantize_sparse_rows(weight: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                           bits: int, group_size: int, in_features: int, out_features: int, sparse_group: int,
+                           n_keep: int, r0: int, rows: int, out: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """Rows ``r0 .. r0+rows`` of a group-sparse weight's dense real weight (0 in dropped groups) into
+    ``out`` (float32 or bf16, unit column stride): exactly ``lowc::linear_gsq``'s. Returns ``out[:rows]``."""
+    cfg = SparseKernelConfig(bits, group_size, sparse_group, zeros is None)
+    fn = _dequant_functions.get(cfg)
+    if fn is None:
+        ensure([cfg])
+        fn = _dequant_functions[cfg]
+    if not (0 <= r0 and r0 + rows <= out_features and out.dtype in (torch.float32, torch.bfloat16) and out.dim() == 2
+            and out.shape[1] == in_features and out.shape[0] >= rows and out.stride(1) == 1
+            and out.stride(0) >= in_features):
+        raise LowcError(f"lowc::linear_lut_gs: cannot dequantize rows {r0}..{r0 + rows} of N={out_features} into "
+                        f"{out.dtype}{tuple(out.shape)}")
+    k_pad = -(-in_features // sparse_group) * sparse_group
+    fn(_ptr(weight), _ptr(mask), _ptr(scales), _ptr(zeros), in_features, k_pad, n_keep, r0, rows, _ptr(out), out.stride(0),
+       int(out.dtype == torch.bfloat16), threads or num_threads())
+    return out[:rows]
+
+
+def run_sparse_gemm(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                    out_features: int, sparse_group: int, n_keep: int, threads: int | None = None,
+                    dtype: torch.dtype | None = None, tile_bytes: int | None = None) -> torch.Tensor:
+    """:func:`run_gemm` for a group-sparse weight (tiles of its dense real weight; the same bound)."""
+    threads = threads or num_threads()
+    weight, mask = weight.contiguous(), mask.contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+
+    def fill(n0, rows, buf):
+        return dequantize_sparse_rows(weight, mask, scales, zeros, bits, group_size, in_features, out_features,
+                                      sparse_group, n_keep, n0, rows, buf, threads)
+
+    return _tiled_gemm(x, fill, bias, in_features, out_features, threads, dtype or gemm_dtype(), tile_bytes)
 
 
 def gemm_error_bound(x: torch.Tensor, weight_ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -239,8 +300,9 @@ def gemm_error_bound(x: torch.Tensor, weight_ref: torch.Tensor, dtype: torch.dty
 def run_sparse(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                out_features: int, sparse_group: int, n_keep: int, force_scalar: bool | None = None,
-               threads: int | None = None) -> torch.Tensor:
-    """``y = x @ W^T + bias`` for a group-sparse weight in the LUT layout (float32 compute; x's dtype out)."""
+               threads: int | None = None, gemm: bool | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` for a group-sparse weight in the LUT layout (x's dtype out); ``gemm`` as in
+    :func:`run` (:func:`run_sparse_gemm` from :func:`gemm_min_m` rows), else the row kernel (float32 compute)."""
     cfg = SparseKernelConfig(bits, group_size, sparse_group, zeros is None)
     fn = _functions.get(cfg)
     if fn is None:
@@ -253,13 +315,18 @@ def run_sparse(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scales
     if tuple(weight.shape) != want or tuple(mask.shape) != (out_features, 8 * layout.mask_words(in_features, sparse_group)):
         raise LowcError(f"lowc::linear_lut_gs: weight {tuple(weight.shape)} / mask {tuple(mask.shape)} do not match "
                         f"N={out_features}, n_keep={n_keep}, sparse_group={sparse_group} (expected the cpu-lut layout)")
+    if force_scalar is None:
+        force_scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0")
+    if gemm is None:
+        gemm = not force_scalar and x.numel() // max(in_features, 1) >= gemm_min_m(bits)
+    if gemm:
+        return run_sparse_gemm(x, weight, mask, scales, zeros, bias, bits, group_size, in_features, out_features,
+                               sparse_group, n_keep, threads)
     lead = x.shape[:-1]
     xf = x.reshape(-1, in_features).to(torch.float32).contiguous()
     m = xf.shape[0]
     y = torch.empty((m, out_features), dtype=torch.float32)
     bf = None if bias is None else bias.to(torch.float32).contiguous()
-    if force_scalar is None:
-        force_scalar = os.environ.get("LOWC_CPU_LUT_SCALAR", "") not in ("", "0")
     if m > 0:
         fn(_ptr(xf), m, in_features, k_pad, out_features, n_keep, _ptr(weight.contiguous()), _ptr(mask.contiguous()),
            _ptr(scales.to(torch.float32).contiguous()), _ptr(None if zeros is None else zeros.contiguous()), _ptr(bf),
