@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import torch
 
@@ -28,10 +29,16 @@ _libraries: dict[KernelConfig, str] = {}
 _threads: int | None = None
 
 #: M (input rows per call) from which :func:`run` takes the GEMM path, per tile dtype and bits: the
-#: measured crossover against the LUT kernel (benchmarks/results/cpu_lut_prefill.md)
-GEMM_MIN_M = {torch.bfloat16: {1: 16, 2: 16, 3: 16, 4: 16}, torch.float32: {1: 64, 2: 64, 3: 64, 4: 64}}
-#: bytes of the GEMM path's dequantized weight tile (one buffer per call, reused tile after tile)
-GEMM_TILE_BYTES = 4 << 20
+#: crossover against the LUT kernel measured at one thread on the issue's four shapes, the largest of
+#: them (benchmarks/results/cpu_lut_prefill.md; W2: 64 on every shape, W4: 4-32; fp32 tiles: W4 128,
+#: W2 512 or never). W1 takes W2's value (its kernel is as fast), W3 W4's (not measured).
+GEMM_MIN_M = {torch.bfloat16: {1: 64, 2: 64, 3: 32, 4: 32}, torch.float32: {1: 512, 2: 512, 3: 128, 4: 128}}
+#: bytes of the GEMM path's dequantized weight tile (one buffer per thread, reused tile after tile and call
+#: after call). Measured (benchmarks/results/cpu_lut_prefill.md): one thread, 5632x2048 M=128, CPU time,
+#: 1 MiB 10.9 ms, 2 MiB 8.7, whole weight 7.9; two threads on the loaded 2-core machine, 4 MiB 543 ms vs
+#: 32 MiB 172 (each torch.mm waits for its OpenMP team, a scheduler slice when a core is taken: fewer,
+#: larger calls)
+GEMM_TILE_BYTES = 32 << 20
 
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -193,6 +200,22 @@ def dequantize_tiles(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return out[:rows]
 
 
+_buffers = threading.local()
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's tile buffer (flat, at least ``numel``): kept between calls, at most one tile
+    (:data:`GEMM_TILE_BYTES` plus row padding) per dtype: a fresh 32 MiB allocation would be page-faulted
+    in on every call."""
+    have = getattr(_buffers, "tiles", None)
+    if have is None:
+        have = _buffers.tiles = {}
+    buf = have.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = have[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 def _tiled_gemm(x: torch.Tensor, fill, bias: torch.Tensor | None, in_features: int, out_features: int, threads: int,
                 dtype: torch.dtype, tile_bytes: int | None) -> torch.Tensor:
     """``x @ W^T + bias`` with ``W`` written a tile of rows at a time by ``fill(n0, rows, buf) -> buf[:rows]``."""
@@ -205,7 +228,7 @@ def _tiled_gemm(x: torch.Tensor, fill, bias: torch.Tensor | None, in_features: i
     # that is a multiple of 4 KiB would put them all in one L1 set. The padding is zero in both operands:
     # oneDNN's bf16 GEMM reads a row past K when K is not a multiple of its block (measured: NaN there
     # makes the row's outputs NaN, finite values are multiplied by zero).
-    buf = torch.empty((per, in_features + pad), dtype=dtype)
+    buf = _tile_buffer(per * (in_features + pad), dtype).view(per, in_features + pad)
     buf[:, in_features:] = 0
     buf = buf[:, :in_features]
     xd = torch.empty((x.numel() // max(in_features, 1), in_features + pad), dtype=dtype)
