@@ -346,11 +346,14 @@ def prefill_e2e(repeat: int, layers: int, threads_list=(1, 2), tokens: int = 128
             y = {k: fns[k]() for k in ("cpu-lut-w4", "cpu-lut-w4 (LUT kernel only)", "ref-fp32")}
             diff = {k: ((logits(y[k]) - logits(y["ref-fp32"])).norm() / logits(y["ref-fp32"]).norm()).item()
                     for k in ("cpu-lut-w4", "cpu-lut-w4 (LUT kernel only)")}
+            lut = logits(y["cpu-lut-w4 (LUT kernel only)"])
+            path_diff = ((logits(y["cpu-lut-w4"]) - lut).norm() / lut.norm()).item()
             med, best = timed(fns, repeat, warmup=1)
         for name, sec in med.items():
             rows.append({"threads": threads, "target": name, "tokens": tokens, "s": sec, "tokens_per_s": tokens / sec,
                          "tokens_per_s_best": tokens / best[name], "vs_ref_fp32": med["ref-fp32"] / sec,
-                         "rel_logit_diff_vs_ref_fp32": diff.get(name)})
+                         "rel_logit_diff_vs_ref_fp32": diff.get(name),
+                         "rel_logit_diff_gemm_vs_lut_only": path_diff if name == "cpu-lut-w4" else None})
         print(f"  prefill t{threads}: " + ", ".join(f"{a}={tokens / v:.1f} tok/s" for a, v in med.items()), flush=True)
         runtime.set_num_threads(None)
     return rows
@@ -387,14 +390,21 @@ def prefill_markdown(res: dict) -> str:
         out.append(f"| {c['threads']} | {c['shape']} | {c['bits']} | {c['gemm_beats_lut_from_M'] or '-'} "
                    f"({f['gemm_beats_lut_from_M'] or '-'}) | {c['gemm_beats_fp32_from_M'] or '-'} "
                    f"({f['gemm_beats_fp32_from_M'] or '-'}) |")
-    out += ["", f"Threshold in use (`runtime.GEMM_MIN_M`): {res['gemm_min_m']}", ""]
+    out += ["", f"Threshold in use during the sweep (`runtime.GEMM_MIN_M`): {res['gemm_min_m']}", ""]
     if res.get("e2e"):
+        run = res.get("e2e_run")
         out += [(f"## End to end: {res['e2e'][0]['tokens']}-token prefill, the issue's random Llama ({res['layers']} "
-                 "layers, vocab 32000; lm_head float, the default)"), "",
-                "| threads | target | tokens/s (median) | tokens/s (best) | x vs ref-fp32 | rel. logit diff vs ref-fp32 |",
+                 "layers, vocab 32000; lm_head float, the default)"), ""]
+        if run:
+            out += [(f"A later run with the committed thresholds and tiles ({run['tile_bytes'] >> 20} MiB, "
+                     f"`GEMM_MIN_M` {run['gemm_min_m']}): {run['date']}, `{run['command']}`, load before "
+                     f"`{run['uptime_before']}`, after `{run['uptime_after']}`."), ""]
+        out += ["| threads | target | tokens/s (median) | tokens/s (best) | x vs ref-fp32 | rel. logit diff vs ref-fp32 |",
                 "|---:|---|---:|---:|---:|---:|"]
         for r in res["e2e"]:
             d = "" if r["rel_logit_diff_vs_ref_fp32"] is None else f"{r['rel_logit_diff_vs_ref_fp32']:.4f}"
+            if r.get("rel_logit_diff_gemm_vs_lut_only") is not None:
+                d += f" (vs LUT only: {r['rel_logit_diff_gemm_vs_lut_only']:.4f})"
             out.append(f"| {r['threads']} | `{r['target']}` | {r['tokens_per_s']:.1f} | {r['tokens_per_s_best']:.1f} | "
                        f"{r['vs_ref_fp32']:.2f} | {d} |")
     return "\n".join(out) + "\n"
@@ -454,6 +464,8 @@ def main() -> None:
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--markdown-from", metavar="JSON", help="only rewrite cpu_lut.md from a results JSON")
     ap.add_argument("--prefill", action="store_true", help="the M sweep and 128-token prefill (cpu_lut_prefill.{md,json})")
+    ap.add_argument("--e2e-only", action="store_true",
+                    help="with --prefill: rerun only the 128-token prefill, keeping the sweep of cpu_lut_prefill.json")
     args = ap.parse_args()
     if args.prefill:
         prefill_main(args)
@@ -488,6 +500,17 @@ def main() -> None:
 def prefill_main(args) -> None:
     from lowc.backends.cpu_lut import runtime
 
+    if args.e2e_only:
+        with open(os.path.join(args.out, "cpu_lut_prefill.json")) as f:
+            res = json.load(f)
+        res["e2e_run"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "command": shlex.join(["python", *sys.argv]), "tile_bytes": runtime.GEMM_TILE_BYTES,
+                          "gemm_min_m": {str(k): v for k, v in runtime.GEMM_MIN_M.items()},
+                          "uptime_before": machine()["uptime"]}
+        res["e2e"] = prefill_e2e(max(3, args.repeat // 10), args.layers)
+        res["e2e_run"]["uptime_after"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
+        _write_prefill(res, args.out)
+        return
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": shlex.join(["python", *sys.argv]), "machine": machine(), "layers": args.layers,
            "gemm_dtype": str(runtime.gemm_dtype()), "tile_bytes": runtime.GEMM_TILE_BYTES,
@@ -499,11 +522,15 @@ def prefill_main(args) -> None:
     res["crossover_fp32"] = crossovers(res["sweep"], "fp32")
     res["e2e"] = None if args.no_e2e else prefill_e2e(max(3, args.repeat // 10), args.layers)
     res["uptime_after"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cpu_lut_prefill.json"), "w") as f:
+    _write_prefill(res, args.out)
+
+
+def _write_prefill(res: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "cpu_lut_prefill.json"), "w") as f:
         json.dump(res, f, indent=2)
     md = prefill_markdown(res)
-    with open(os.path.join(args.out, "cpu_lut_prefill.md"), "w") as f:
+    with open(os.path.join(out, "cpu_lut_prefill.md"), "w") as f:
         f.write(md)
     print(md)
 
