@@ -54,12 +54,12 @@ def test_dequantized_tiles_are_the_reference_weight(bits, n, k, gs, sym):
     qw, lw = _quantized(n, k, bits, gs, sym)
     ref = quant.dequantize(qw.qweight, qw.scales, qw.zeros, bits, qw.group_size, k)
     tiles = -(-n // 32)
-    for dtype, t0 in itertools.product(DTYPES, range(tiles)):
+    for dtype, t0, scalar in itertools.product(DTYPES, range(tiles), (False, True)):
         out = torch.full((64, k), float("nan"), dtype=dtype)
         got = runtime.dequantize_tiles(lw.weight, lw.scales, lw.zeros, bits, qw.group_size, k, n, t0, min(2, tiles - t0),
-                                       out, threads=2)
-        # bit-exact: (q - z) * s rounded once, then to bf16 exactly as torch rounds
-        assert torch.equal(got, ref[32 * t0: 32 * t0 + got.shape[0]].to(dtype)), (dtype, t0)
+                                       out, threads=2, force_scalar=scalar)
+        # bit-exact: (q - z) * s rounded once, then to bf16 exactly as torch rounds (AVX2 and scalar loops)
+        assert torch.equal(got, ref[32 * t0: 32 * t0 + got.shape[0]].to(dtype)), (dtype, t0, scalar)
         assert got.shape[0] == min(n, 32 * t0 + 64) - 32 * t0
 
 

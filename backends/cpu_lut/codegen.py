@@ -45,7 +45,7 @@ so both paths see identical int8 tables. The path is chosen per call: AVX2+FMA w
 them and ``force_scalar`` is 0, else the portable scalar loop.
 
 Dequantization for the GEMM path (large M): ``NAME_dequant(w, scales, zeros, N, k_in, k_pad, t0,
-ntiles, out, ld, bf16, nthreads)`` writes row tiles ``t0 .. t0+ntiles`` of the real weight, exactly
+ntiles, out, ld, bf16, nthreads, force_scalar)`` writes row tiles ``t0 .. t0+ntiles`` of the real weight, exactly
 ``(q - z) * s`` (then bf16, round to nearest even), row stride ``ld``. The bf16 AVX2 path builds per
 group and row a 16-entry table of the bf16 values (low/high bytes, ``pshufb``), gathers the plane bytes
 of two positions into 64-bit words and bit-transposes them (8x8, SWAR), which leaves the codes of 8
@@ -695,11 +695,11 @@ static void NAME_dq_bf16_avx2(void *arg, int64_t task) {
 #endif
 
 void NAME_dequant(const uint8_t *w, const float *scales, const uint8_t *zeros, int64_t N, int64_t k_in, int64_t k_pad,
-                  int64_t t0, int64_t ntiles, void *out, int64_t ld, int bf16, int nthreads) {
+                  int64_t t0, int64_t ntiles, void *out, int64_t ld, int bf16, int nthreads, int force_scalar) {
     NAME_dq_job j = {w, scales, zeros, out, N, k_in, k_pad, k_pad / GS, t0, (k_pad / 8) * BITS * TILE, ld, bf16};
     lowc_task_fn fn = NAME_dq_task;
 #ifdef LOWC_X86
-    if (lowc_lut_has_avx2()) fn = bf16 ? NAME_dq_bf16_avx2 : NAME_dq_task_avx2;
+    if (!force_scalar && lowc_lut_has_avx2()) fn = bf16 ? NAME_dq_bf16_avx2 : NAME_dq_task_avx2;
 #endif
     pool_run(nthreads, ntiles, fn, &j);
 }

@@ -42,9 +42,10 @@ GEMM_TILE_BYTES = 32 << 20
 
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-#: ``NAME_dequant(w, scales, zeros, N, k_in, k_pad, t0, ntiles, out, ld, bf16, nthreads)``
+#: ``NAME_dequant(w, scales, zeros, N, k_in, k_pad, t0, ntiles, out, ld, bf16, nthreads, force_scalar)``
 _DEQUANT_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                     ctypes.c_int]
 #: ``NAME_dequant(w, mask, scales, zeros, k_in, k_pad, n_keep, r0, nrows, out, ld, bf16, nthreads)`` (group-sparse)
 _SPARSE_DEQUANT_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                                              ctypes.c_int]
@@ -178,7 +179,7 @@ def gemm_min_m(bits: int) -> int:
 
 def dequantize_tiles(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                      group_size: int, in_features: int, out_features: int, t0: int, ntiles: int, out: torch.Tensor,
-                     threads: int | None = None) -> torch.Tensor:
+                     threads: int | None = None, force_scalar: bool = False) -> torch.Tensor:
     """Write rows ``32*t0 .. 32*(t0+ntiles)`` (clipped to N) of the real weight into ``out`` (float32 or
     bf16, ``[>= rows, in_features]``, unit column stride, any row stride): exactly ``lowc::linear_wq``'s
     ``(q - z) * s`` (then rounded to bf16 if ``out`` is bf16). Returns the written rows of ``out``."""
@@ -196,7 +197,7 @@ def dequantize_tiles(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
         raise LowcError(f"lowc::linear_lut: cannot dequantize tiles {t0}..{t0 + ntiles} of N={out_features} into "
                         f"{out.dtype}{tuple(out.shape)}")
     fn(_ptr(weight), _ptr(scales), _ptr(zeros), out_features, in_features, k_pad, t0, ntiles, _ptr(out), out.stride(0),
-       int(out.dtype == torch.bfloat16), threads or num_threads())
+       int(out.dtype == torch.bfloat16), threads or num_threads(), int(force_scalar))
     return out[:rows]
 
 
