@@ -28,6 +28,17 @@ TinyLlama-1.1B widths) compiled to ``ref-fp32``, ``cpu-lut-w4`` and ``cpu-lut-w2
 batch 1 x 1 token (the decode-step GEMVs; the exported graph has no KV cache) timed like the GEMVs.
 
     python benchmarks/cpu_lut.py            # writes benchmarks/results/cpu_lut.{md,json}
+
+Prefill (``--prefill``, issue 21): the large-M GEMM path of ``lowc::linear_lut`` (weight tiles
+dequantized in C, ``torch.mm``) against the LUT kernel and torch fp32, M = 1..512 input rows, on the
+issue's shapes (2048x2048, 5632x2048, 2048x5632, 32000x2048; groups of 128, asymmetric; hot weights:
+prefill is bound by compute), bits 2 and 4, 1 and 2 threads; the crossover M of each row (from which
+the GEMM path stays faster than the LUT kernel) sets ``runtime.GEMM_MIN_M``. End to end: 128-token
+prefill through the issue's random Llama (hidden 2048, intermediate 5632, 16 heads, 4 KV heads, 4
+layers, vocab 32000) compiled to ``ref-fp32`` and ``cpu-lut-w4``/``-w2``, with the GEMM path and
+with the LUT kernel only.
+
+    python benchmarks/cpu_lut.py --prefill  # writes benchmarks/results/cpu_lut_prefill.{md,json}
 """
 
 from __future__ import annotations
@@ -205,14 +216,15 @@ def gemv(repeat: int, bits_list=(1, 2, 3, 4)) -> list[dict]:
     return rows
 
 
-def end_to_end(repeat: int, layers: int) -> list[dict]:
+def compiled_llama(layers: int, vocab: int, heads: int) -> dict:
+    """A random Llama (hidden 2048, intermediate 5632, 4 KV heads) compiled to ref-fp32, cpu-lut-w4 and -w2."""
     import lowc
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lowc.frontend.presets import byte_tokenizer
 
-    cfg = LlamaConfig(vocab_size=259, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=4, max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
@@ -220,7 +232,11 @@ def end_to_end(repeat: int, layers: int) -> list[dict]:
         model.save_pretrained(d)
         byte_tokenizer().save_pretrained(d)
         del model
-        progs = {t: lowc.compile(d, t, progress=False) for t in ("ref-fp32", "cpu-lut-w4", "cpu-lut-w2")}
+        return {t: lowc.compile(d, t, progress=False) for t in ("ref-fp32", "cpu-lut-w4", "cpu-lut-w2")}
+
+
+def end_to_end(repeat: int, layers: int) -> list[dict]:
+    progs = compiled_llama(layers, 259, 32)
     ids = torch.randint(0, 259, (1, 1), generator=torch.Generator().manual_seed(0))
     fns = {t: (lambda cm=cm: cm(ids)) for t, cm in progs.items()}
     med, _ = timed(fns, repeat)
@@ -230,6 +246,168 @@ def end_to_end(repeat: int, layers: int) -> list[dict]:
                      "model_MB": progs[t].size()["bytes"] / 1e6})
     print("  e2e: " + ", ".join(f"{t}={s * 1e3:.1f}ms" for t, s in med.items()), flush=True)
     return rows
+
+
+PREFILL_SHAPES = [(2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]  # (N out, K in)
+PREFILL_M = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+
+
+def prefill_sweep(repeat: int, threads_list=(1, 2), bits_list=(2, 4), ms=PREFILL_M, shapes=PREFILL_SHAPES) -> list[dict]:
+    """Median us per call of torch fp32, the LUT kernel and the GEMM path (bf16 and fp32 tiles) per M."""
+    from lowc.backends.cpu_lut import layout, runtime
+    from lowc.backends.cpu_lut.codegen import KernelConfig
+    from lowc.ir.dialect import quant
+
+    runtime.ensure([KernelConfig(b, 128, False) for b in bits_list])
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for n, k in shapes:
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(n, k, generator=g) * 0.02
+            packed = {}
+            for b in bits_list:
+                qw = quant.rtn_quantize(w, b, 128, False)
+                packed[b] = layout.from_reference(qw.qweight, qw.scales, qw.zeros, b, 128, k)
+            for m in ms:
+                x = torch.randn(m, k, generator=g)
+                fns = {"torch fp32": lambda x=x, w=w: F.linear(x, w)}
+                for b, lw in packed.items():
+                    args = (lw.weight, lw.scales, lw.zeros, None, b, 128, k, n)
+                    fns[f"W{b} LUT"] = lambda x=x, a=args, t=threads: runtime.run(x, *a, threads=t, gemm=False)
+                    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                        fns[f"W{b} GEMM {name}"] = lambda x=x, a=args, t=threads, dt=dt: runtime.run_gemm(x, *a, threads=t,
+                                                                                                           dtype=dt)
+                reps = repeat if m * n * k <= 64 * 2048 * 5632 else max(3, repeat // 3)
+                med, best = timed(fns, reps, warmup=1)
+                for name, sec in med.items():
+                    rows.append({"threads": threads, "shape": f"{n}x{k}", "M": m, "method": name, "us": sec * 1e6,
+                                 "us_best": best[name] * 1e6})
+                print(f"  t{threads} {n}x{k} M={m}: " + ", ".join(f"{a}={v * 1e6:.0f}us" for a, v in med.items()), flush=True)
+    return rows
+
+
+def _first(ms, by, key, method, other):
+    """The smallest M from which ``method`` is faster than ``other`` at every larger M (None: not at the largest)."""
+    threads, shape, _ = key
+    cross = None
+    for m in reversed(ms):
+        if by[(threads, shape, m, method)] >= by[(threads, shape, m, other)]:
+            break
+        cross = m
+    return cross
+
+
+def crossovers(rows: list[dict], tile: str = "bf16") -> list[dict]:
+    """Per threads/shape/bits: the smallest M from which the GEMM path (``tile``) is faster than the LUT
+    kernel at every larger M measured, and from which it is faster than torch fp32."""
+    by = {(r["threads"], r["shape"], r["M"], r["method"]): r["us"] for r in rows}
+    out = []
+    for threads, shape in dict.fromkeys((r["threads"], r["shape"]) for r in rows):
+        ms = sorted({r["M"] for r in rows if r["threads"] == threads and r["shape"] == shape})
+        for b in sorted({int(r["method"][1]) for r in rows if r["method"].startswith("W")}):
+            key = (threads, shape, b)
+            out.append({"threads": threads, "shape": shape, "bits": b, "tile": tile,
+                        "gemm_beats_lut_from_M": _first(ms, by, key, f"W{b} GEMM {tile}", f"W{b} LUT"),
+                        "gemm_beats_fp32_from_M": _first(ms, by, key, f"W{b} GEMM {tile}", "torch fp32")})
+    return out
+
+
+def prefill_e2e(repeat: int, layers: int, threads_list=(1, 2), tokens: int = 128) -> list[dict]:
+    """Tokens/s of one ``tokens``-token forward (prefill) through the compiled issue-21 model."""
+    from lowc.backends.cpu_lut import runtime
+
+    progs = compiled_llama(layers, 32000, 16)
+    ids = torch.randint(0, 259, (1, tokens), generator=torch.Generator().manual_seed(0))
+    big = str(tokens + 1)
+
+    def lut_only(cm):
+        def call():
+            os.environ["LOWC_CPU_LUT_GEMM_MIN_M"] = big
+            try:
+                return cm(ids)
+            finally:
+                del os.environ["LOWC_CPU_LUT_GEMM_MIN_M"]
+        return call
+
+    def logits(o):
+        return (o.logits if hasattr(o, "logits") else o[0] if isinstance(o, (tuple, list)) else o).float()
+
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        runtime.set_num_threads(threads)
+        fns = {}
+        for t, cm in progs.items():
+            fns[t] = lambda cm=cm: cm(ids)
+            if t != "ref-fp32":
+                fns[f"{t} (LUT kernel only)"] = lut_only(cm)
+        with torch.no_grad():
+            y = {k: fns[k]() for k in ("cpu-lut-w4", "cpu-lut-w4 (LUT kernel only)", "ref-fp32")}
+            diff = {k: ((logits(y[k]) - logits(y["ref-fp32"])).norm() / logits(y["ref-fp32"]).norm()).item()
+                    for k in ("cpu-lut-w4", "cpu-lut-w4 (LUT kernel only)")}
+            lut = logits(y["cpu-lut-w4 (LUT kernel only)"])
+            path_diff = ((logits(y["cpu-lut-w4"]) - lut).norm() / lut.norm()).item()
+            med, best = timed(fns, repeat, warmup=1)
+        for name, sec in med.items():
+            rows.append({"threads": threads, "target": name, "tokens": tokens, "s": sec, "tokens_per_s": tokens / sec,
+                         "tokens_per_s_best": tokens / best[name], "vs_ref_fp32": med["ref-fp32"] / sec,
+                         "rel_logit_diff_vs_ref_fp32": diff.get(name),
+                         "rel_logit_diff_gemm_vs_lut_only": path_diff if name == "cpu-lut-w4" else None})
+        print(f"  prefill t{threads}: " + ", ".join(f"{a}={tokens / v:.1f} tok/s" for a, v in med.items()), flush=True)
+        runtime.set_num_threads(None)
+    return rows
+
+
+def prefill_markdown(res: dict) -> str:
+    m = res["machine"]
+    out = ["# CPU LUT prefill: the GEMM path for large M (issue 21)", "",
+           (f"- machine: {m.get('Model name')}, {m.get('CPU(s)')} CPUs, avx2={m.get('avx2')}, avx512f={m.get('avx512f')}; "
+            f"torch {m['torch']}; GEMM tile dtype here: {res['gemm_dtype']}"),
+           (f"- date: {res['date']}; load before: `{res['uptime_before']}`; after: `{res['uptime_after']}` "
+            "(a shared machine: compare within a row, methods are interleaved)"),
+           f"- command: `{res['command']}`",
+           ("- kernels: W2/W4, groups of 128, asymmetric; `LUT` = the int8-table kernel (`runtime.run(gemm=False)`), "
+            "`GEMM bf16`/`GEMM fp32` = `runtime.run_gemm` (weight tiles dequantized in C, "
+            f"{res['tile_bytes'] >> 20} MiB, then `torch.mm`), `torch fp32` = `F.linear` on the float weight; "
+            "median us per call"), ""]
+    rows = res["sweep"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["threads"], r["shape"], r["M"], r["method"]): r["us"] for r in rows}
+    for threads in dict.fromkeys(r["threads"] for r in rows):
+        out += [f"## Per shape, {threads} thread{'s' if threads > 1 else ''} (us per call)", "",
+                "| shape N x K | M | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+        for shape, mm in dict.fromkeys((r["shape"], r["M"]) for r in rows if r["threads"] == threads):
+            out.append(f"| {shape} | {mm} | " + " | ".join(f"{by[(threads, shape, mm, k)]:.0f}" for k in methods) + " |")
+        out.append("")
+    out += ["## Crossover M", "",
+            ("Smallest M from which the GEMM path (bf16 tiles; fp32 tiles in brackets) is faster than the LUT kernel, "
+             "resp. than torch fp32, at every larger M measured (`-`: not within the sweep)."), "",
+            "| threads | shape | bits | GEMM < LUT from M | GEMM < torch fp32 from M |", "|---:|---|---:|---:|---:|"]
+    fp = {(c["threads"], c["shape"], c["bits"]): c for c in res["crossover_fp32"]}
+    for c in res["crossover"]:
+        f = fp[(c["threads"], c["shape"], c["bits"])]
+        out.append(f"| {c['threads']} | {c['shape']} | {c['bits']} | {c['gemm_beats_lut_from_M'] or '-'} "
+                   f"({f['gemm_beats_lut_from_M'] or '-'}) | {c['gemm_beats_fp32_from_M'] or '-'} "
+                   f"({f['gemm_beats_fp32_from_M'] or '-'}) |")
+    out += ["", f"Threshold in use during the sweep (`runtime.GEMM_MIN_M`): {res['gemm_min_m']}", ""]
+    if res.get("e2e"):
+        run = res.get("e2e_run")
+        out += [(f"## End to end: {res['e2e'][0]['tokens']}-token prefill, the issue's random Llama ({res['layers']} "
+                 "layers, vocab 32000; lm_head float, the default)"), ""]
+        if run:
+            out += [(f"A later run with the committed thresholds and tiles ({run['tile_bytes'] >> 20} MiB, "
+                     f"`GEMM_MIN_M` {run['gemm_min_m']}): {run['date']}, `{run['command']}`, load before "
+                     f"`{run['uptime_before']}`, after `{run['uptime_after']}`."), ""]
+        out += ["| threads | target | tokens/s (median) | tokens/s (best) | x vs ref-fp32 | rel. logit diff vs ref-fp32 |",
+                "|---:|---|---:|---:|---:|---:|"]
+        for r in res["e2e"]:
+            d = "" if r["rel_logit_diff_vs_ref_fp32"] is None else f"{r['rel_logit_diff_vs_ref_fp32']:.4f}"
+            if r.get("rel_logit_diff_gemm_vs_lut_only") is not None:
+                d += f" (vs LUT only: {r['rel_logit_diff_gemm_vs_lut_only']:.4f})"
+            out.append(f"| {r['threads']} | `{r['target']}` | {r['tokens_per_s']:.1f} | {r['tokens_per_s_best']:.1f} | "
+                       f"{r['vs_ref_fp32']:.2f} | {d} |")
+    return "\n".join(out) + "\n"
 
 
 def markdown(res: dict) -> str:
@@ -285,7 +463,13 @@ def main() -> None:
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--markdown-from", metavar="JSON", help="only rewrite cpu_lut.md from a results JSON")
+    ap.add_argument("--prefill", action="store_true", help="the M sweep and 128-token prefill (cpu_lut_prefill.{md,json})")
+    ap.add_argument("--e2e-only", action="store_true",
+                    help="with --prefill: rerun only the 128-token prefill, keeping the sweep of cpu_lut_prefill.json")
     args = ap.parse_args()
+    if args.prefill:
+        prefill_main(args)
+        return
     if args.markdown_from:
         with open(args.markdown_from) as f:
             md = markdown(json.load(f))
@@ -309,6 +493,44 @@ def main() -> None:
         json.dump(res, f, indent=2)
     md = markdown(res)
     with open(os.path.join(args.out, "cpu_lut.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def prefill_main(args) -> None:
+    from lowc.backends.cpu_lut import runtime
+
+    if args.e2e_only:
+        with open(os.path.join(args.out, "cpu_lut_prefill.json")) as f:
+            res = json.load(f)
+        res["e2e_run"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "command": shlex.join(["python", *sys.argv]), "tile_bytes": runtime.GEMM_TILE_BYTES,
+                          "gemm_min_m": {str(k): v for k, v in runtime.GEMM_MIN_M.items()},
+                          "uptime_before": machine()["uptime"]}
+        res["e2e"] = prefill_e2e(max(3, args.repeat // 10), args.layers)
+        res["e2e_run"]["uptime_after"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
+        _write_prefill(res, args.out)
+        return
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": shlex.join(["python", *sys.argv]), "machine": machine(), "layers": args.layers,
+           "gemm_dtype": str(runtime.gemm_dtype()), "tile_bytes": runtime.GEMM_TILE_BYTES,
+           "gemm_min_m": {str(k): v for k, v in runtime.GEMM_MIN_M.items()}}
+    res["uptime_before"] = res["machine"]["uptime"]
+    print(f"load: {res['uptime_before']}", flush=True)
+    res["sweep"] = prefill_sweep(max(3, args.repeat // 5))
+    res["crossover"] = crossovers(res["sweep"], "bf16")
+    res["crossover_fp32"] = crossovers(res["sweep"], "fp32")
+    res["e2e"] = None if args.no_e2e else prefill_e2e(max(3, args.repeat // 10), args.layers)
+    res["uptime_after"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
+    _write_prefill(res, args.out)
+
+
+def _write_prefill(res: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "cpu_lut_prefill.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    md = prefill_markdown(res)
+    with open(os.path.join(out, "cpu_lut_prefill.md"), "w") as f:
         f.write(md)
     print(md)
 

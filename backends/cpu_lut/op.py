@@ -19,6 +19,22 @@ contains the op can be read back.
     exactly the arithmetic of ``lowc::linear_gsq``; the generated C (registered with the dense one)
     reads only the kept groups and differs by the int8-activation bound of
     :func:`lowc.backends.cpu_lut.runtime.sparse_error_bound`.
+
+Large M (prefill): from ``runtime.gemm_min_m(bits)`` input rows on (``runtime.GEMM_MIN_M``, the crossover
+measured at one thread on 2048x2048, 5632x2048, 2048x5632 and 32000x2048 in
+``benchmarks/results/cpu_lut_prefill.md``: bf16 tiles 64 rows for W1/W2, 32 for W3/W4 (W2 crossed at 64
+on every shape, W4 at 4-32); float32 tiles 512 and 128; at M = 128 the bf16 GEMM path was 1.9-3.9x
+faster than the LUT kernel and 2.5-3.7x faster than torch fp32),
+both CPU implementations switch to a GEMM path (:func:`lowc.backends.cpu_lut.runtime.run_gemm`,
+``run_sparse_gemm``): the weight is dequantized from the LUT layout in C, a tile of rows at a time
+(``runtime.GEMM_TILE_BYTES`` = 4 MiB, one buffer reused within the call: no dequantized copy is
+kept), exactly the reference's ``(q - z) * s``, and multiplied with ``torch.mm``: in bf16 where oneDNN
+has a native bf16 GEMM (AVX-512 BF16 / AMX), else float32 (``$LOWC_CPU_LUT_GEMM_DTYPE``). The LUT
+kernel's cost grows with M (tables and lookups per input row) while the GEMM's fixed cost, the
+dequantization, is paid once per call. Error: float32 tiles differ from the reference by summation
+order only; bf16 tiles round x, W and y once each, bounded by
+:func:`lowc.backends.cpu_lut.runtime.gemm_error_bound` (``~3 * 2^-8 * |x| @ |W|^T``; about 0.3% relative
+error on a random 1024x2048 layer at W2 and W4, against 0.9-1% for the int8-table kernel).
 """
 
 from __future__ import annotations
