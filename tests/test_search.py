@@ -236,3 +236,11 @@ def test_compile_recipe_through_the_cli(searched, tiny_dir, tmp_path):
     assert {k: v for k, v in got.items() if k != "lm_head"} == recipe.bits()
     assert "lm_head" not in got  # left in float, as the pass's ignore= says
     assert cm.manifest["passes"][0]["name"] == "rtn"
+
+
+def test_search_cli_bad_budget_is_one_line(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "lowc")
+    r = subprocess.run([exe, "search", "tiny-llama", "--target", "cpu-lut-w4", "--budget", "1.5", "-o",
+                        str(tmp_path / "r.yaml")], check=False, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "budget 1.5 is outside the levels' range (2..4" in r.stderr and not (tmp_path / "r.yaml").exists()
