@@ -93,8 +93,6 @@ def main() -> None:
     ap.add_argument("--no-bench", action="store_true", help="skip lowc bench (tokens/s)")
     args = ap.parse_args()
 
-    import torch
-
     import lowc
     from lowc import data
     from lowc import evaluate as ev
@@ -104,7 +102,7 @@ def main() -> None:
     windows = ev.token_windows(tok, data.read("wikitext-2-test", "text", RuntimeError), args.eval_seq_len, args.eval_windows)
     float_ppl = ev.perplexity(float_model, windows, batch_size=8)
     work = tempfile.mkdtemp(prefix="lowc-search-bench-")
-    rows, runs = [], []
+    rows, runs, measured = [], [], {}
     for budget in (float(b) for b in args.budgets.split(",")):
         out = os.path.join(work, f"recipe-{budget}.yaml")
         t0 = time.perf_counter()
@@ -125,14 +123,25 @@ def main() -> None:
             up = levels[levels.index(u) + 1]
             cands.append((f"uniform {up}-bit (over budget)", dict.fromkeys(r.layers, up), None, None))
         for name, bits, achieved, fit in cands:
-            path = variant(r, bits, os.path.join(work, f"{name.split()[0]}-{budget}.yaml"))
-            art = os.path.join(work, f"art-{name.split()[0]}-{budget}")
-            m = measure(args.llama, args.target, path, args, windows, float_model, art)
+            key = tuple(sorted(bits.items()))
+            if key not in measured:  # the uniform rows are the same at every budget: measured once
+                path = variant(r, bits, os.path.join(work, f"{name.split()[0]}-{budget}.yaml"))
+                art = os.path.join(work, f"art-{name.split()[0]}-{budget}")
+                measured[key] = (measure(args.llama, args.target, path, args, windows, float_model, art), art)
+            m, art = measured[key]
             row = {"budget": budget, "assignment": name, "search_bits": achieved, "search_kl": fit, **m}
             if name == "EvoPress" and not args.no_bench:
                 row["bench"] = bench_tokens(art)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(args, float_ppl, rows, runs)
+    write(args, float_ppl, rows, runs)
+
+
+def write(args, float_ppl: float, rows: list, runs: list) -> None:
+    """Write the results so far (after every row: a long run leaves what it measured)."""
+    import torch
+
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -144,7 +153,6 @@ def main() -> None:
         json.dump(result, f, indent=1)
     with open(os.path.join(RESULTS, "search.md"), "w") as f:
         f.write(render(result))
-    print(render(result))
 
 
 def render(res: dict) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lowc import untrusted
 from lowc.backends.registry import get_target
 from lowc.errors import PassOptionError
 from lowc.frontend.hf import fingerprint_dir
@@ -123,6 +124,25 @@ def make_evaluator(spec: ScorerSpec, workers: int | None, ray: str | None):
     return distributed.ray_evaluator(spec, workers=workers, address=ray)
 
 
+def _cached_errors(db: str, fingerprint: str, space: Space, evaluator, n_tokens: int) -> list[list[float]]:
+    """The DP baseline's per-layer errors, kept in the database folder: they depend only on the
+    database, the layers, the levels and the tokens, not on the budget (scores are deterministic)."""
+    key = hashlib.sha256(json.dumps([fingerprint, list(space.layers), list(space.levels), n_tokens]).encode()).hexdigest()
+    path = os.path.join(db, f"layer-errors-{key[:16]}.json")
+    if os.path.isfile(path):
+        d = untrusted.load_json(path)
+        k = len(space.levels)
+        if (isinstance(d, list) and len(d) == len(space.layers) and all(isinstance(r, list) and len(r) == k and all(
+                isinstance(v, float) for v in r) for r in d)):
+            return d
+    errors = baselines.layer_errors(space, evaluator, n_tokens)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(errors, f)
+    os.replace(tmp, path)
+    return errors
+
+
 def search(model: Any, target: str, budget: float, *, levels: Iterable[int] | None = None, method: str = "gptq",
            calib: Any = DEFAULT_CALIB, generations: int = DEFAULT_GENERATIONS, offspring: int = DEFAULT_OFFSPRING,
            seed: int = 0, workers: int | None = None, ray: str | None = None, resume: bool = False, db: str | None = None,
@@ -186,7 +206,7 @@ def search(model: Any, target: str, budget: float, *, levels: Iterable[int] | No
             step("baselines: uniform, and the error-sum DP over per-layer errors")
             ui = baselines.uniform_level(space, budget)
             n_dp = dp_tokens or sched.stages[len(sched.stages) // 2][1]
-            errors = baselines.layer_errors(space, evaluator, n_dp)
+            errors = _cached_errors(db, level_db.fingerprint(), space, evaluator, n_dp)
             dp, dp_sum = baselines.dp_assignment(space, budget, errors)
             f_uniform, f_dp = evaluator.evaluate([space.assignment(space.uniform(ui)), space.assignment(dp)],
                                                  sched.max_tokens)
