@@ -59,6 +59,8 @@ class Target:
     #: for group-sparse layers (GQSA); a compile whose method passes produce another such op fails,
     #: naming the layer and the target
     runs: tuple[str, ...] = ()
+    #: the weight bit widths its kernels take (a per-layer search recipe is checked against it)
+    weight_bits: tuple[int, int] = (1, 8)
 
     def phases(self, options: "CompileOptions") -> list[Phase]:
         return self.pipeline(self, options)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from lowc.version import __version__  # a constant; no heavy import
 
-__all__ = ["compile", "load", "trace", "targets", "LowcError", "__version__"]
+__all__ = ["compile", "load", "search", "trace", "targets", "LowcError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from lowc.api import load
 
         return load
+    if name == "search":
+        from lowc.search_api import search
+
+        return search
     if name == "trace":
         from lowc.ir.capture import trace
 

@@ -64,7 +64,8 @@ def _compile_help() -> str:
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True, help="calibration sequences")
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="tokens per calibration sequence")
 @click.option("--pass", "passes", multiple=True, metavar="'name{k=v,...}'", help="method pass replacing the target's default (repeatable)")
-@click.option("--recipe", type=click.Path(), default=None, help="YAML/JSON file: a list of passes")
+@click.option("--recipe", type=click.Path(), default=None,
+              help="YAML/JSON file: a list of passes, or a per-layer bits recipe written by `lowc search`")
 @click.option("--device", default="cpu", show_default=True, help="device to trace and calibrate on (cpu, cuda, cuda:1)")
 @click.option("--dtype", default="auto", show_default=True, help="float32, float16, bfloat16, or auto (fp32 on CPU, fp16 on CUDA)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for calibration sampling and passes")
@@ -111,6 +112,46 @@ def compile(model, target, output, calib, calib_samples, seq_len, passes, recipe
     if check:
         parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()]
         click.echo("output vs float on example inputs: " + ", ".join(parts))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", required=True, help="the target the recipe will be compiled for (its kernels' bit widths bound the levels)")
+@click.option("--budget", "-b", required=True, type=float, help="average stored bits per weight over the searched layers, scales and zeros included")
+@click.option("--levels", default=None, metavar="2,3,4,5,6", help="bit widths to choose from (default: 2..6 within the target's range)")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True, help="how each level is quantized")
+@click.option("--calib", metavar="TEXT", default="wikitext-2-valid", show_default=True,
+              help="calibration text (GPTQ and the KL fitness): a file or a built-in text")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True, help="calibration sequences")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="tokens per calibration sequence")
+@click.option("--generations", type=click.IntRange(min=0), default=50, show_default=True, help="EvoPress generations")
+@click.option("--offspring", type=click.IntRange(min=1), default=16, show_default=True, help="offspring per generation (λ)")
+@click.option("--schedule", default="4:512,2:2048,1:8192", show_default=True, metavar="S:T,...",
+              help="multi-step selection: survivors:tokens per stage (the last stage's tokens are the fitness)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the search and of calibration sampling")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="score offspring on N local Ray workers (lowc[distributed])")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS", help="score offspring on an existing Ray cluster")
+@click.option("--resume", is_flag=True, help="continue from OUTPUT.checkpoint.json")
+@click.option("--db", default=None, type=click.Path(),
+              help="level database directory (default: $LOWC_CACHE_DIR/levels/<key>, else .lowc-levels/<key> beside OUTPUT)")
+@click.option("--device", default="cpu", show_default=True, help="device to quantize and score on")
+@click.option("--output", "-o", "output", required=True, type=click.Path(), help="recipe file to write (YAML)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress output")
+def search(model, target, budget, levels, method, calib, calib_samples, seq_len, generations, offspring, schedule, seed,
+           workers, ray_address, resume, db, output, device, quiet):
+    """Search per-layer bit widths for MODEL (EvoPress) at an average BUDGET; write a recipe for
+    `lowc compile MODEL --target T --recipe OUTPUT`."""
+    from lowc.search_api import search as run_search
+
+    lv = None if levels is None else [v.strip() for v in levels.split(",") if v.strip()]
+    r = run_search(model, target, budget, levels=lv, method=method, calib=calib, generations=generations,
+                   offspring=offspring, seed=seed, workers=workers, ray=ray_address, resume=resume, db=db, output=output,
+                   schedule=schedule, calib_samples=calib_samples, seq_len=seq_len, device=device, progress=not quiet)
+    u, dp = r.baselines["uniform"], r.baselines["dp"]
+    click.echo(f"wrote {output}")
+    click.echo(f"KL to float on {r.fitness['tokens']} tokens: evopress {r.fitness['evopress']:.5f} ({r.achieved_bits:.3f} bits), "
+               f"uniform {u['bits']}-bit {u['fitness']:.5f} ({u['achieved_bits']:.3f} bits), "
+               f"error-sum DP {dp['fitness']:.5f} ({dp['achieved_bits']:.3f} bits)")
 
 
 @cli.command()

@@ -7,7 +7,8 @@ quoted string (``"a,b"``), or a list ``[v,v]``. Values are converted to the opti
 
 A recipe file (``.yaml``/``.yml``/``.json``) is a list whose items are spellings (strings) or
 mappings ``{name: rtn, bits: 4}`` / ``{rtn: {bits: 4}}``; a mapping with a ``passes`` key holding
-such a list is accepted too.
+such a list is accepted too. A search recipe (``kind: lowc-search-recipe``, written by ``lowc search``,
+:mod:`lowc.passes.search.recipe`) becomes its method pass with per-layer bits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 
 from lowc.errors import PassOptionError
 from lowc.passes.registry import get_pass_class
+from lowc.passes.search.recipe import Recipe, is_search_recipe
 
 #: a pass registry: ``lookup(name) -> pass class`` (raises PassOptionError for an unknown name)
 Lookup = Callable[[str], type]
@@ -213,6 +215,8 @@ def load_recipe(path: str, lookup: Lookup | None = None) -> list:
             data = yaml.safe_load(text)
     except Exception as e:
         raise PassOptionError(f"recipe {path}: cannot parse ({str(e).splitlines()[0]})") from None
+    if is_search_recipe(data):  # a per-layer level assignment written by `lowc search`
+        return [parse_pass(s, lookup) for s in Recipe.from_json(data, f"recipe {path}").passes()]
     if isinstance(data, dict) and "passes" in data:
         data = data["passes"]
     if not isinstance(data, list):

@@ -121,7 +121,8 @@ def test_manifest(cm, saved):
     assert m["target"] == "ref-w4a16" and m["backend"] == "reference"
     assert m["scheme"] == {"w_bits": 4, "group_size": 128, "symmetric": False, "a_bits": 16}
     assert [(p["name"], p["phase"]) for p in m["passes"]] == [("rtn", "method"), ("remove-dead", "finalize")]
-    assert m["passes"][0]["options"] == {"bits": None, "group_size": None, "symmetric": None, "ignore": ["lm_head"]}
+    assert m["passes"][0]["options"] == {"bits": None, "group_size": None, "symmetric": None, "ignore": ["lm_head"],
+                                         "layer_bits": []}
     assert m["passes"][0]["stats"]["quantized"] == 28
     assert len(m["layers"]) == 29 and sum(1 for r in m["layers"] if r["scheme"]) == 28
     q = m["layers"][0]

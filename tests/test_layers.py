@@ -9,7 +9,7 @@ Layers, lowest first (a module may import its own layer and the ones before it):
     passes    lowc.passes        (compression passes, pipeline, options)
     runtime   lowc.runtime       (generation: decoding loops, KV/recurrent state)
     backends  lowc.backends      (targets, lowering passes, kernels, the registry of everything)
-    api       lowc.api, lowc.artifact, lowc.evaluate, lowc.export, lowc.formats (export formats),
+    api       lowc.api, lowc.artifact, lowc.evaluate, lowc.export, lowc.formats (export formats), lowc.search_api,
               lowc.distributed (Ray worker pool)
     cli       lowc.cli
 
@@ -27,7 +27,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE_DIRS = {"compiler": "lowc", "ir": "lowc.ir", "passes": "lowc.passes", "backends": "lowc.backends"}
 LAYERS = ("base", "frontend", "ir", "passes", "runtime", "backends", "api", "cli")
 BASE = ("lowc.errors", "lowc.progress", "lowc.version", "lowc.untrusted", "lowc.data")
-API = ("lowc.api", "lowc.artifact", "lowc.evaluate", "lowc.export", "lowc.formats", "lowc.distributed")
+API = ("lowc.api", "lowc.artifact", "lowc.evaluate", "lowc.export", "lowc.formats", "lowc.search_api", "lowc.distributed")
 #: packages a module may import inside a function, with a comment saying why: optional extras
 OPTIONAL = ("triton", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "gguf")
 #: modules that are lazy on purpose: the package facade (``import lowc`` imports no torch) and the

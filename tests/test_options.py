@@ -55,7 +55,7 @@ def test_parse_spelling_raw_values():
         ("rnt", r"unknown pass 'rnt' \(did you mean 'rtn'\?\)"),
         ("quantize-activation", r"did you mean 'quantize-activations'"),
         ("zzzz", r"unknown pass 'zzzz'; known passes: .*rtn"),
-        ("rtn{bitz=4}", r"pass 'rtn': unknown option\(s\) bitz \(options: bits, group_size, symmetric, ignore\)"),
+        ("rtn{bitz=4}", r"pass 'rtn': unknown option\(s\) bitz \(options: bits, group_size, symmetric, ignore, layer_bits\)"),
         ("rtn{bits=four}", r"pass 'rtn' option bits: expected an integer, got 'four'"),
         ("rtn{bits=4.5}", r"pass 'rtn' option bits: expected an integer"),
         ("rtn{symmetric=maybe}", r"pass 'rtn' option symmetric: expected true/false"),

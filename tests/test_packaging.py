@@ -44,7 +44,7 @@ def test_package_list_matches_folders():
     listed = PYPROJECT["tool"]["setuptools"]["packages"]
     assert len(listed) == len(set(listed)), "duplicate entries in [tool.setuptools] packages"
     found = _folder_packages()
-    assert {"lowc", "lowc.ir", "lowc.ir.dialect", "lowc.passes.quant", "lowc.backends.reference", "lowc.frontend"} <= found
+    assert {"lowc", "lowc.ir", "lowc.ir.dialect", "lowc.passes.quant", "lowc.passes.search", "lowc.backends.reference", "lowc.frontend"} <= found
     assert sorted(listed) == sorted(found), (
         f"missing from pyproject: {sorted(found - set(listed))}; listed but not a package: {sorted(set(listed) - found)}"
     )
@@ -64,13 +64,14 @@ def test_import_lowc_is_light():
 
 def test_lazy_attributes():
     assert lowc.__version__ == PYPROJECT["project"]["version"]
-    from lowc import api, errors
+    from lowc import api, errors, search_api
     from lowc.backends.registry import all_targets
     from lowc.ir.capture import trace
 
     # each lazy name resolves to the object it stands for, not just to something
     assert {name: getattr(lowc, name) for name in lowc.__all__ if name != "__version__"} == {
-        "compile": api.compile, "load": api.load, "trace": trace, "targets": all_targets, "LowcError": errors.LowcError}
+        "compile": api.compile, "load": api.load, "search": search_api.search, "trace": trace, "targets": all_targets,
+        "LowcError": errors.LowcError}
     try:
         lowc.no_such_thing
     except AttributeError as e:

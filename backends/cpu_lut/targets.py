@@ -98,5 +98,5 @@ def targets() -> list[Target]:
         desc = (f"{b}-bit weights, groups of 128 (asymmetric), float activations; lookup-table GEMM "
                 f"(generated C, AVX2 pshufb or portable scalar); group-sparse layers skip dropped groups")
         out.append(Target(f"cpu-lut-w{b}", "cpu-lut", desc, Scheme(b, 128, False), lut_pipeline, emit=emit, prepare=prepare,
-                          runtime=runtime, runs=("linear_gsq",)))
+                          runtime=runtime, runs=("linear_gsq",), weight_bits=(1, 4)))
     return out

@@ -71,6 +71,68 @@ class WeightQuantPass(Pass):
                 out.append(node)
         return out
 
+    def layer_scheme(self, s: Scheme, layer: str) -> Scheme:
+        """The scheme of one layer (the pass's own here; :class:`MixedBitsPass` overrides it per layer)."""
+        return s
+
+    def check_layers(self, program) -> None:
+        """Raise if the options name layers the program does not have (see :class:`MixedBitsPass`)."""
+
+
+@dataclass(frozen=True)
+class MixedBitsPass(WeightQuantPass):
+    """A weight-quantizing pass that also takes per-layer bits (and group sizes): what a search
+    recipe (``lowc search``) compiles to, e.g. ``gptq{layer_bits=[model.layers.0.mlp.down_proj=3/128,...]}``.
+    Layers it does not name get the pass's scheme; naming a layer the pass would not quantize (not in
+    the model, or ignored) is an error naming it."""
+
+    layer_bits: tuple[str, ...] = opt((), "per-layer 'layer=bits' or 'layer=bits/group_size' (a search recipe's levels)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.overrides()
+
+    def overrides(self) -> dict[str, tuple[int, int | None]]:
+        out: dict[str, tuple[int, int | None]] = {}
+        for item in self.layer_bits:
+            layer, _, spec = item.partition("=")
+            bits, _, gs = spec.partition("/")
+            try:
+                b, g = int(bits), (int(gs) if gs else None)
+            except ValueError:
+                raise self.fail(f"layer_bits entry {item!r}: expected layer=bits or layer=bits/group_size") from None
+            if not layer or layer in out:
+                raise self.fail(f"layer_bits entry {item!r}: {'no layer name' if not layer else 'layer given twice'}")
+            if not 1 <= b <= 8:
+                raise self.fail(f"layer_bits entry {item!r}: bits={b} cannot be packed: choose 1..8")
+            if g is not None and not (g == -1 or (g > 0 and g % 8 == 0)):
+                raise self.fail(f"layer_bits entry {item!r}: group_size={g}: use {VALID_GROUP_SIZES}")
+            out[layer] = (b, g)
+        return out
+
+    def layer_scheme(self, s: Scheme, layer: str) -> Scheme:
+        o = self.overrides().get(layer)
+        if o is None:
+            return s
+        return s.with_(w_bits=o[0], group_size=s.group_size if o[1] is None else o[1])
+
+    def check_target(self, target) -> None:
+        lo, hi = getattr(target, "weight_bits", (1, 8))
+        bad = sorted((b, layer) for layer, (b, _) in self.overrides().items() if not lo <= b <= hi)
+        if bad:
+            raise self.fail(f"layer_bits gives {bad[0][1]} {bad[0][0]} bits; target '{target.name}' takes {lo}..{hi}-bit "
+                            f"weights ({len(bad)} such layer(s)): search with levels in that range")
+
+    def check_layers(self, program) -> None:
+        names = set(self.overrides())
+        if not names:
+            return
+        known = {linear_layer(n) for n in self.select(program)}
+        unknown = sorted(names - known)
+        if unknown:
+            raise self.fail(f"layer_bits names layer {unknown[0]}, which the model does not have or ignore= leaves "
+                            f"in float ({len(unknown)} such layer(s))")
+
 
 def linear_weight(program, node: torch.fx.Node) -> torch.Tensor:
     """The constant weight of ``aten.linear(x, W, b)``."""
@@ -129,6 +191,7 @@ def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn,
     linears whose weight is not 2-D are left in float, counted in ``stats["skipped"]`` and logged by layer."""
 
     s = p.scheme(ctx)
+    p.check_layers(program)
     nodes = p.select(program)
     padded, skipped, done = [], [], 0
     for node in bar(nodes, desc=method, enabled=ctx.progress):
@@ -136,10 +199,11 @@ def quantize_linears(program, ctx: PassContext, p: WeightQuantPass, quantize_fn,
         if w.dim() != 2:
             skipped.append(f"{linear_layer(node)} (weight {list(w.shape)})")
             continue
-        qw = quantize_fn(w, node, s)
+        sn = p.layer_scheme(s, linear_layer(node))
+        qw = quantize_fn(w, node, sn)
         if qw.k_pad != qw.in_features:
             padded.append(linear_layer(node))
-        rewrite_linear(program, node, qw, s, method)
+        rewrite_linear(program, node, qw, sn, method)
         done += 1
     if done:
         program.remove_dead()

@@ -44,7 +44,7 @@ from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult, opt
 from lowc.passes.blockwise import BlockwiseRunner
 from lowc.passes.quant.common import (
-    WeightQuantPass,
+    MixedBitsPass,
     linear_weight,
     rewrite_linear,
     rtn_fallback,
@@ -248,7 +248,7 @@ def sequential_stages(nodes: list, true_sequential: bool) -> list[list]:
 
 
 @dataclass(frozen=True)
-class GPTQ(WeightQuantPass):
+class GPTQ(MixedBitsPass):
     name = "gptq"
     requires = frozenset({"calibration"})
     summary = "GPTQ: Hessian-based weight quantization, block by block over calibration data"
@@ -267,6 +267,7 @@ class GPTQ(WeightQuantPass):
 
     def run(self, program, ctx: PassContext) -> PassResult:
         s = self.scheme(ctx)
+        self.check_layers(program)
         targets = {n.name for n in self.select(program)}
         if not targets:
             return PassResult(changed=False, stats={"quantized": 0})
@@ -285,14 +286,15 @@ class GPTQ(WeightQuantPass):
                     w = linear_weight(program, node)
                     # a pruned layer keeps its zeros: GPTQ's error feedback would refill them
                     mask = (w == 0) if nodemeta.pruned(nodemeta.get(node)) else None
-                    qw, info = gptq_quantize(w, hess[node.name], s.w_bits,
-                                             s.group_size, s.symmetric, act_order=self.act_order, damp=self.damp,
+                    sn = self.layer_scheme(s, lname)
+                    qw, info = gptq_quantize(w, hess[node.name], sn.w_bits,
+                                             sn.group_size, sn.symmetric, act_order=self.act_order, damp=self.damp,
                                              block_size=self.block_size, name=lname, mask=mask)
                     if info["damp"] != self.damp:
                         ctx.log.append(f"gptq: {lname}: Hessian not positive definite; damping raised to {info['damp']:g}")
                     if qw.k_pad != qw.in_features:
                         padded.append(lname)
-                    rewrite_linear(program, node, qw, s, "gptq")
+                    rewrite_linear(program, node, qw, sn, "gptq")
                     block_loss += info["loss"]
                     done += 1
                 hess.clear()
@@ -302,7 +304,8 @@ class GPTQ(WeightQuantPass):
         # linears outside transformer blocks (e.g. BERT's pooler) see no block-wise calibration:
         # they get RTN at the same scheme, and the log says so
         rest = [n for n in self.select(program) if n.name in targets]
-        rtn_fallback(program, rest, s)
+        for n in rest:
+            rtn_fallback(program, [n], self.layer_scheme(s, linear_layer(n)))
         if rest:
             ctx.log.append(f"gptq: {len(rest)} linear(s) outside transformer blocks quantized with RTN: "
                            + ", ".join(linear_layer(n) for n in rest[:4]))

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from lowc.ir.dialect import quant
 from lowc.passes.base import PassContext, PassResult
-from lowc.passes.quant.common import WeightQuantPass, quantize_linears
+from lowc.passes.quant.common import MixedBitsPass, quantize_linears
 
 
 @dataclass(frozen=True)
-class RTN(WeightQuantPass):
+class RTN(MixedBitsPass):
     name = "rtn"
     summary = "round-to-nearest weight quantization (per group min/max or absmax)"
 
