@@ -9,7 +9,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowc.ir.dialect.ssd import SSDState, chunked_ssd, reference_ssd, segsum, ssd_matrix  # defines lowc::ssd
+from lowc.ir.dialect.ssd import (  # defines lowc::ssd
+    SSDState,
+    chunked_ssd,
+    reference_ssd,
+    segsum,
+    ssd_matrix,
+    ssd_prefill,
+    ssd_step,
+)
 
 op = torch.ops.lowc.ssd.default
 NAMES = ("C", "B", "x", "a", "D", "conv_c", "conv_b", "conv_x", "key_mask")
@@ -286,3 +294,70 @@ def test_bad_operands_are_one_line_errors(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         op(*o.values())
     assert "\n" not in str(e.value) and str(e.value).startswith("lowc::ssd: ")
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _decode(o, prompt):
+    """``ssd_prefill`` on the first ``prompt`` positions (none: a fresh state), then ``ssd_step`` per token."""
+    convs = [o[n] for n in ("conv_c", "conv_b", "conv_x")]
+    km = o["key_mask"]
+    st, ys = None, []
+    if prompt:
+        sl = _slice(o, 0, prompt)
+        y, st = ssd_prefill(*(sl[n] for n in ("C", "B", "x", "a", "D")), *convs, sl["key_mask"])
+        ys.append(y)
+    else:
+        b, h, _, n = o["C"].shape
+        g, p = o["B"].shape[1], o["x"].shape[-1]
+        st = SSDState.empty(b, h, g, n, p, tuple(0 if w is None else w.shape[-1] for w in convs))
+    for t in range(prompt, o["C"].shape[2]):
+        ys.append(ssd_step(st, o["C"][:, :, t:t + 1], o["B"][:, :, t:t + 1], o["x"][:, :, t:t + 1],
+                           o["a"][:, :, t:t + 1], o["D"], *convs, key_valid=None if km is None else km[:, t]))
+    return torch.cat(ys, dim=2), st
+
+
+@pytest.mark.parametrize("prompt", [0, 1, 40, 100])
+@pytest.mark.parametrize("k, mask", [(0, None), (4, "left")])
+def test_decode_matches_the_chunked_form(prompt, k, mask):
+    o = operands(b=2, h=4, g=2, length=110, k=k, mask=mask, seed=prompt)
+    ys, st = _decode(o, prompt)
+    y, st_ref = call(chunked_ssd, o, return_state=True)
+    close(ys, y, tol=1e-5)
+    close(st.ssm, st_ref.ssm, tol=1e-5)
+    assert st.pos == 110
+
+
+def test_decode_state_is_constant_size():
+    o = operands(b=1, h=4, g=2, length=300, k=4, seed=9)
+    sizes = []
+    for length in (10, 300):
+        _, st = ssd_prefill(*(_slice(o, 0, length)[n] for n in NAMES))
+        sizes.append(st.nbytes())
+    # fp32: ssm [1, 4, 12, 8] + conv histories [1, 4, 8, 3], [1, 2, 8, 3], [1, 2, 12, 3]
+    assert sizes[0] == sizes[1] == 4 * (4 * 12 * 8 + 3 * (4 * 8 + 2 * 8 + 2 * 12))
+    ptrs = [t.data_ptr() for t in st.tensors()]
+    gen = _gen(1)
+    convs = [o[n] for n in ("conv_c", "conv_b", "conv_x")]
+    for _ in range(500):
+        y = ssd_step(st, torch.randn(1, 4, 1, 8, generator=gen), torch.randn(1, 2, 1, 8, generator=gen),
+                     torch.randn(1, 2, 1, 12, generator=gen), -torch.rand(1, 4, 1, generator=gen), o["D"], *convs)
+        assert torch.isfinite(y).all()
+    assert st.pos == 800 and st.nbytes() == sizes[0]
+    assert [t.data_ptr() for t in st.tensors()] == ptrs  # updated in place, nothing reallocated
+    _, st2 = ssd_prefill(*(_slice(o, 0, 50)[n] for n in NAMES), state=st)  # continuing keeps the storage too
+    assert st2 is st and [t.data_ptr() for t in st.tensors()] == ptrs and st.pos == 850
+
+
+def test_decode_bad_input():
+    st = SSDState.empty(1, 4, 2, 8, 12, (4, 0, 0))
+    args = (torch.rand(1, 4, 1, 8), torch.rand(1, 2, 1, 8), torch.rand(1, 2, 1, 12), -torch.rand(1, 4, 1))
+    with pytest.raises(ValueError, match="conv_c is missing but the state was built with its history"):
+        ssd_step(st, *args)
+    with pytest.raises(ValueError, match="conv_c has K=3 but the state holds 3 past inputs"):
+        ssd_step(st, *args, None, torch.rand(4, 8, 3))
+    with pytest.raises(ValueError, match="ssd_step takes one token"):
+        ssd_step(st, torch.rand(1, 4, 2, 8), *args[1:])
+    with pytest.raises(ValueError, match=r"do not match the state \(Bt=1, H=4, P=12, N=8\)"):
+        ssd_step(st, torch.rand(1, 4, 1, 16), *args[1:])

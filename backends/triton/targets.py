@@ -26,7 +26,7 @@ import os
 import torch
 
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
-from lowc.backends.triton import autotune, gsq, gsq_op, layout, linear_attention, wq
+from lowc.backends.triton import autotune, gsq, gsq_op, layout, linear_attention, ssd, wq
 from lowc.backends.triton import op as tr_op
 from lowc.backends.triton.lower import TritonLower
 from lowc.errors import KernelError
@@ -116,6 +116,7 @@ def prepare(program, device: str) -> None:
         wq.register_cuda()
         gsq.register_cuda()
         linear_attention.register_cuda()
+        ssd.register_cuda()
     elif dev.type == "cpu":
         if wq.interpreting():
             wq.register_interpreter()

@@ -163,4 +163,87 @@ def _backward(ctx, grad):
 ssd.register_autograd(_backward, setup_context=_setup_context)
 
 
-__all__ = ["OP", "SSDState", "chunked_ssd", "reference_ssd", "segsum", "ssd", "ssd_matrix"]
+# ---------------------------------------------------------------- decode: prefill + one token at a time
+
+
+def _decode_fail(msg: str):
+    raise ValueError(f"{OP} decode: {msg}")
+
+
+def _check_convs(state: SSDState, conv_c, conv_b, conv_x) -> None:
+    for name, w in (("conv_c", conv_c), ("conv_b", conv_b), ("conv_x", conv_x)):
+        buf = getattr(state, name)
+        if (w is None) != (buf is None):
+            _decode_fail(f"{name} is {'given' if w is not None else 'missing'} but the state was built "
+                         f"{'without' if buf is None else 'with'} its history")
+        if w is not None and buf.shape[-1] != w.shape[-1] - 1:
+            _decode_fail(f"{name} has K={w.shape[-1]} but the state holds {buf.shape[-1]} past inputs")
+
+
+def ssd_prefill(C, B, x, a, D=None, conv_c=None, conv_b=None, conv_x=None, key_mask=None, *,
+                state: SSDState | None = None, chunk: int = CHUNK) -> tuple[torch.Tensor, SSDState]:
+    """Outputs ``[Bt, H, L, P]`` of the op for a prompt of ``L`` tokens, and the decode state after them.
+
+    Runs the chunked form (plain PyTorch on the operands' device) from ``state`` (``None``: a fresh
+    one), which is then updated in place (its tensors keep their storage) and returned."""
+    _check(C, B, x, a, D, conv_c, conv_b, conv_x, key_mask, chunk)
+    if state is not None:
+        _check_convs(state, conv_c, conv_b, conv_x)
+    y, new = chunked_ssd(C, B, x, a, D, conv_c, conv_b, conv_x, key_mask, chunk, initial_state=state, return_state=True)
+    for name in ("ssm", "conv_c", "conv_b", "conv_x"):  # the state is fp32 whatever the operands
+        t = getattr(new, name)
+        setattr(new, name, None if t is None else t.float())
+    if state is None:
+        return y, new
+    for t_old, t_new in zip(state.tensors(), new.tensors()):
+        t_old.copy_(t_new)
+    state.pos = new.pos
+    return y, state
+
+
+def _conv_step(buf: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token of :func:`causal_conv`: ``u [Bt, C1, C2]``, history ``buf [Bt, C1, C2, K-1]`` (shifted in place)."""
+    window = torch.cat([buf, u[..., None]], dim=-1)
+    buf.copy_(window[..., 1:])
+    return (window * w.float()[None]).sum(dim=-1)
+
+
+def ssd_step(state: SSDState, C_t, B_t, x_t, a_t, D=None, conv_c=None, conv_b=None, conv_x=None, *,
+             key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One token: ``C_t [Bt, H, 1, N]``, ``B_t [Bt, G, 1, N]``, ``x_t [Bt, G, 1, P]``, ``a_t [Bt, H, 1]`` ->
+    ``y_t [Bt, H, 1, P]`` (``x_t``'s dtype): ``h = exp(a)·h + x ⊗ B``, ``y = h·C + D·x``, the convolutions
+    continued from the state's histories; ``key_valid [Bt]`` (bool) marks the token as padding for some
+    rows (as ``key_mask``). Updates ``state`` in place; its size never changes."""
+    b, h, p, n = state.ssm.shape
+    if C_t.dim() != 4 or B_t.dim() != 4 or x_t.dim() != 4 or a_t.dim() != 3:
+        _decode_fail(f"C_t, B_t, x_t must be 4-D [Bt, H|G, 1, *] and a_t 3-D [Bt, H, 1], got {tuple(C_t.shape)}, "
+                     f"{tuple(B_t.shape)}, {tuple(x_t.shape)}, {tuple(a_t.shape)}")
+    if C_t.shape[2] != 1:
+        _decode_fail(f"ssd_step takes one token (L = 1), got L = {C_t.shape[2]}; use ssd_prefill for a prompt")
+    g = B_t.shape[1]
+    if (tuple(C_t.shape) != (b, h, 1, n) or tuple(a_t.shape) != (b, h, 1) or tuple(B_t.shape) != (b, g, 1, n)
+            or tuple(x_t.shape) != (b, g, 1, p) or h % g):
+        _decode_fail(f"C_t {tuple(C_t.shape)} / B_t {tuple(B_t.shape)} / x_t {tuple(x_t.shape)} / a_t {tuple(a_t.shape)} "
+                     f"do not match the state (Bt={b}, H={h}, P={p}, N={n})")
+    _check_convs(state, conv_c, conv_b, conv_x)
+    ok = (torch.ones(b, device=C_t.device) if key_valid is None else key_valid.to(torch.float32))
+    c, bb, xx = (t[:, :, 0].float() * ok[:, None, None] for t in (C_t, B_t, x_t))
+    if conv_c is not None:
+        c = _conv_step(state.conv_c, conv_c, c)
+    if conv_b is not None:
+        bb = _conv_step(state.conv_b, conv_b, bb)
+    if conv_x is not None:
+        xx = _conv_step(state.conv_x, conv_x, xx)
+    bb = bb * ok[:, None, None]
+    a = a_t[:, :, 0].float() * ok[:, None]
+    hg = h // g
+    ssm = state.ssm.view(b, g, hg, p, n)
+    ssm.mul_(torch.exp(a).view(b, g, hg, 1, 1)).add_(xx[:, :, None, :, None] * bb[:, :, None, None, :])
+    y = torch.einsum("bghpn,bghn->bghp", ssm, c.view(b, g, hg, n)).reshape(b, h, p)
+    if D is not None:
+        y = y + D.float()[None, :, None] * heads(xx, h)
+    state.pos += 1
+    return (y * ok[:, None, None])[:, :, None].to(x_t.dtype)
+
+
+__all__ = ["OP", "SSDState", "chunked_ssd", "reference_ssd", "segsum", "ssd", "ssd_matrix", "ssd_prefill", "ssd_step"]
