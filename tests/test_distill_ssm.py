@@ -140,7 +140,7 @@ def test_stage_alone_and_identity_init(llama):
     w = p0.attr("model.layers.0.self_attn.ssd_conv_x")
     assert w.shape == (2, 16, 4) and torch.equal(w[..., -1], torch.ones(2, 16)) and not w[..., :-1].any()
     assert not p0.attr("model.layers.0.self_attn.ssd_D").any()
-    p, res, _ = _run(llama, "distill_ssm{layers=[0],stages=[2],epochs=[0,1,0],kernel=0}")
+    _, res, _ = _run(llama, "distill_ssm{layers=[0],stages=[2],epochs=[0,1,0],kernel=0}")
     assert set(res.stats) >= {"stage2"} and not {"stage1", "stage3"} & set(res.stats)
     assert res.stats["stage2"]["after"] < res.stats["stage2"]["before"]
 
