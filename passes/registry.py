@@ -25,6 +25,7 @@ PASSES: dict[str, str] = {
     "quantize-kv": "lowc.passes.quant.kv:QuantizeKV",
     "remove-dead": "lowc.passes.cleanup:RemoveDead",
     "linearize": "lowc.passes.linearize.linearize:Linearize",
+    "distill_ssm": "lowc.passes.distill.distill_ssm:DistillSSM",
 }
 
 

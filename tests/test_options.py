@@ -112,6 +112,8 @@ NON_DEFAULT = {
     "linearize": {"method": "hedgehog", "layers": ("0", "model.layers.1*"), "feature_dim": 16, "window": 0,
                   "kv_head_maps": True, "epochs": 3, "lr": 0.005, "lora_rank": 4, "lora_alpha": 8.0,
                   "lora_lr": 0.0002, "lora_epochs": 1, "lora_loss": "distill"},
+    "distill_ssm": {"layers": ("0", "model.layers.1*"), "stages": (1, 3), "epochs": (1, 2, 3), "lr": (0.01, 0.001, 0.0001),
+                    "kernel": 2, "chunk": 32},
     "triton-lower": {},
     "onnx-check": {},
     "onnx-lower": {"matmulnbits": True, "accuracy_level": 4},

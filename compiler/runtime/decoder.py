@@ -42,10 +42,17 @@ def is_linear_attention(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and getattr(t, "namespace", None) == "lowc" and t._opname == "linear_attention"
 
 
+def is_ssd(node: torch.fx.Node) -> bool:
+    """A ``lowc::ssd`` (Mamba-2 / SSD mixer, from ``distill_ssm``) node: decoded with constant-size state."""
+    t = node.target
+    return node.op == "call_function" and getattr(t, "namespace", None) == "lowc" and t._opname == "ssd"
+
+
 def attention_counts(program) -> tuple[int, int]:
-    """``(linearized, softmax)`` attention layers of the graph."""
+    """``(constant-state, softmax)`` attention layers of the graph: linearized attention and SSD mixers
+    count as constant-state layers."""
     nodes = list(program.graph.nodes)
-    return sum(map(is_linear_attention, nodes)), sum(1 for n in nodes if n.target is SDPA)
+    return sum(1 for n in nodes if is_linear_attention(n) or is_ssd(n)), sum(1 for n in nodes if n.target is SDPA)
 
 
 def last_logits(out: Any) -> torch.Tensor:

@@ -15,6 +15,9 @@ with an FX interpreter in two modes:
     ``arange(seq_len)``);
   - each ``lowc::linear_attention`` node runs :func:`~lowc.runtime.state.step`
     on its layer's state (the new key is padding iff its ``key_mask`` entry is false);
+  - each ``lowc::ssd`` node (an SSD mixer from ``distill_ssm``) runs :func:`lowc.ir.dialect.ssd.ssd_prefill`
+    on the prompt and :func:`~lowc.ir.dialect.ssd.ssd_step` per token: a constant-size state per layer
+    (the SSM state ``[B, H, P, N]`` and the last ``K-1`` inputs of each short convolution);
   - each remaining softmax ``scaled_dot_product_attention`` (layers left unlinearized in a hybrid
     model) attends over a KV cache of its past keys/values (this part grows with the sequence; the
     decoder reports it separately).
@@ -44,8 +47,9 @@ from lowc.errors import GenerationError
 from lowc.ir.analysis import ancestors
 from lowc.ir.dialect import ensure_registered
 from lowc.ir.dialect.args import op_args, schema_names
+from lowc.ir.dialect.ssd import CHUNK, SSDState, ssd_prefill, ssd_step
 from lowc.runtime import state as las
-from lowc.runtime.decoder import SDPA, Decoder, is_linear_attention, last_logits
+from lowc.runtime.decoder import SDPA, Decoder, is_linear_attention, is_ssd, last_logits
 from lowc.runtime.device import prompt_on, tokens_on
 
 ARANGE = torch.ops.aten.arange.default
@@ -92,6 +96,8 @@ class _Interp(torch.fx.Interpreter):
             return torch.ops.aten.arange.start_step(int(start) + dec.pos, int(end) + dec.pos, step, **kwargs)
         if n in dec._la_nodes:
             return dec._linear_attention(n, self._by_name(n))
+        if n in dec._ssd_nodes:
+            return dec._ssd(n, self._by_name(n))
         if n.target is SDPA:
             return dec._softmax(n, self._by_name(n), super().run_node)
         return super().run_node(n)
@@ -112,6 +118,7 @@ class RecurrentDecoder(Decoder):
         ensure_registered()
         super().__init__(model)
         self._la_nodes = {n for n in self.program.graph.nodes if is_linear_attention(n)}
+        self._ssd_nodes = {n for n in self.program.graph.nodes if is_ssd(n)}
         for n in self._la_nodes:
             if not op_args(n)["causal"]:
                 raise GenerationError(f"%{n.name}: the attention is not causal, so it cannot be decoded token by token")
@@ -124,14 +131,14 @@ class RecurrentDecoder(Decoder):
 
     # ---- state -------------------------------------------------------------------------------------
     def reset(self) -> None:
-        self.states: dict[str, las.LinearAttentionState] = {}
+        self.states: dict[str, las.LinearAttentionState | SSDState] = {}
         self.kv: dict[str, las.KVCache] = {}
         self.pos = 0
         self._mode = "prefill"
         self._valid: torch.Tensor | None = None  # key validity of the current call, [B, L]
 
     def state_bytes(self) -> int:
-        """Bytes of the linearized layers' recurrent state (constant while decoding)."""
+        """Bytes of the linearized and SSD layers' recurrent state (constant while decoding)."""
         return sum(st.nbytes() for st in self.states.values())
 
     def kv_cache_bytes(self) -> int:
@@ -150,6 +157,15 @@ class RecurrentDecoder(Decoder):
             return las.prefill(st, fq, fk, v, q, k, key_mask=key_mask, **factors)
         valid = key_mask[:, 0] if key_mask is not None else None
         return las.step(self.states[n.name], fq, fk, v, q, k, key_valid=valid, **factors)
+
+    def _ssd(self, n, a: dict[str, Any]):
+        operands = (a["C"], a["B"], a["x"], a["a"])
+        extra = {k: a.get(k) for k in ("D", "conv_c", "conv_b", "conv_x")}
+        if self._mode == "prefill":
+            y, self.states[n.name] = ssd_prefill(*operands, key_mask=a.get("key_mask"), chunk=a.get("chunk", CHUNK), **extra)
+            return y
+        km = a.get("key_mask")
+        return ssd_step(self.states[n.name], *operands, key_valid=km[:, 0] if km is not None else None, **extra)
 
     def _softmax(self, n, a: dict[str, Any], run):
         if self._mode == "prefill":

@@ -138,7 +138,7 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def attention_modes(program, sdpas: list[torch.fx.Node]) -> tuple[dict[str, bool], bool]:
+def attention_modes(program, sdpas: list[torch.fx.Node], who: str = "linearize") -> tuple[dict[str, bool], bool]:
     """``({sdpa name: causal}, padding_follows_attention_mask)``; raises PassError for masks that are
     neither causal nor bidirectional."""
     masks = []
@@ -163,7 +163,7 @@ def attention_modes(program, sdpas: list[torch.fx.Node]) -> tuple[dict[str, bool
             plain = _evaluate(program, masks, inputs)
             pad = _evaluate(program, masks, padded) if am is not None else plain
         except Exception as e:  # noqa: BLE001 - report which attention we could not analyse
-            raise PassError(f"pass 'linearize': cannot evaluate the attention mask %{masks[0].name} on an example "
+            raise PassError(f"pass '{who}': cannot evaluate the attention mask %{masks[0].name} on an example "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         tri = torch.ones(L, L, dtype=torch.bool).tril()
         for m, a, p in zip(masks, plain, pad):
@@ -186,13 +186,13 @@ def attention_modes(program, sdpas: list[torch.fx.Node]) -> tuple[dict[str, bool
         if isinstance(m, torch.fx.Node):
             mode, follows = values[m]
             if mode is None or is_causal:
-                raise PassError(f"pass 'linearize': layer {layer}: its attention mask is neither causal nor "
-                                "bidirectional (sliding window, ALiBi or prefix mask?); linearize supports plain "
-                                "causal and bidirectional softmax attention")
+                raise PassError(f"pass '{who}': layer {layer}: its attention mask is neither causal nor "
+                                "bidirectional (sliding window, ALiBi or prefix mask?); "
+                                f"{who} supports plain causal and bidirectional softmax attention")
             causal[s.name] = mode
             pad_ok = pad_ok and follows
         elif m is not None:
-            raise PassError(f"pass 'linearize': layer {layer}: a constant attention mask is not supported")
+            raise PassError(f"pass '{who}': layer {layer}: a constant attention mask is not supported")
         else:
             causal[s.name] = is_causal
             pad_ok = False
@@ -205,7 +205,7 @@ def existing_layers(program) -> list[tuple[int | None, str]]:
     return [(nodemeta.get(n).block, nodemeta.get(n).layer) for n in program.graph.nodes if is_linear_attention(n)]
 
 
-def select(atts: list, layers: tuple[str, ...], done: list[tuple[int | None, str]] = ()) -> list:
+def select(atts: list, layers: tuple[str, ...], done: list[tuple[int | None, str]] = (), who: str = "linearize") -> list:
     """The attentions ``layers`` chooses: block indices (``"3"``) or layer patterns (names, dotted
     suffixes, globs); all of them when ``layers`` is empty. ``done``: layers already linearized
     (:func:`existing_layers`), which a spec may name without error (a second run changes nothing).
@@ -222,34 +222,34 @@ def select(atts: list, layers: tuple[str, ...], done: list[tuple[int | None, str
             hit = [a for a in atts if index[a] == i]
             if not hit and not any(b == i for b, _ in done):
                 have = sorted({*index.values(), *(b for b, _ in done if b is not None)})
-                raise PassError(f"pass 'linearize': layers={s}: no attention at layer index {i} "
+                raise PassError(f"pass '{who}': layers={s}: no attention at layer index {i} "
                                 f"(this model's attention layers: {have[0]}..{have[-1]})")
         else:
             hit = [a for a in atts if matches(a.layer, (s,))]
             if not hit and not any(matches(layer, (s,)) for _, layer in done):
                 example = (atts[0].layer if atts else done[0][1]) if (atts or done) else "?"
-                raise PassError(f"pass 'linearize': layers={s}: matches no attention layer (e.g. {example})")
+                raise PassError(f"pass '{who}': layers={s}: matches no attention layer (e.g. {example})")
         chosen.extend(a for a in hit if a not in chosen)
     return [a for a in atts if a in chosen]
 
 
-def find_sites(program, atts: list) -> tuple[list[Site], bool]:
+def find_sites(program, atts: list, who: str = "linearize") -> tuple[list[Site], bool]:
     """A :class:`Site` for each attention in ``atts`` (see module docstring), and whether the softmax
     masks exclude the keys ``attention_mask`` marks as padding (then so must ``key_mask``)."""
-    causal, pad = attention_modes(program, [a.sdpa for a in atts])
+    causal, pad = attention_modes(program, [a.sdpa for a in atts], who)
     sites = []
     for i, a in enumerate(atts):
         s = a.sdpa
         layer = a.layer or f"attention_{i}"
         qa, ka, va = (_arg(s, j, n) for j, n in enumerate(("query", "key", "value")))
         if not all(isinstance(x, torch.fx.Node) for x in (qa, ka, va)):
-            raise PassError(f"pass 'linearize': layer {layer}: q/k/v of its attention are not graph values")
+            raise PassError(f"pass '{who}': layer {layer}: q/k/v of its attention are not graph values")
         h, d, hs, dv = _static(qa, 1), _static(qa, 3), _static(ka, 1), _static(va, 3)
         if None in (h, d, hs, dv):
-            raise PassError(f"pass 'linearize': layer {layer}: head counts/sizes are not static in the graph "
+            raise PassError(f"pass '{who}': layer {layer}: head counts/sizes are not static in the graph "
                             "(expected q/k/v of shape [batch, heads, seq, head_dim])")
         if _static(ka, 3) != d or _static(va, 1) != hs or h % hs:
-            raise PassError(f"pass 'linearize': layer {layer}: unexpected attention shapes "
+            raise PassError(f"pass '{who}': layer {layer}: unexpected attention shapes "
                             f"(q {h}x{d} heads, k {hs}x{_static(ka, 3)}, v {_static(va, 1)}x{dv})")
         k_kv, v_kv = _unrepeat(ka), _unrepeat(va)
         kv = a.num_kv_heads or hs
@@ -261,7 +261,7 @@ def find_sites(program, atts: list) -> tuple[list[Site], bool]:
         else:
             kv = _static(k_kv, 1)
         if h % kv:
-            raise PassError(f"pass 'linearize': layer {layer}: {h} query heads are not a multiple of {kv} key/value heads")
+            raise PassError(f"pass '{who}': layer {layer}: {h} query heads are not a multiple of {kv} key/value heads")
         scale = _arg(s, 6, "scale")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
         lin = tuple(n.name for n in (a.q, a.k, a.v, a.o) if n is not None)
