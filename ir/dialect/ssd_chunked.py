@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 #: default chunk length along the sequence (as Mamba-2's kernels and the linear-attention kernel)
 CHUNK = 64
@@ -77,12 +76,15 @@ def causal_conv(u: torch.Tensor, w: torch.Tensor, history: torch.Tensor | None =
     (``None``: zeros). Returns ``(out [B, C1, L, C2] fp32, the last K-1 inputs [B, C1, C2, K-1])``."""
     b, c1, length, c2 = u.shape
     k = w.shape[-1]
-    ch = c1 * c2
-    ut = u.permute(0, 1, 3, 2).reshape(b, ch, length)
-    hist = u.new_zeros(b, ch, k - 1) if history is None else history.reshape(b, ch, k - 1).to(u.dtype)
-    full = torch.cat([hist, ut], dim=-1)
-    out = F.conv1d(full, w.reshape(ch, 1, k).to(u.dtype), groups=ch)
-    return out.view(b, c1, c2, length).permute(0, 1, 3, 2), full[..., length:].reshape(b, c1, c2, k - 1)
+    # K shifted multiply-adds in u's own layout: several times faster than a depthwise F.conv1d on CPU
+    # for these short kernels (no permute/reshape round trip), the same sums up to fp32 rounding order
+    hist = u.new_zeros(b, c1, k - 1, c2) if history is None else history.to(u.dtype).permute(0, 1, 3, 2)
+    full = torch.cat([hist, u], dim=2)
+    wt = w.to(u.dtype)
+    out = full[:, :, k - 1:, :] * wt[None, :, None, :, k - 1]
+    for j in range(k - 1):
+        out = out + full[:, :, j:j + length, :] * wt[None, :, None, :, j]
+    return out, full[:, :, length:, :].permute(0, 1, 3, 2).contiguous()
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
