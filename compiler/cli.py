@@ -452,7 +452,7 @@ def _echo_gguf(r) -> None:
         click.echo(line)
 
 
-STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)
+STRATEGY_CHOICES = ("auto", "recurrent", "static-kv", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)
 
 
 @cli.command()
@@ -468,7 +468,8 @@ STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtim
 @click.option("--seed", type=int, default=None, help="with --sample: seed of the draws (default: a random one, reported)")
 @click.option("--ignore-eos", is_flag=True, help="generate exactly --max-new-tokens tokens, past the end-of-sequence token")
 @click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
-              help="recurrent state (linearized attention), kv-cache (Hugging Face rebuild around the compiled ops), "
+              help="recurrent state (linearized attention), static-kv (a Llama decode loop with a preallocated KV "
+                   "cache), kv-cache (Hugging Face rebuild around the compiled ops), "
                    "recompute (rerun the whole sequence), or auto")
 @click.option("--check", is_flag=True, help="also decode by re-running the full sequence and compare the tokens")
 @click.option("--device", default="cpu", show_default=True)
