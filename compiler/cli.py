@@ -188,6 +188,10 @@ def inspect(artifact, as_json):
         click.echo(f"calib:     {c.get('samples')} x {c.get('seq_len')} tokens from {c.get('source')}")
     click.echo("passes:    " + (" -> ".join(f"{p['name']}" for p in m.get("passes", [])) or "-"))
     layers = m.get("layers", [])
+    if any(r.get("scheme") for r in layers):  # a compressed model: say which linears were left in float
+        kept = [r["layer"] or "?" for r in layers if not r.get("scheme")]
+        click.echo(f"float:     {', '.join(kept) if kept else 'none'} ({len(kept)} of {len(layers)} linear layers "
+                   f"left in float)")
     if layers:
         w = max(len(r["layer"]) for r in layers)
         labels = [_scheme_label(r) + (f" pad->{r['padded_in_features']}" if r.get("padded_in_features") else "")
