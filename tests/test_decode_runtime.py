@@ -115,3 +115,59 @@ def test_cpu_lut_quantizes_lm_head_by_default(lut_w4, llama_dir, tmp_path):
     p = LutHead(group_size=32)
     assert parse_pass(p.spelling()) == p and pass_from_json(p.to_json()) == p
     assert LutHead().select(lut_w4.program) == []  # nothing left to quantize: a second run changes nothing
+
+
+# ---- lowc bench: decode and prefill through the target's engine ----------------------------------------
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory, llama_dir, lut_w4, fp32):
+    d = tmp_path_factory.mktemp("bench-engines")
+    lut_w4.save(d / "cpu-lut-w4")
+    fp32.save(d / "ref-fp32")
+    lowc.compile(llama_dir, "onnx-w4", progress=False).save(d / "onnx-w4")
+    return d
+
+
+@pytest.mark.parametrize("target,engine,strategy", [
+    ("cpu-lut-w4", "LUT C kernels", "static-kv"),
+    ("onnx-w4", "onnxruntime (CPU provider)", "recompute"),  # the ONNX graph has no KV cache
+    ("ref-fp32", "reference oracle", "static-kv"),
+])
+def test_bench_decode_and_prefill_on_the_engine(bench_dir, target, engine, strategy):
+    from click.testing import CliRunner
+
+    from lowc.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", str(bench_dir / target), "--context", "3", "--prefill", "5", "--steps", "2",
+                                   "--repeat", "1", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["implementation"].startswith(engine) and info["strategy"] == strategy and info["threads"] == 1
+    assert info["rows"] == []  # no float comparison unless --seq-len is given
+    assert info["decode"]["context"] == 3 and info["decode"]["steps"] == 2 and info["decode"]["tokens_per_s"] > 0
+    assert info["prefill"]["tokens"] == 5 and info["prefill"]["tokens_per_s"] > 0
+    if target == "onnx-w4":
+        assert "no KV cache" in info["strategy_reason"]
+    text = CliRunner().invoke(cli, ["bench", str(bench_dir / target), "--context", "2", "--steps", "1", "--repeat", "1"])
+    assert f"lowc ran: {info['implementation']}" in text.output.splitlines()[0]
+    assert "decode after 2 tokens" in text.output and f"decoding: {strategy}" in text.output
+
+
+def test_bench_against_llama_cpp(bench_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from lowc.cli import cli
+
+    gguf = tmp_path / "m.gguf"
+    res = CliRunner().invoke(cli, ["export", str(bench_dir / "ref-fp32"), "--format", "gguf", "-o", str(gguf)])
+    assert res.exit_code == 0, res.output
+    args = ["bench", str(bench_dir / "ref-fp32"), "--context", "2", "--prefill", "4", "--steps", "2", "--repeat", "1",
+            "--threads", "1", "--against-llama-cpp", str(gguf), "--json"]
+    res = CliRunner().invoke(cli, args)
+    try:
+        import llama_cpp  # noqa: F401  (optional: the peer column)
+    except ImportError:
+        assert res.exit_code != 0 and "needs llama-cpp-python" in str(res.exception)
+        return
+    assert res.exit_code == 0, res.output
+    peer = json.loads(res.output)["llama_cpp"]
+    assert peer["decode"]["tokens_per_s"] > 0 and peer["prefill"]["tokens"] == 4 and peer["threads"] == 1
