@@ -43,15 +43,14 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import lowc
+import torch
 from lowc import evaluate as ev
 from lowc.formats.gguf import export_gguf
 
-CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=16,
-              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=256,
-              eos_token_id=257)
+CONFIG = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4,
+          "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+          "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": 257}
 VOCAB = CONFIG["vocab_size"]
 #: lowc contenders: label -> (target, method passes or None for the target's default)
 LOWC = {
@@ -74,9 +73,8 @@ def log(msg: str) -> None:
 
 
 def make_model(path: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowc.frontend.presets import byte_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         torch.manual_seed(0)
@@ -100,7 +98,8 @@ def compile_all(model: str, work: str, reuse: bool) -> dict[str, str]:
 
 
 def lowc_bpw(art: str) -> float:
-    m = json.load(open(os.path.join(art, "manifest.json")))
+    with open(os.path.join(art, "manifest.json")) as f:
+        m = json.load(f)
     rows = m["layers"]
     return sum(r["bytes"] for r in rows) * 8 / sum(r["out_features"] * r["in_features"] for r in rows)
 
@@ -197,8 +196,8 @@ def write(out: str, meta: dict, rows: list[dict], contexts, prefill: int) -> Non
     lines = ["# Whole-model CPU speed: lowc vs llama.cpp (issue 21)", "",
              f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
              f"- lowc commit: {meta['commit']}", f"- model: {meta['model']}",
-             "- tokens/s; decode = one token per step after a prompt of ctx tokens (median of the steps), "
-             "prefill = one prompt (median of 3). One run on a shared machine: compare ratios, not absolute rates.", ""]
+             ("- tokens/s; decode = one token per step after a prompt of ctx tokens (median of the steps), "
+             "prefill = one prompt (median of 3). One run on a shared machine: compare ratios, not absolute rates."), ""]
     for t in meta["threads"]:
         lines += [f"## {t} thread{'s' if t > 1 else ''}", "",
                   "| contender | engine / decoding | bits/weight (linears) | " + " | ".join(cols) + " |",
@@ -230,8 +229,8 @@ def write(out: str, meta: dict, rows: list[dict], contexts, prefill: int) -> Non
             pre.append(f"| {r['contender']} | {r['threads']} | {r['prefill']:.1f} / {f:.1f} = {r['prefill'] / f:.2f}x | "
                        f"{'met' if r['prefill'] >= f else 'missed'} |")
     if pre:
-        lines += [f"## Goal: prefill {prefill} >= ref-fp32 (as on this branch; the GEMM path for large M is another "
-                  "branch's work)", "", "| contender | threads | tokens/s lowc / ref-fp32 | goal |", "|---|---:|---|---|",
+        lines += [(f"## Goal: prefill {prefill} >= ref-fp32 (as on this branch; the GEMM path for large M is another "
+                  "branch's work)"), "", "| contender | threads | tokens/s lowc / ref-fp32 | goal |", "|---|---:|---|---|",
                   *pre, ""]
     bd = [r for r in rows if r.get("breakdown")]
     if bd:
@@ -281,7 +280,7 @@ def main() -> None:
             rows.append(time_lowc(label, art, t, args.contexts, args.prefill, args.steps))
         for label, path in ggufs.items():
             rows.append(time_llama(label, path, t, args.contexts, args.prefill, args.steps))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, "

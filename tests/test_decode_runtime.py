@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 
+import lowc
 import pytest
 import torch
-
-import lowc
 from conftest import make_llama_dir, run_lowc
 from lowc.runtime import RecomputeDecoder, StaticCacheDecoder, make_decoder
 
 IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
 MASK = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])  # the second prompt is left-padded
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +133,6 @@ def bench_dir(tmp_path_factory, llama_dir, lut_w4, fp32):
 ])
 def test_bench_decode_and_prefill_on_the_engine(bench_dir, target, engine, strategy):
     from click.testing import CliRunner
-
     from lowc.cli import cli
 
     res = CliRunner().invoke(cli, ["bench", str(bench_dir / target), "--context", "3", "--prefill", "5", "--steps", "2",
@@ -154,7 +152,6 @@ def test_bench_decode_and_prefill_on_the_engine(bench_dir, target, engine, strat
 
 def test_bench_against_llama_cpp(bench_dir, tmp_path):
     from click.testing import CliRunner
-
     from lowc.cli import cli
 
     gguf = tmp_path / "m.gguf"

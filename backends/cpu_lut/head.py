@@ -21,7 +21,6 @@ alone, so a second run changes nothing. To keep ``lm_head`` float, give the meth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from lowc.ir.analysis import linear_layer
 from lowc.passes.base import opt
@@ -36,9 +35,9 @@ class LutHead(RTN):
     name = "lut-head"
     summary = "RTN of the vocabulary projection at a safe width (cpu-lut default: W4 g64 asymmetric)"
 
-    bits: Optional[int] = opt(HEAD_BITS, "weight bits of the selected layers, 1..4 on cpu-lut")
-    group_size: Optional[int] = opt(HEAD_GROUP_SIZE, "input channels per scale (a multiple of 8)")
-    symmetric: Optional[bool] = opt(False, "symmetric (absmax) or asymmetric min/max")
+    bits: int | None = opt(HEAD_BITS, "weight bits of the selected layers, 1..4 on cpu-lut")
+    group_size: int | None = opt(HEAD_GROUP_SIZE, "input channels per scale (a multiple of 8)")
+    symmetric: bool | None = opt(False, "symmetric (absmax) or asymmetric min/max")
     ignore: tuple[str, ...] = opt((), "layers among `layers` left in float")
     layers: tuple[str, ...] = opt(("lm_head",), "the layers to quantize: names, dotted suffixes or globs")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from lowc.errors import GenerationError
 from lowc.runtime.decoder import Decoder
 from lowc.runtime.device import prompt_on, tokens_on
