@@ -64,6 +64,9 @@ LOWC = {
 #: llama.cpp contenders: label -> (ftype, pure)
 LLAMA = {"llama.cpp Q4_0 (output Q6_K)": ("Q4_0", False), "llama.cpp Q4_0 --pure": ("Q4_0", True),
          "llama.cpp Q2_K (output Q6_K)": ("Q2_K", False), "llama.cpp Q2_K --pure": ("Q2_K", True)}
+ORDER = ("lowc cpu-lut-w4", "llama.cpp Q4_0 (output Q6_K)", "lowc cpu-lut-w2", "llama.cpp Q2_K (output Q6_K)",
+         "lowc ref-fp32 (torch)", "llama.cpp Q4_0 --pure", "llama.cpp Q2_K --pure", "lowc cpu-lut-w4, lm_head float",
+         "lowc cpu-lut-w2, lm_head float", "onnxruntime, lowc onnx-w4")
 GOALS = (("lowc cpu-lut-w4", "llama.cpp Q4_0 (output Q6_K)"), ("lowc cpu-lut-w4", "llama.cpp Q4_0 --pure"),
          ("lowc cpu-lut-w2", "llama.cpp Q2_K (output Q6_K)"), ("lowc cpu-lut-w2", "llama.cpp Q2_K --pure"))
 
@@ -194,7 +197,8 @@ def write(out: str, meta: dict, rows: list[dict], contexts, prefill: int) -> Non
         json.dump({**meta, "rows": rows}, f, indent=2)
     cols = [f"decode ctx {c}" for c in contexts] + [f"prefill {prefill}"]
     lines = ["# Whole-model CPU speed: lowc vs llama.cpp (issue 21)", "",
-             f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+             f"- date: {meta['date']}", (f"- machine: {meta['machine']} (load average {meta['load_average']:.1f} after "
+             f"the last row: the machine is shared)"), f"- command: `{meta['command']}`",
              f"- lowc commit: {meta['commit']}", f"- model: {meta['model']}",
              ("- tokens/s; decode = one token per step after a prompt of ctx tokens (median of the steps), "
              "prefill = one prompt (median of 3). One run on a shared machine: compare ratios, not absolute rates."), ""]
@@ -274,21 +278,23 @@ def main() -> None:
             log(f"llama.cpp rows skipped: {e}")
         else:
             ggufs = make_gguf(args.work, arts["lowc ref-fp32 (torch)"], args.reuse)
-    rows = []
-    for t in args.threads:
-        for label, art in arts.items():
-            rows.append(time_lowc(label, art, t, args.contexts, args.prefill, args.steps))
-        for label, path in ggufs.items():
-            rows.append(time_llama(label, path, t, args.contexts, args.prefill, args.steps))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, "
-                       f"torch {torch.__version__}" + (f", llama-cpp-python {llama_version}" if llama_version else ""),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+                       + (f", llama-cpp-python {llama_version}" if llama_version else ""),
             "command": "python benchmarks/e2e_cpu.py " + " ".join(sys.argv[1:]), "commit": commit,
             "model": "random-weight HF Llama, " + ", ".join(f"{k}={v}" for k, v in CONFIG.items()),
             "threads": args.threads, "contexts": args.contexts, "prefill": args.prefill, "steps": args.steps}
-    write(args.out, meta, rows, args.contexts, args.prefill)
+    rows = []
+    for t in args.threads:
+        jobs = {**{label: (time_lowc, label, art) for label, art in arts.items()},
+                **{label: (time_llama, label, path) for label, path in ggufs.items()}}
+        jobs = [jobs[k] for k in ORDER if k in jobs]  # the goal pairs first: a partial run is still useful
+        for fn, label, where in jobs:
+            rows.append(fn(label, where, t, args.contexts, args.prefill, args.steps))
+            meta["load_average"] = os.getloadavg()[0]
+            write(args.out, meta, rows, args.contexts, args.prefill)  # after every row: a partial run is kept
     log(f"wrote {args.out}.md and .json")
 
 
