@@ -5,7 +5,7 @@ Why: with a vocabulary of 32000 and hidden 2048 the float ``lm_head`` is 262 MB 
 token, more than every quantized layer of a 4-layer model together; on one thread it was 54% of a
 decode step (32.6 of 60 ms; the LUT kernels of all other layers 20.7 ms). llama.cpp keeps its output
 tensor at 6 bits (Q6_K); the LUT kernels take 1..4 bits, so the width is 4 bits, and the group size is
-chosen by measurement (``benchmarks/results/e2e_cpu.md``: the trained tiny Llama, WikiText-2 test,
+chosen by measurement (README, "Whole model on the CPU": the trained tiny Llama, WikiText-2 test,
 rest of the model float): W4 g32 / g64 / g128 raise perplexity 92.82 -> 93.19 / 93.29 / 93.56
 (KL 0.0031 / 0.0040 / 0.0055; the whole body at W4 g128 costs KL 0.0054), and the GEMV 32000 x 2048
 takes 3.9 / 2.7 / 2.2 ms vs 63 ms in fp32 (1 thread). Default: W4 g64 asymmetric (4.6 bits per weight
