@@ -121,7 +121,7 @@ class CompiledModel:
         ``top_k`` most likely tokens and the ``top_p`` nucleus, and draws with ``seed`` (``None``:
         torch's global generator). ``eos_token_id``: ``"model"`` (the tokenizer's or the config's EOS),
         an id, a list of ids, or ``None`` (never stop early). ``strategy``: ``"auto"``,
-        ``"recurrent"``, ``"kv-cache"`` or ``"recompute"`` (:mod:`lowc.runtime.strategy`; the
+        ``"recurrent"``, ``"static-kv"``, ``"kv-cache"`` or ``"recompute"`` (:mod:`lowc.runtime.strategy`; the
         decoder is kept for the next call). ``on_token(i, decoder)`` is called after each token.
         """
 

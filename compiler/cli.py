@@ -229,6 +229,10 @@ def inspect(artifact, as_json):
         click.echo(f"calib:     {c.get('samples')} x {c.get('seq_len')} tokens from {c.get('source')}")
     click.echo("passes:    " + (" -> ".join(f"{p['name']}" for p in m.get("passes", [])) or "-"))
     layers = m.get("layers", [])
+    if any(r.get("scheme") for r in layers):  # a compressed model: say which linears were left in float
+        kept = [r["layer"] or "?" for r in layers if not r.get("scheme")]
+        click.echo(f"float:     {', '.join(kept) if kept else 'none'} ({len(kept)} of {len(layers)} linear layers "
+                   f"left in float)")
     if layers:
         w = max(len(r["layer"]) for r in layers)
         labels = [_scheme_label(r) + (f" pad->{r['padded_in_features']}" if r.get("padded_in_features") else "")
@@ -344,27 +348,48 @@ def torch_ones(w, device):
 @click.argument("artifact", type=click.Path())
 @click.option("--against", default=None, help=AGAINST_HELP)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seq-len", "seq_lens", type=click.IntRange(min=1), multiple=True, default=(1, 128), show_default=True,
-              help="sequence lengths to time (repeatable)")
+@click.option("--seq-len", "seq_lens", type=click.IntRange(min=1), multiple=True, default=(),
+              help="sequence lengths of whole forwards to time against the float model (repeatable; default 1 and "
+                   "128 unless --context/--prefill are given)")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="causal LMs: decode tokens/s, one token per step after a prompt of N tokens, through the target's "
+                   "engine and decoding strategy")
+@click.option("--prefill", type=click.IntRange(min=1), default=None, help="causal LMs: prefill tokens/s of an N-token prompt")
+@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True, help="decode steps timed (median)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="threads (torch, LUT C, onnxruntime, llama.cpp)")
+@click.option("--against-llama-cpp", "gguf", type=click.Path(), default=None,
+              help="a GGUF file (e.g. from `lowc export --format gguf`) timed by llama.cpp (llama-cpp-python) with "
+                   "the same --context/--prefill: the peer column")
 @click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
+def bench(artifact, against, batch, seq_lens, context, prefill, steps, threads, gguf, repeat, device, as_json):
     """Latency and throughput of ARTIFACT vs the float model, side by side in one run, naming the
-    implementation that ran (reference oracle, Triton, LUT C, onnxruntime)."""
+    implementation that ran (reference oracle, Triton, LUT C, onnxruntime); with --context / --prefill,
+    decode and prefill tokens/s of a causal LM through the target's engine (and llama.cpp's with
+    --against-llama-cpp)."""
     import torch
 
     from lowc import api
     from lowc import evaluate as ev
+    from lowc.errors import LowcError
     from lowc.progress import reporting, to_stderr
 
+    if threads:
+        torch.set_num_threads(threads)
+    speed = context is not None or prefill is not None
+    if gguf and not speed:
+        raise LowcError("--against-llama-cpp times decode/prefill: give --context N and/or --prefill N")
+    if not seq_lens and not speed:
+        seq_lens = (1, 128)
     cm = api.load(artifact, device=device)
     rt = cm.target.runtime_on(device, artifact)  # which implementation runs the compressed model here
     run = rt.call or cm
-    with reporting(to_stderr):
-        ref_fn, _ = ev.float_reference(cm.manifest, against, device)
     vocab = next((s.vocab_size for s in cm.program.info.inputs if s.vocab_size), 100)
     rows = []
+    if seq_lens:
+        with reporting(to_stderr):
+            ref_fn, _ = ev.float_reference(cm.manifest, against, device)
     for L in seq_lens:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (batch, L), generator=g).to(device)
@@ -375,16 +400,38 @@ def bench(artifact, against, batch, seq_lens, repeat, device, as_json):
                      "lowc_ms": t_c * 1e3, "speedup": t_f / t_c, "lowc_tokens_per_s": batch * L / t_c})
     info = {"artifact": os.path.abspath(artifact), "target": cm.target.name, "device": device,
             "threads": torch.get_num_threads(), **rt.to_json(), "rows": rows}
+    if speed:
+        if cm.kind != "causal-lm":
+            raise LowcError(f"--context/--prefill time token generation; {artifact} is a '{cm.kind}' model")
+        dec = ev.EngineRecompute(cm, rt.call) if rt.call else cm.decoder("auto")
+        info["strategy"], info["strategy_reason"] = dec.strategy, dec.reason
+        if context is not None:
+            info["decode"] = ev.decode_speed(dec, context, vocab, steps)
+        if prefill is not None:
+            info["prefill"] = ev.prefill_speed(dec, prefill, vocab, min(repeat, 3))
+        if gguf:
+            info["llama_cpp"] = ev.llama_cpp_speed(gguf, context, prefill, vocab, torch.get_num_threads(), steps,
+                                                   min(repeat, 3))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{cm.target.name} vs float on {device} ({torch.get_num_threads()} threads), median of {repeat}; "
-               f"lowc ran: {rt.implementation}")
+    click.echo(f"{cm.target.name} on {device} ({torch.get_num_threads()} threads); lowc ran: {rt.implementation}")
     if rt.note:
         click.echo(f"  note: {rt.note}")
-    click.echo(f"  {'batch':>5} {'seq':>6} {'float ms':>10} {'lowc ms':>10} {'speedup':>8} {'lowc tok/s':>11}")
+    if rows:
+        click.echo(f"  vs float, median of {repeat}:")
+        click.echo(f"  {'batch':>5} {'seq':>6} {'float ms':>10} {'lowc ms':>10} {'speedup':>8} {'lowc tok/s':>11}")
     for r in rows:
         click.echo(f"  {r['batch']:>5} {r['seq_len']:>6} {r['float_ms']:>10.2f} {r['lowc_ms']:>10.2f} {r['speedup']:>7.2f}x {r['lowc_tokens_per_s']:>11.0f}")
+    if speed:
+        click.echo(f"  decoding: {info['strategy']} ({info['strategy_reason']})")
+        peer = info.get("llama_cpp", {})
+        head = f"  {'':<26} {'lowc tok/s':>11}" + (f" {'llama.cpp tok/s':>16}" if peer else "")
+        click.echo(head)
+        for key, label in (("decode", f"decode after {context} tokens"), ("prefill", f"prefill {prefill} tokens")):
+            if key in info:
+                other = f" {peer[key]['tokens_per_s']:>16.1f}" if key in peer else ""
+                click.echo(f"  {label:<26} {info[key]['tokens_per_s']:>11.1f}{other}")
 
 
 @cli.command(name="export")
@@ -493,7 +540,7 @@ def _echo_gguf(r) -> None:
         click.echo(line)
 
 
-STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)
+STRATEGY_CHOICES = ("auto", "recurrent", "static-kv", "kv-cache", "recompute")  # lowc.runtime.STRATEGIES (not imported: torch)
 
 
 @cli.command()
@@ -509,7 +556,8 @@ STRATEGY_CHOICES = ("auto", "recurrent", "kv-cache", "recompute")  # lowc.runtim
 @click.option("--seed", type=int, default=None, help="with --sample: seed of the draws (default: a random one, reported)")
 @click.option("--ignore-eos", is_flag=True, help="generate exactly --max-new-tokens tokens, past the end-of-sequence token")
 @click.option("--strategy", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
-              help="recurrent state (linearized attention), kv-cache (Hugging Face rebuild around the compiled ops), "
+              help="recurrent state (linearized attention), static-kv (a Llama decode loop with a preallocated KV "
+                   "cache), kv-cache (Hugging Face rebuild around the compiled ops), "
                    "recompute (rerun the whole sequence), or auto")
 @click.option("--check", is_flag=True, help="also decode by re-running the full sequence and compare the tokens")
 @click.option("--device", default="cpu", show_default=True)

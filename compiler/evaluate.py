@@ -4,7 +4,9 @@ summary, the benchmarks and the tests.
 * causal LMs: perplexity on a text (non-overlapping windows), KL(float || compressed) of next-token
   distributions, top-1 agreement;
 * encoders: cosine of mean-pooled sentence embeddings to the float model;
-* any model: SQNR (dB) of the main output tensor.
+* any model: SQNR (dB) of the main output tensor;
+* speed: tokens/s of decode after a context of N tokens and of prefill, through a decoder (the
+  target's engine) or llama.cpp on a GGUF file (the peer column).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from lowc.errors import LowcError, ModelLoadError
 from lowc.frontend import hf, presets
 from lowc.frontend.outputs import main_tensor  # noqa: F401  (callers import it from here too)
 from lowc.frontend.trace import load_source, resolve_dtype
+from lowc.runtime.decoder import last_logits
+from lowc.runtime.recompute import RecomputeDecoder
 
 #: Built-in sentences (written for lowc) used when no --data file is given: enough for an embedding
 #: cosine check, not a benchmark.
@@ -201,3 +205,104 @@ def time_call(fn: Callable, kwargs: dict, repeat: int = 10, warmup: int = 2) -> 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+# ---- tokens per second: decode with a context, prefill (lowc bench, benchmarks/e2e_cpu.py) -----------
+class EngineRecompute(RecomputeDecoder):
+    """Decodes through an engine that runs whole sequences only, ``call(input_ids=, attention_mask=)``
+    (onnxruntime on an ``onnx-*`` artifact: the exported graph has no KV cache), so each token reruns
+    the sequence: what a user of that file gets."""
+
+    def __init__(self, model, call: Callable):
+        super().__init__(model)
+        self.call = call
+        self.reason = "the engine runs whole sequences (no KV cache in its graph): the sequence rerun per token"
+
+    def _run(self) -> torch.Tensor:
+        with torch.inference_mode():
+            return last_logits(self.call(**self.inputs(self._ids, self._mask)))
+
+
+def bench_ids(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``[1, length]`` random token ids (the speed of a forward does not depend on them)."""
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_speed(decoder, context: int, vocab: int, steps: int = 16, warmup: int = 2) -> dict[str, Any]:
+    """Tokens/s of one-token steps after a prompt of ``context`` tokens (greedy; ``warmup`` untimed
+    steps first, so the timed steps see ``context + warmup ...`` positions); median over ``steps``."""
+    dec = decoder
+    with torch.inference_mode():
+        tok = dec.prefill(bench_ids(vocab, context)).argmax(-1)
+        for _ in range(warmup):
+            tok = dec.step(tok).argmax(-1)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tok = dec.step(tok).argmax(-1)
+            times.append(time.perf_counter() - t0)
+    t = median(times)
+    return {"context": context, "steps": steps, "ms_per_token": t * 1e3, "best_ms": min(times) * 1e3,
+            "tokens_per_s": 1 / t, "strategy": dec.strategy}
+
+
+def prefill_speed(decoder, length: int, vocab: int, repeat: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Tokens/s of ``prefill`` on a prompt of ``length`` tokens (median of ``repeat``)."""
+    ids = bench_ids(vocab, length)
+    times = time_call(lambda: decoder.prefill(ids), {}, repeat, warmup)
+    t = median(times)
+    return {"tokens": length, "repeat": repeat, "ms": t * 1e3, "best_ms": min(times) * 1e3, "tokens_per_s": length / t,
+            "strategy": decoder.strategy}
+
+
+def llama_cpp_speed(gguf: str, context: int | None, prefill: int | None, vocab: int, threads: int, steps: int = 16,
+                    repeat: int = 3) -> dict[str, Any]:
+    """The same measurements run by llama.cpp (``llama-cpp-python``) on a GGUF file: decode after
+    ``context`` tokens and prefill of ``prefill`` tokens, ``threads`` threads, weights in plain CPU
+    buffers (no AMX / repacked extra buffer types: on this machine evaluating Q4_0 through the AMX
+    buffer crashed). Raises :class:`LowcError` when llama_cpp cannot be imported."""
+    try:
+        import llama_cpp  # optional: llama-cpp-python, the peer column of `lowc bench --against-llama-cpp`
+    except ImportError as e:
+        raise LowcError(f"--against-llama-cpp needs llama-cpp-python (pip install 'lowc[llama-cpp]'): {e}") from None
+    if not os.path.isfile(gguf):
+        raise LowcError(f"--against-llama-cpp: no file {gguf}")
+    n = max(context or 1, prefill or 1)
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = plain
+    try:
+        llm = llama_cpp.Llama(model_path=gguf, n_ctx=n + steps + 8, n_batch=n, n_ubatch=n, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
+    out: dict[str, Any] = {"gguf": os.path.abspath(gguf), "threads": threads,
+                           "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}
+    if context:
+        llm.reset()
+        llm.eval(bench_ids(vocab, context)[0].tolist())
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            llm.eval([int(i % vocab)])
+            times.append(time.perf_counter() - t0)
+        t = median(times[2:])
+        out["decode"] = {"context": context, "steps": steps, "ms_per_token": t * 1e3, "best_ms": min(times[2:]) * 1e3,
+                         "tokens_per_s": 1 / t}
+    if prefill:
+        ids = bench_ids(vocab, prefill)[0].tolist()
+        times = []
+        for _ in range(repeat + 1):
+            llm.reset()  # the next eval drops the cached positions past 0
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            times.append(time.perf_counter() - t0)
+        t = median(times[1:])
+        out["prefill"] = {"tokens": prefill, "repeat": repeat, "ms": t * 1e3, "best_ms": min(times[1:]) * 1e3,
+                          "tokens_per_s": prefill / t}
+    return out

@@ -225,12 +225,13 @@ def test_compiled_model_matches_reference_backend(small_llama, tmp_path, bits):
     import lowc
 
     ids = torch.randint(0, 259, (2, 19), generator=torch.Generator().manual_seed(2))
-    ref = lowc.compile(small_llama, "ref-w4a16", passes=[f"rtn{{bits={bits}}}"], progress=False)
+    # the target's default method phase: rtn, then lut-head (lm_head at W4 g64 whatever the target's width)
+    ref = lowc.compile(small_llama, "ref-w4a16", passes=[f"rtn{{bits={bits}}}", "lut-head"], progress=False)
     cm = lowc.compile(small_llama, f"cpu-lut-w{bits}", progress=False)
-    assert [r["scheme"]["w_bits"] for r in cm.layers() if r["scheme"]] == [bits] * 14
+    assert [r["scheme"]["w_bits"] for r in cm.layers() if r["scheme"]] == [bits] * 14 + [4]
     cm.save(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "backend" / "kernels.json").read_text())
-    assert {row["kernel"] for row in meta["layers"]} == {f"lowc_lut_b{bits}_g128_asym"}
+    assert {row["kernel"] for row in meta["layers"]} == {f"lowc_lut_b{bits}_g128_asym", "lowc_lut_b4_g64_asym"}
     assert f"lowc_lut_b{bits}_g128_asym(" in (tmp_path / "a" / "backend" / "kernels.c").read_text()
     loaded = lowc.load(tmp_path / "a")
     with torch.inference_mode():

@@ -109,6 +109,7 @@ NON_DEFAULT = {
              "e2e_epochs": 0, "e2e_lr": 0.002, "damp": 0.05, "batch_size": 2},
     "remove-dead": {},
     "lut-lower": {},
+    "lut-head": {"bits": 3, "group_size": 32, "symmetric": True, "ignore": ("x",), "layers": ("lm_head", "out*")},
     "linearize": {"method": "hedgehog", "layers": ("0", "model.layers.1*"), "feature_dim": 16, "window": 0,
                   "kv_head_maps": True, "epochs": 3, "lr": 0.005, "lora_rank": 4, "lora_alpha": 8.0,
                   "lora_lr": 0.0002, "lora_epochs": 1, "lora_loss": "distill"},

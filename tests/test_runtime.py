@@ -143,7 +143,7 @@ def test_generation_config_validation(bad, msg):
 # ---- strategies and CompiledModel.generate -------------------------------------------------------------
 def test_quantized_model_all_strategies_agree(w4):
     dec = w4.decoder("auto")
-    assert dec.strategy == "kv-cache" and "only linear layers were replaced" in dec.reason
+    assert dec.strategy == "static-kv" and "only linear layers were replaced in a Llama" in dec.reason
     assert (dec.linear_layers, dec.softmax_layers) == (0, 4)
     outs = {s: w4.generate(IDS, 12, attention_mask=MASK, strategy=s, eos_token_id=None) for s in STRATEGIES}
     assert outs["auto"].shape == (2, 18) and torch.equal(outs["auto"][:, :6], IDS)
@@ -216,7 +216,7 @@ def test_cli_generate(w4, tmp_path):
     res = run_lowc("generate", art, "--prompt", "The river", "--max-new-tokens", 8, "--check", "--json")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
-    assert r["strategy"] == "kv-cache" and r["matches_parallel"] is True and r["softmax_layers"] == 4
+    assert r["strategy"] == "static-kv" and r["matches_parallel"] is True and r["softmax_layers"] == 4
     assert r["new_tokens"] <= 8 and r["prompt_tokens"] == 9 and r["state_bytes_last"] > r["state_bytes_first"]
     assert "sampling" not in r
     sampled = ["generate", art, "--prompt", "The river", "--max-new-tokens", 8, "--sample", "--seed", 3,
@@ -230,7 +230,7 @@ def test_cli_generate(w4, tmp_path):
     assert r1["new_tokens"] == 8 and r1["matches_parallel"] is True
     assert r1["strategy"] == "recurrent" and r1["sampling"] == {"temperature": 0.8, "top_k": None, "top_p": 0.9, "seed": 3}
     res = run_lowc("generate", art, "--prompt", "The river", "--max-new-tokens", 3)  # plain text out
-    assert res.returncode == 0 and res.stdout.startswith("The river") and "kv-cache" in res.stderr
+    assert res.returncode == 0 and res.stdout.startswith("The river") and "static-kv" in res.stderr
     res = run_lowc("generate", art, "--prompt", "x", "--temperature", 0.5)
     assert res.returncode == 2 and "add --sample" in res.stderr and "Traceback" not in res.stderr
     res = run_lowc("generate", art, "--prompt", "x", "--strategy", "beam")

@@ -2,6 +2,10 @@
 default; ``rtn{symmetric=true}`` or any method pass producing 1..4-bit ``linear_wq`` also works, per
 layer), lowered by ``lut-lower`` to ``lowc::linear_lut`` and run by generated C (T-MAC style tables).
 
+The default method phase also quantizes the vocabulary projection: ``lut-head`` (W4 g64 asymmetric
+whatever the target's width; why and measurements in :mod:`lowc.backends.cpu_lut.head`). Method
+passes given by the user replace the whole phase, so ``--pass rtn`` keeps ``lm_head`` float.
+
 Group-sparse layers (``lowc::linear_gsq``, e.g. from ``gqsa``; ``Target.runs``) lower to
 ``lowc::linear_lut_gs`` and run the group-sparse kernels, mixed freely with dense layers.
 
@@ -21,6 +25,7 @@ import torch
 from lowc.backends.cpu_lut import build, codegen, op
 from lowc.backends.cpu_lut import runtime as lut_runtime
 from lowc.backends.cpu_lut.codegen import KernelConfig, SparseKernelConfig
+from lowc.backends.cpu_lut.head import LutHead
 from lowc.backends.cpu_lut.lower import LutLower
 from lowc.backends.target import CompileOptions, Phase, Runtime, Target, method_passes
 from lowc.errors import KernelError
@@ -31,7 +36,10 @@ from lowc.passes.cleanup import RemoveDead
 
 
 def lut_pipeline(target: Target, options: CompileOptions) -> list[Phase]:
-    return [Phase("method", method_passes(target, options)), Phase("lower", (LutLower(),)), Phase("finalize", (RemoveDead(),))]
+    method = method_passes(target, options)
+    if options.user_passes is None:  # the default phase: lm_head quantized too (module docstring)
+        method = (*method, LutHead())
+    return [Phase("method", method), Phase("lower", (LutLower(),)), Phase("finalize", (RemoveDead(),))]
 
 
 def layer_kernels(program) -> list[dict]:

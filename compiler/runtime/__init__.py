@@ -11,6 +11,7 @@ CUDA, generated C for LUT layers).
 * :mod:`.recurrent` - ``recurrent``: the compiled graph interpreted token by token, recurrent state for
   linearized attention, KV caches for softmax attention;
 * :mod:`.hf_rebuild` - ``kv-cache``: the Hugging Face model rebuilt around the compiled ops;
+* :mod:`.static_cache` - ``static-kv``: that rebuilt Llama run by a decode loop with a preallocated KV cache;
 * :mod:`.recompute` - ``recompute``: the whole sequence rerun per token (the oracle);
 * :mod:`.strategy` - ``auto``: which of the three applies;
 * :mod:`.state` - the linear-attention recurrent state and the softmax KV cache;
@@ -27,7 +28,8 @@ from lowc.runtime.generation import GenerationConfig, Sampler, filter_logits, ge
 from lowc.runtime.hf_rebuild import KVCacheDecoder, hf_generate, rebuild_hf
 from lowc.runtime.recompute import RecomputeDecoder
 from lowc.runtime.recurrent import RecurrentDecoder
+from lowc.runtime.static_cache import StaticCacheDecoder
 from lowc.runtime.strategy import STRATEGIES, make_decoder
 
 __all__ = ["Decoder", "GenerationConfig", "KVCacheDecoder", "RecomputeDecoder", "RecurrentDecoder", "STRATEGIES",
-           "Sampler", "filter_logits", "generate", "hf_generate", "make_decoder", "rebuild_hf"]
+           "Sampler", "StaticCacheDecoder", "filter_logits", "generate", "hf_generate", "make_decoder", "rebuild_hf"]

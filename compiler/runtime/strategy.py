@@ -4,7 +4,10 @@
 
 1. ``recurrent`` when the graph has linearized attention (``lowc::linear_attention``): constant-size
    state per linearized layer, KV caches for softmax layers left in a hybrid;
-2. ``kv-cache`` when only linear layers were replaced and the model has an ``hf_config``
+2. ``static-kv`` when only linear layers were replaced and the model is a plain Llama
+   (:func:`lowc.runtime.static_cache.static_blocker` finds nothing): the rebuilt model's weights and
+   ops run by a decode loop with a preallocated KV cache;
+   ``kv-cache`` when only linear layers were replaced and the model has an ``hf_config``
    (:func:`lowc.runtime.hf_rebuild.rebuild_blocker` finds nothing): the Hugging Face model rebuilt
    around the compiled ops; if the rebuild is refused (it does not reproduce the graph), ``recurrent``;
 3. ``recurrent`` for any other causal LM (the compiled graph interpreted with KV caches);
@@ -18,11 +21,13 @@ from __future__ import annotations
 
 from lowc.errors import GenerationError
 from lowc.runtime.decoder import Decoder, attention_counts, program_of
-from lowc.runtime.hf_rebuild import KVCacheDecoder, rebuild_blocker
+from lowc.runtime.hf_rebuild import KVCacheDecoder, rebuild_blocker, rebuild_hf
 from lowc.runtime.recompute import RecomputeDecoder
 from lowc.runtime.recurrent import RecurrentDecoder
+from lowc.runtime.static_cache import StaticCacheDecoder, static_blocker
 
-DECODERS: dict[str, type[Decoder]] = {d.strategy: d for d in (RecurrentDecoder, KVCacheDecoder, RecomputeDecoder)}
+DECODERS: dict[str, type[Decoder]] = {d.strategy: d for d in (RecurrentDecoder, StaticCacheDecoder, KVCacheDecoder,
+                                                               RecomputeDecoder)}
 STRATEGIES: tuple[str, ...] = ("auto", *DECODERS)
 
 
@@ -43,11 +48,19 @@ def make_decoder(model, strategy: str = "auto") -> Decoder:
         blocker = rebuild_blocker(program)
         if blocker is None:
             try:
-                dec = KVCacheDecoder(program)
+                hf = rebuild_hf(program)
             except GenerationError as e:
                 notes.append(f"kv-cache refused: {e}")
             else:
-                dec.reason = "only linear layers were replaced: the Hugging Face model rebuilt around the compiled ops"
+                static = static_blocker(program)
+                if static is None:
+                    dec = StaticCacheDecoder(program, hf)
+                    dec.reason = ("only linear layers were replaced in a Llama: its weights and compiled ops run by a "
+                                  "decode loop with a preallocated KV cache")
+                    return dec
+                dec = KVCacheDecoder(program, hf)
+                dec.reason = (f"only linear layers were replaced: the Hugging Face model rebuilt around the compiled "
+                              f"ops (no static-kv: {static})")
                 return dec
         else:
             notes.append(f"no kv-cache: {blocker}")
