@@ -208,6 +208,13 @@ def write(rows: list[dict], args, have_llmc: bool) -> None:
     }
     base = os.path.join(HERE, "results", "compile_time")
     os.makedirs(os.path.dirname(base), exist_ok=True)
+    if args.append and os.path.isfile(base + ".json"):  # keep the other models' rows of an earlier run
+        with open(base + ".json") as f:
+            old = json.load(f)
+        mine = {r["model"] for r in rows}
+        rows[:0] = [{**r, "run": {k: old[k] for k in ("command", "date", "load")}} for r in old["rows"]
+                    if r["model"] not in mine]
+        info["rows"] = rows
     with open(base + ".json", "w") as f:
         json.dump(info, f, indent=2)
 
@@ -231,7 +238,8 @@ def write(rows: list[dict], args, have_llmc: bool) -> None:
              "|---|---:|---:|---:|---|---|"]
     for r in rows:
         m = r["median"]
-        lines.append(f"| {r['model']} | {m['lowc']:.1f} ({', '.join(f'{t:.0f}' for t in r['seconds']['lowc'])}) | "
+        label = r["model"] + (f" (run of {r['run']['date']})" if "run" in r else "")
+        lines.append(f"| {label} | {m['lowc']:.1f} ({', '.join(f'{t:.0f}' for t in r['seconds']['lowc'])}) | "
                      + (f"{m['llm-compressor']:.1f} ({', '.join(f'{t:.0f}' for t in r['seconds']['llm-compressor'])}) | "
                         f"{r['ratio']:.2f}x" if have_llmc else "– | –")
                      + f" | {q(r, 'lowc')} | {q(r, 'llm-compressor')} |")
@@ -249,6 +257,7 @@ def main() -> None:
     ap.add_argument("--llama-layers", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary directory)")
     ap.add_argument("--no-llmcompressor", action="store_true", help="run the lowc rows alone")
+    ap.add_argument("--append", action="store_true", help="keep the rows of other models from the results file")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--llmcompressor-job", nargs=3, metavar=("MODEL_DIR", "KIND", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
