@@ -171,15 +171,15 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, bits: int | None, gro
                         cur_s, cur_z = _qparams(W1[:, i : i + gs].masked_fill(M1[:, i : i + gs], 0), bits, symmetric)
                         scales[:, col // gs], zeros[:, col // gs] = cur_s, cur_z
                     s, z = cur_s, cur_z
-                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                q = (w / s).round_().add_(z).clamp_(0, maxq)
                 if pruning:
                     q = torch.where(M1[:, i], z, q)
-                deq = (q - z) * s
+                deq = (q - z).mul_(s)
                 Q1[:, i] = q
-            err = (w - deq) / d
-            losses += (w - deq) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err = (w - deq).div_(d)
             Err1[:, i] = err
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the rank-1 update of the columns to the right
+        losses += Err1.pow(2).sum(1) / 2  # (w - deq)² / d² / 2 per column
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if act_order:
@@ -252,8 +252,6 @@ def stage_hessians(block, stage: list, what: str = "gptq", diagonal: bool = Fals
     def hook(name, x, y):
         key = key_of[name]
         x = x.reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise CalibrationError(f"{what}: non-finite activations reach {name} in calibration")
         h = hess.get(key)
         c = counts.get(key, 0)
         m = x.shape[0]
@@ -267,6 +265,9 @@ def stage_hessians(block, stage: list, what: str = "gptq", diagonal: bool = Fals
 
     # one tap per shared input: the other linears reading it need not run
     block.run(hook, nodes=list(first_of_key.values()))
+    for key, name in first_of_key.items():  # NaN/inf in any activation reaches its sum (once, not per batch)
+        if key in hess and not torch.isfinite(hess[key]).all():
+            raise CalibrationError(f"{what}: non-finite activations reach {name} in calibration")
     return {nm: hess[key] for nm, key in key_of.items()}
 
 
