@@ -32,6 +32,13 @@ Segments are rebuilt from the *current* graph each time one runs (``graph.node_c
 block being calibrated are seen. A segment that reads a value defined by an already-processed segment
 that was rewritten after it ran raises :class:`CalibrationError`.
 
+What calibration runs is cheaper than the graph, with the same values: a run that only feeds hooks
+(``block.run(hook)`` without ``outputs``) computes only what the tapped nodes depend on
+(:func:`needed_for`); ``lowc::linear_wq`` layers run as ``aten.linear`` of their weight dequantized
+once per run (:func:`dequantize_once`) instead of once per sample; and with ``batch`` > 1 samples
+of equal length run together (:meth:`BlockwiseRunner._batch_dims` says how each boundary value
+stacks, from export's symbolic batch size).
+
 Preconditions: the program was annotated (``Program.annotate``) and has transformer blocks; each
 block's nodes are contiguous in topological order (otherwise :class:`CalibrationError` says why).
 ``device`` is a device the graph runs on: a graph traced for one device may name it in its ops
