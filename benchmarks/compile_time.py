@@ -169,7 +169,13 @@ def bench_model(name: str, args, workdir: str, have_llmc: bool) -> dict:
     ref = outputs_of(hf_model(path, kind), batches)
     times: dict[str, list[float]] = {"lowc": [], "llm-compressor": []}
     qual: dict[str, dict] = {}
-    for rep in range(args.repeats):
+    if args.evaluate_only:  # a run cut short: the times its log printed, the outputs it left in workdir
+        times = {k: [float(t) for t in v.split("/")] for k, v in (kv.split("=") for kv in args.evaluate_only.split(","))}
+        qual["lowc"] = quality(ref, outputs_of(lowc.load(os.path.join(workdir, f"lowc-{name}")), batches), batches, kind)
+        if have_llmc:
+            outs = torch.load(os.path.join(workdir, f"llmc-{name}.eval.pt"))["outputs"]
+            qual["llm-compressor"] = quality(ref, outs, batches, kind)
+    for rep in range(0 if args.evaluate_only else args.repeats):
         out = os.path.join(workdir, f"lowc-{name.replace('/', '_')}")
         t = run_lowc(path, out, args)
         times["lowc"].append(t)
@@ -231,9 +237,10 @@ def write(rows: list[dict], args, have_llmc: bool) -> None:
              f"Machine: {info['machine']}; date {info['date']}; load {tuple(round(x, 2) for x in info['load'])}  ",
              f"Versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}  ",
              (f"GPTQ W4 g128 asymmetric, no act-order, lm_head float; calibration {info['calibration']}; "
-              f"each command a process of its own under `nice`, interleaved A B A B; wall seconds, median of "
-              f"{args.repeats}. Llama: random weights, hidden 1024, {args.llama_layers} layers, intermediate 2816, "
+              f"each command a process of its own under `nice`, interleaved ({args.repeats} x A B); wall seconds, median. Llama: random weights, hidden 1024, {args.llama_layers} layers, intermediate 2816, "
               "16 heads, 4 KV heads, vocab 32000."), "",
+             *([(f"Times from the log of a run cut short (`--evaluate-only {args.evaluate_only}`); quality from "
+                 "the outputs it left."), ""] if args.evaluate_only else []),
              "| model | lowc s | llm-compressor s | ratio | lowc quality | llm-compressor quality |",
              "|---|---:|---:|---:|---|---|"]
     for r in rows:
@@ -258,6 +265,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where models and outputs go (default: a temporary directory)")
     ap.add_argument("--no-llmcompressor", action="store_true", help="run the lowc rows alone")
     ap.add_argument("--append", action="store_true", help="keep the rows of other models from the results file")
+    ap.add_argument("--evaluate-only", metavar="lowc=S/S,llm-compressor=S/S",
+                    help="run nothing: evaluate the outputs a cut-short run left in --workdir, with the times its log printed")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--llmcompressor-job", nargs=3, metavar=("MODEL_DIR", "KIND", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
