@@ -1,6 +1,6 @@
 """Compile time: ``lowc compile --calib`` with GPTQ vs llm-compressor's ``oneshot`` GPTQ, side by side.
 
-    nice python benchmarks/compile_time.py [--models minilm,llama] [--repeats 2] [--samples 64] [--seq-len 256]
+    python benchmarks/compile_time.py [--models minilm,llama] [--repeats 2] [--samples 64] [--seq-len 256]
 
 Both contenders quantize the same model with GPTQ W4 g128 asymmetric (lm_head left in float; no
 act-order: lowc's ``gptq`` default, llm-compressor's ``actorder=None``), calibrated on the same 64 x 256
@@ -202,7 +202,7 @@ def write(rows: list[dict], args, have_llmc: bool) -> None:
     from importlib.metadata import version
 
     info = {
-        "command": "nice python " + " ".join(os.path.relpath(a) if a == __file__ else a for a in sys.argv),
+        "command": "python " + " ".join(os.path.relpath(a) if a == __file__ else a for a in sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "load": os.getloadavg(),
