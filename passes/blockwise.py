@@ -32,6 +32,13 @@ Segments are rebuilt from the *current* graph each time one runs (``graph.node_c
 block being calibrated are seen. A segment that reads a value defined by an already-processed segment
 that was rewritten after it ran raises :class:`CalibrationError`.
 
+What calibration runs is cheaper than the graph, with the same values: a run that only feeds hooks
+(``block.run(hook)`` without ``outputs``) computes only what the tapped nodes depend on
+(:func:`needed_for`); ``lowc::linear_wq`` layers run as ``aten.linear`` of their weight dequantized
+once per run (:func:`dequantize_once`) instead of once per sample; and with ``batch`` > 1 samples
+of equal length run together (:meth:`BlockwiseRunner._batch_dims` says how each boundary value
+stacks, from export's symbolic batch size).
+
 Preconditions: the program was annotated (``Program.annotate``) and has transformer blocks; each
 block's nodes are contiguous in topological order (otherwise :class:`CalibrationError` says why).
 ``device`` is a device the graph runs on: a graph traced for one device may name it in its ops
@@ -63,6 +70,8 @@ from tqdm.auto import tqdm
 from lowc.errors import CalibrationError
 from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import is_float_linear
+from lowc.ir.dialect import define, quant
+from lowc.ir.dialect.args import LINEAR, LinearQArgs, is_quantized_linear
 
 Hook = Callable[[str, torch.Tensor, torch.Tensor], None]
 
@@ -145,6 +154,20 @@ def segments(program) -> list[Segment]:
     return segs
 
 
+def needed_for(seg: Segment, names: set[str]) -> Segment:
+    """``seg`` cut down to the nodes named in ``names`` and the nodes of ``seg`` they depend on."""
+    mine = set(seg.nodes)
+    keep: set[torch.fx.Node] = set()
+    stack = [n for n in seg.nodes if n.name in names]
+    while stack:
+        n = stack.pop()
+        if n in keep:
+            continue
+        keep.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in mine)
+    return Segment(seg.kind, seg.index, [n for n in seg.nodes if n in keep], seg.attrs)
+
+
 @dataclass
 class _Interface:
     """What a segment reads from earlier segments and which of its values later segments read."""
@@ -178,10 +201,9 @@ def _interfaces(segs: list[Segment]) -> list[_Interface]:
     return out
 
 
-def _resolve(program, target: str) -> Any:
+def _resolve(gm: torch.nn.Module, target: str) -> Any:
     mod_path, _, name = target.rpartition(".")
-    mod = program.gm.get_submodule(mod_path) if mod_path else program.gm
-    return getattr(mod, name)
+    return getattr(gm.get_submodule(mod_path) if mod_path else gm, name)
 
 
 def build_segment(program, seg: Segment, inputs: Sequence[str], outputs: Sequence[str],
@@ -205,7 +227,7 @@ def build_segment(program, seg: Segment, inputs: Sequence[str], outputs: Sequenc
             continue
         for a in node.all_input_nodes:
             if a.op == "get_attr" and a not in env:
-                obj = _resolve(program, a.target)
+                obj = _resolve(program.gm, a.target)
                 root[a.target] = obj.to(device) if isinstance(obj, (torch.Tensor, torch.nn.Module)) else obj
                 env[a] = g.node_copy(a)
         if node.op == "call_module" and node.target not in root:
@@ -215,6 +237,44 @@ def build_segment(program, seg: Segment, inputs: Sequence[str], outputs: Sequenc
         g.output(tuple(env[by_name[name]] for name in outputs))
     gm = torch.fx.GraphModule(root, g, class_name=seg.name.replace(" ", "_").capitalize())
     gm.source_names = {n.name: c.name for n, c in env.items()}
+    return gm
+
+
+def dequantize_once(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with each ``lowc::linear_wq`` of constant operands made an ``aten.linear`` of its weight
+    dequantized once (the op's reference dequantizes on every call, i.e. for every sample). The same
+    arithmetic as the reference (weight and bias in the input's dtype), so the values are unchanged;
+    node names are kept (taps still find them)."""
+    if not any(n.op == "call_function" and is_quantized_linear(n) for n in gm.graph.nodes):
+        return gm
+    define("linear_wq")
+    wq = torch.ops.lowc.linear_wq.default
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not wq:
+            continue
+        a = LinearQArgs.of(node)
+        operands = [o for o in (a.weight, a.scales, a.zeros, a.bias) if o is not None]
+        if any(not isinstance(o, torch.fx.Node) or o.op != "get_attr" for o in operands) or not isinstance(a.x, torch.fx.Node):
+            continue
+        def get(o):
+            return None if o is None else _resolve(gm, o.target)
+
+        scales, val = get(a.scales), a.x.meta.get("val")
+        dtype = val.dtype if isinstance(val, torch.Tensor) else scales.dtype
+        w = quant.dequantize(get(a.weight), scales, get(a.zeros), a.bits, a.group_size, a.in_features, dtype=dtype)
+        args = [a.x]
+        for what, t in (("weight", w), ("bias", None if a.bias is None else get(a.bias).to(dtype))):
+            if t is None:
+                args.append(None)
+                continue
+            gm.register_buffer(f"_dequantized_{node.name}_{what}", t)
+            with gm.graph.inserting_before(node):
+                args.append(gm.graph.get_attr(f"_dequantized_{node.name}_{what}"))
+        node.target, node.args, node.kwargs = LINEAR, tuple(args), {}
+        for o in operands:
+            if not o.users:
+                gm.graph.erase_node(o)
+    gm.recompile()
     return gm
 
 
@@ -382,10 +442,14 @@ class BlockwiseRunner:
     "quantized" feeds block i+1 with the outputs of block i as rewritten by the consumer;
     "float" with its outputs before the rewrite (then also ``block.float_outputs``); "both" keeps the
     two streams (``block.inputs`` quantized, ``block.float_inputs``/``block.float_outputs`` float).
+    ``batch``: samples run together (concatenated on the batch dim, where every value the segment
+    reads or hands on has export's symbolic batch as dim 0 or no batch at all); hooks then see
+    ``batch`` samples at a time. Values are per sample as with 1; sums over samples may differ in
+    rounding.
     """
 
     def __init__(self, program, calib, device: str | torch.device = "cpu", *, progress: bool = True,
-                 desc: str = "calibrate", propagate: str = "quantized", store: str = "device"):
+                 desc: str = "calibrate", propagate: str = "quantized", store: str = "device", batch: int = 1):
         if propagate not in PROPAGATE_MODES:
             raise CalibrationError(f"propagate={propagate!r}: choose one of {', '.join(PROPAGATE_MODES)}")
         if store not in STORE_MODES:
@@ -400,6 +464,12 @@ class BlockwiseRunner:
         self.progress = progress
         self.desc = desc
         self.propagate = propagate
+        if batch < 1:
+            raise CalibrationError(f"batch={batch}: must be at least 1")
+        self.batch = batch
+        token = next((n for n in program.graph.nodes if n.op == "placeholder"), None)
+        d0 = token.meta.get("val").shape[0] if token is not None and isinstance(token.meta.get("val"), torch.Tensor) else None
+        self._batch_symbol = d0.node.expr if isinstance(d0, torch.SymInt) else None  # export's batch size
         self.n_blocks = len(segments(program)) - 2  # raises early if block-wise is unavailable
         self.log: list[dict[str, Any]] = []  # per block: {"block": i, **set_postfix values}
         self._env: list[dict[str, Any]] = []
@@ -434,22 +504,84 @@ class BlockwiseRunner:
         """Run segment ``pos`` (as the graph is now) on every sample; ``on_sample(j, outputs)``.
         ``envs``: the per-sample values to read (default: the quantized stream)."""
         seg, itf = self._segment(pos)
-        gm = build_segment(self.program, seg, itf.inputs, itf.outputs, self.device)
+        outputs = itf.outputs
+        if on_sample is None and taps and seg.kind == "block":
+            # only the taps are wanted: run what they depend on (GPTQ's first stages need a fraction
+            # of the block), and return nothing
+            seg, outputs = needed_for(seg, set(taps)), []
+        gm = dequantize_once(build_segment(self.program, seg, itf.inputs, outputs, self.device))
         runner = Tapping(gm, taps, hook) if taps else None
-        with torch.no_grad():
-            for j, env in enumerate(self._env if envs is None else envs):
-                missing = [name for name in itf.inputs if name not in env]
-                if missing:
-                    raise CalibrationError(
-                        f"{seg.name} reads %{missing[0]}, which no earlier segment produced: a segment "
-                        "that already ran was rewritten after it ran")
-                args = [_move(env[name], self.device) for name in itf.inputs]
-                out = runner.run(*args) if runner is not None else gm(*args)
-                del args
-                if on_sample is not None:
-                    on_sample(j, tuple(_compact(_move(v, self.store)) for v in out))
-                del out
+        envs = self._env if envs is None else envs
+        for env in envs:
+            missing = [name for name in itf.inputs if name not in env]
+            if missing:
+                raise CalibrationError(
+                    f"{seg.name} reads %{missing[0]}, which no earlier segment produced: a segment "
+                    "that already ran was rewritten after it ran")
+        if seg.kind == "suffix":  # it returns the program's flat outputs
+            leaves = torch.utils._pytree.tree_leaves(seg.nodes[-1].args[0])
+            outputs = [n.name for n in leaves] if all(isinstance(n, torch.fx.Node) for n in leaves) else None
+        self._run_batches((lambda *a: runner.run(*a)) if runner is not None else gm, len(envs),
+                          lambda j: [envs[j][name] for name in itf.inputs], itf.inputs, outputs, on_sample)
         del runner, gm  # the segment's parameter copies on ``device`` go with it
+
+    def _batch_dims(self, names: Sequence[str]) -> list[str] | None:
+        """Per value, how samples stack: "batch" (a tensor whose dim 0 is export's symbolic batch
+        size: concatenated), "count" (the batch size itself, an int: the number of samples) or
+        "same" (a tensor with a static dim 0 of 1, or another size: the same for every sample of
+        equal shape). None when some value is none of these; samples then run one at a time."""
+        if self.batch <= 1 or self._batch_symbol is None:
+            return None
+        by_name = {n.name: n for n in self.program.graph.nodes}
+        dims = []
+        for name in names:
+            val = by_name[name].meta.get("val")
+            if isinstance(val, torch.SymInt):
+                dims.append("count" if val.node.expr == self._batch_symbol else "same")
+            elif isinstance(val, torch.Tensor) and val.dim() > 0:
+                d0 = val.shape[0]
+                if isinstance(d0, torch.SymInt) and d0.node.expr == self._batch_symbol:
+                    dims.append("batch")
+                elif isinstance(d0, int) and d0 == 1:
+                    dims.append("same")
+                else:
+                    return None
+            else:
+                return None
+        return dims
+
+    def _run_batches(self, fn: Callable, n: int, args_of: Callable[[int], list], inputs: Sequence[str],
+                     outputs: Sequence[str] | None, on_sample: Callable[[int, tuple], None] | None) -> None:
+        """``fn`` over the ``n`` samples (``args_of(j)``: sample j's arguments named ``inputs``), up to
+        ``batch`` samples at once when their batched arguments have equal shapes; ``on_sample(j,
+        outputs)`` with sample j's slice of each output named ``outputs`` (None: unknown, run one at a time)."""
+        in_dims, out_dims = self._batch_dims(inputs), None if outputs is None else self._batch_dims(outputs)
+        step = self.batch if in_dims is not None and out_dims is not None else 1
+        with torch.no_grad():
+            for i in range(0, n, step):
+                js = list(range(i, min(i + step, n)))
+                per = [args_of(j) for j in js]
+                if len(js) > 1 and any(len({tuple(p[k].shape) if d == "batch" else p[k] for p in per}) > 1
+                                       for k, d in enumerate(in_dims) if d != "count"):
+                    for j, p in zip(js, per):  # samples of different lengths: one at a time
+                        self._run_batch(fn, [j], [p], in_dims, out_dims, on_sample)
+                else:
+                    self._run_batch(fn, js, per, in_dims, out_dims, on_sample)
+
+    def _run_batch(self, fn, js: list[int], per: list[list], in_dims, out_dims, on_sample) -> None:
+        if len(js) == 1:
+            args = [_move(a, self.device) for a in per[0]]
+        else:
+            args = [torch.cat([_move(p[k], self.device) for p in per]) if d == "batch" else
+                    len(js) if d == "count" else _move(per[0][k], self.device) for k, d in enumerate(in_dims)]
+        out = fn(*args)
+        del args
+        if on_sample is not None:
+            for r, j in enumerate(js):
+                mine = (v if len(js) == 1 else v[r:r + 1] if out_dims[k] == "batch" else 1 if out_dims[k] == "count"
+                        else v for k, v in enumerate(out))
+                on_sample(j, tuple(_compact(_move(v, self.store)) for v in mine))
+        del out
 
     def _keep(self, j: int, names: Sequence[str], values: tuple, live: set[str]) -> None:
         env = self._env[j]
@@ -462,11 +594,9 @@ class BlockwiseRunner:
         self._env = [{} for _ in self.samples]
         self._fenv = [{} for _ in self.samples]
         gm = build_segment(self.program, seg, [], itf.outputs, self.device)
-        with torch.no_grad():
-            for j, sample in enumerate(self.samples):
-                args = [_move(a, self.device) for a in calibration_inputs(self.program, sample)]
-                out = gm(*args)
-                self._keep(j, itf.outputs, tuple(_compact(_move(v, self.store)) for v in out), itf.live_after)
+        placeholders = [n.name for n in seg.nodes if n.op == "placeholder"]
+        self._run_batches(gm, len(self.samples), lambda j: calibration_inputs(self.program, self.samples[j]),
+                          placeholders, itf.outputs, lambda j, out: self._keep(j, itf.outputs, out, itf.live_after))
         del gm
 
     def _advance(self, block: CalibrationBlock) -> None:

@@ -19,7 +19,7 @@ from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import linear_layer, transformer_blocks
 from lowc.ir.dialect import quant
 from lowc.ir.scheme import Scheme
-from lowc.passes.blockwise import BlockwiseRunner, build_segment, segments
+from lowc.passes.blockwise import BlockwiseRunner, build_segment, dequantize_once, segments
 from lowc.passes.calibration import load_calibration
 from lowc.passes.quant.common import linear_weight, rewrite_linear
 
@@ -323,3 +323,59 @@ def test_build_segment_is_a_function_of_the_current_graph(eager_and_program):
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, block.run(outputs=True)[0][0], rtol=0, atol=0)
         break
+
+
+# ---- batching, taps-only runs, quantized linears dequantized once ------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_samples_give_per_sample_outputs(eager_and_program, name):
+    """batch=3 over 5 samples (4 of one length, 1 shorter: run alone) gives each sample the outputs
+    it gets alone; hooks see the samples 3 at a time, the same rows."""
+    program = eager_and_program[name][1]
+    g = torch.Generator().manual_seed(1)
+    data = load_calibration([torch.randint(0, 250, (4, 20), generator=g), torch.randint(0, 250, (1, 12), generator=g)])
+    ref = BlockwiseRunner(program, data, progress=False).outputs(flat=True)
+    rows: list[int] = []
+    runner = BlockwiseRunner(program, data, progress=False, batch=3)
+    for block in runner:
+        if block.position == 0:
+            first = block.linears()[0].name
+            block.run(lambda n, x, y: rows.append(x.shape[0]), nodes=[first])
+    out = runner.run_suffix(flat=True)
+    assert rows == [3, 1, 1]  # samples 0-2 together, 3 alone (4 is shorter), 4 alone
+    for r, o in zip(ref, out):
+        for a, b in zip(r, o):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_taps_only_run_sees_the_same_inputs(eager_and_program):
+    """A run with a hook and no outputs runs only what the taps need (the first linear needs no
+    attention): it sees what the whole block's run sees."""
+    program = eager_and_program["tiny-llama"][1]
+    data = calib(2)
+    for block in BlockwiseRunner(program, data, progress=False):
+        first = block.linears()[0].name
+        alone: list[torch.Tensor] = []
+        block.run(lambda n, x, y: alone.append(x.clone()), nodes=[first])
+        full: list[torch.Tensor] = []
+        outs = block.run(lambda n, x, y: full.append(x.clone()), nodes=[first], outputs=True)
+        assert len(outs) == len(alone) == len(full) == 2
+        for a, b in zip(alone, full):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        break
+
+
+def test_quantized_block_runs_dequantized_once(eager_and_program):
+    """A block rewritten to lowc::linear_wq runs in calibration as aten.linear of the weight
+    dequantized once, with the reference op's values."""
+    program = eager_and_program["tiny-llama"][1].clone()
+    runner = BlockwiseRunner(program, calib(2), progress=False)
+    block = next(iter(runner))
+    rtn_block(program, block)
+    gm = block.module()
+    FileCheck().check("lowc.linear_wq").run(gm.code)
+    fast = dequantize_once(block.module())
+    FileCheck().check_not("lowc.linear_wq").check("aten.linear").run(fast.code)
+    for args in block.inputs:
+        for a, b in zip(gm(*args), fast(*args)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)

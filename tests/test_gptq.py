@@ -13,7 +13,7 @@ import lowc
 from conftest import TEST, VALID
 from lowc.errors import CalibrationError, PassError
 from lowc.ir.dialect import quant
-from lowc.passes.quant.gptq import gptq_quantize
+from lowc.passes.quant.gptq import gptq_quantize, gptq_quantize_shared
 
 
 
@@ -204,3 +204,22 @@ def test_missing_and_non_finite_calibration():
     calib = [torch.tensor([[1, 7, 9, 11]])]
     with pytest.raises((CalibrationError, PassError), match="non-finite"):  # the weights may be inf; the activations not
         lowc.compile(model, target="ref-w4a16", passes=["gptq"], calib=calib, progress=False, allow_nonfinite=True)
+
+
+def test_shared_input_sweep_equals_one_weight_at_a_time():
+    """Linears sharing an input (q/k/v) are swept together, stacked by rows: each gets exactly what
+    it gets alone (codes, scales, loss), with and without act_order, a pruned mask on one of them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 96, generator=g) @ torch.randn(96, 96, generator=g)
+    H = 2 * x.t() @ x / 512
+    ws = [torch.randn(24, 96, generator=g), torch.randn(8, 96, generator=g)]
+    ws[1][:, ::3] = 0
+    masks = [None, ws[1] == 0]
+    for act_order in (False, True):
+        shared = gptq_quantize_shared(ws, H, 4, 32, False, masks=masks, act_order=act_order)
+        for w, m, (qw, info) in zip(ws, masks, shared):
+            alone, ainfo = gptq_quantize(w, H, 4, 32, False, act_order=act_order, mask=m)
+            assert torch.equal(qw.qweight, alone.qweight) and torch.equal(qw.zeros, alone.zeros)
+            torch.testing.assert_close(qw.scales, alone.scales, rtol=0, atol=0)
+            assert info["loss"] == pytest.approx(ainfo["loss"], rel=1e-5)
+            assert (info["mask"] is None) == (m is None)

@@ -171,21 +171,21 @@ def obs_sweep(weight: torch.Tensor, hessian: torch.Tensor, bits: int | None, gro
                         cur_s, cur_z = _qparams(W1[:, i : i + gs].masked_fill(M1[:, i : i + gs], 0), bits, symmetric)
                         scales[:, col // gs], zeros[:, col // gs] = cur_s, cur_z
                     s, z = cur_s, cur_z
-                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                q = (w / s).round_().add_(z).clamp_(0, maxq)
                 if pruning:
                     q = torch.where(M1[:, i], z, q)
-                deq = (q - z) * s
+                deq = (q - z).mul_(s)
                 Q1[:, i] = q
-            err = (w - deq) / d
-            losses += (w - deq) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err = (w - deq).div_(d)
             Err1[:, i] = err
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the rank-1 update of the columns to the right
+        losses += Err1.pow(2).sum(1) / 2  # (w - deq)² / d² / 2 per column
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if act_order:
         Q, M = Q[:, invperm], M[:, invperm]
     return {"Q": Q, "scales": scales, "zeros": zeros, "mask": M if pruning else None,
-            "loss": losses.sum().item(), "damp": lam, "k_pad": k_pad, "group_size": gs}
+            "loss": losses.sum().item(), "row_loss": losses, "damp": lam, "k_pad": k_pad, "group_size": gs}
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool,
@@ -196,14 +196,46 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     ``mask``/``select``: weights held at 0, see :func:`obs_sweep`."""
     r = obs_sweep(weight, hessian, bits, group_size, symmetric, act_order=act_order, damp=damp,
                   block_size=block_size, max_retries=max_retries, name=name, mask=mask, select=select, what=what)
-    n, k = weight.shape
-    k_pad, zeros = r["k_pad"], r["zeros"]
-    codes = torch.empty(n, k_pad, device=r["Q"].device)
-    codes[:, :k] = r["Q"]
+    qw = _packed(r["Q"], r["scales"], r["zeros"], r["k_pad"], r["group_size"], weight.shape[1], bits, symmetric, weight.dtype)
+    return qw, {"loss": r["loss"], "damp": r["damp"], "mask": r["mask"]}
+
+
+def _packed(Q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k_pad: int, gs: int, k: int, bits: int,
+            symmetric: bool, dtype: torch.dtype) -> quant.QuantizedWeight:
+    n = Q.shape[0]
+    codes = torch.empty(n, k_pad, device=Q.device)
+    codes[:, :k] = Q
     if k_pad > k:  # padded columns store the zero point: they dequantize to exactly 0
         codes[:, k:] = zeros[:, -1:].expand(n, k_pad - k)
-    qw = quant.from_codes(codes, r["scales"], zeros, bits, r["group_size"], k, symmetric, weight.dtype)
-    return qw, {"loss": r["loss"], "damp": r["damp"], "mask": r["mask"]}
+    return quant.from_codes(codes, scales, zeros, bits, gs, k, symmetric, dtype)
+
+
+def gptq_quantize_shared(weights: list[torch.Tensor], hessian: torch.Tensor, bits: int, group_size: int,
+                         symmetric: bool, *, masks: list[torch.Tensor | None] | None = None, name: str = "layers",
+                         **options) -> list[tuple[quant.QuantizedWeight, dict]]:
+    """GPTQ on several ``[N_i, K]`` weights that read the same input, so share one Hessian (q/k/v,
+    gate/up): their rows are stacked into one sweep. Each row's sweep depends only on that row and
+    ``H``, so this gives each weight what :func:`gptq_quantize` gives it alone, with one Cholesky
+    factorisation and one column loop instead of one per weight (options as :func:`gptq_quantize`)."""
+    if len(weights) == 1:
+        return [gptq_quantize(weights[0], hessian, bits, group_size, symmetric, mask=masks[0] if masks else None,
+                              name=name, **options)]
+    masks = masks or [None] * len(weights)
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([m if m is not None else torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+                          for w, m in zip(weights, masks)])
+    stacked = torch.cat([w.detach().float() for w in weights])
+    r = obs_sweep(stacked, hessian, bits, group_size, symmetric, mask=mask, name=name, **options)
+    out, row = [], 0
+    for w, m in zip(weights, masks):
+        rows = slice(row, row + w.shape[0])
+        row += w.shape[0]
+        qw = _packed(r["Q"][rows], r["scales"][rows], r["zeros"][rows], r["k_pad"], r["group_size"], w.shape[1], bits,
+                     symmetric, w.dtype)
+        out.append((qw, {"loss": r["row_loss"][rows].sum().item(), "damp": r["damp"],
+                         "mask": r["mask"][rows] if m is not None else None}))
+    return out
 
 
 def stage_hessians(block, stage: list, what: str = "gptq", diagonal: bool = False) -> dict[str, torch.Tensor]:
@@ -219,30 +251,49 @@ def stage_hessians(block, stage: list, what: str = "gptq", diagonal: bool = Fals
 
     def hook(name, x, y):
         key = key_of[name]
-        if first_of_key[key] != name:
-            return  # linears sharing an input share one Hessian
         x = x.reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise CalibrationError(f"{what}: non-finite activations reach {name} in calibration")
         h = hess.get(key)
         c = counts.get(key, 0)
         m = x.shape[0]
         if h is None:
             h = torch.zeros(x.shape[-1], device=x.device) if diagonal else torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
-        h.mul_(c / (c + m)).add_(x.pow(2).sum(0) if diagonal else x.t() @ x, alpha=2.0 / (c + m))
+        if diagonal:
+            h.mul_(c / (c + m)).add_(x.pow(2).sum(0), alpha=2.0 / (c + m))
+        else:
+            h.addmm_(x.t(), x, beta=c / (c + m), alpha=2.0 / (c + m))
         hess[key], counts[key] = h, c + m
 
-    block.run(hook, nodes=list(key_of))
+    # one tap per shared input: the other linears reading it need not run
+    block.run(hook, nodes=list(first_of_key.values()))
+    for key, name in first_of_key.items():  # NaN/inf in any activation reaches its sum (once, not per batch)
+        if key in hess and not torch.isfinite(hess[key]).all():
+            raise CalibrationError(f"{what}: non-finite activations reach {name} in calibration")
     return {nm: hess[key] for nm, key in key_of.items()}
+
+
+#: calibration tokens run together in block-wise calibration (samples batched up to this many tokens)
+CALIB_BATCH_TOKENS = 2048
+
+
+def calibration_batch(calib) -> int:
+    """Samples per block-wise calibration batch: as many as fit in :data:`CALIB_BATCH_TOKENS` tokens
+    (the Hessian sums are the same up to rounding; fewer, larger matmuls and Python steps)."""
+    samples = list(getattr(calib, "samples", calib) or [])
+    longest = max((int(s.shape[-1]) for s in samples), default=1)
+    return max(1, CALIB_BATCH_TOKENS // longest)
 
 
 def sequential_stages(nodes: list, true_sequential: bool) -> list[list]:
     """A block's linears in calibration stages: groups sharing an input, in graph order
     (``true_sequential``), or all at once."""
-    if not true_sequential:
-        return [nodes]
+    return shared_input_groups(nodes) if true_sequential else [nodes]
+
+
+def shared_input_groups(stage: list) -> list[list]:
+    """The linears of ``stage`` grouped by the value they read (in order): each group shares one
+    Hessian, so :func:`gptq_quantize_shared` quantizes it in one sweep."""
     groups: dict[str, list] = {}
-    for n in nodes:
+    for n in stage:
         groups.setdefault(linear_input(n).name, []).append(n)
     return list(groups.values())
 
@@ -272,7 +323,8 @@ class GPTQ(MixedBitsPass):
         if not targets:
             return PassResult(changed=False, stats={"quantized": 0})
         torch.manual_seed(ctx.seed)
-        runner = BlockwiseRunner(program, ctx.calib, device=ctx.device, progress=ctx.progress, desc="gptq")
+        runner = BlockwiseRunner(program, ctx.calib, device=ctx.device, progress=ctx.progress, desc="gptq",
+                                 batch=calibration_batch(ctx.calib))
         done, total_loss, padded = 0, 0.0, []
         for block in runner:
             mine = [n for n in block.linears() if n.name in targets]
@@ -281,22 +333,31 @@ class GPTQ(MixedBitsPass):
             block_loss = 0.0
             for stage in sequential_stages(mine, self.true_sequential):
                 hess = stage_hessians(block, stage)
-                for node in stage:
-                    lname = linear_layer(node)
-                    w = linear_weight(program, node)
+                for group in shared_input_groups(stage):
+                    ws = [linear_weight(program, n) for n in group]
                     # a pruned layer keeps its zeros: GPTQ's error feedback would refill them
-                    mask = (w == 0) if nodemeta.pruned(nodemeta.get(node)) else None
-                    sn = self.layer_scheme(s, lname)
-                    qw, info = gptq_quantize(w, hess[node.name], sn.w_bits,
-                                             sn.group_size, sn.symmetric, act_order=self.act_order, damp=self.damp,
-                                             block_size=self.block_size, name=lname, mask=mask)
-                    if info["damp"] != self.damp:
-                        ctx.log.append(f"gptq: {lname}: Hessian not positive definite; damping raised to {info['damp']:g}")
-                    if qw.k_pad != qw.in_features:
-                        padded.append(lname)
-                    rewrite_linear(program, node, qw, sn, "gptq")
-                    block_loss += info["loss"]
-                    done += 1
+                    masks = [(w == 0) if nodemeta.pruned(nodemeta.get(n)) else None for n, w in zip(group, ws)]
+                    # linears sharing an input are swept together when they share a scheme (a search
+                    # recipe may give q, k and v different widths)
+                    by_scheme: dict = {}
+                    for i, n in enumerate(group):
+                        by_scheme.setdefault(self.layer_scheme(s, linear_layer(n)), []).append(i)
+                    for sn, idx in by_scheme.items():
+                        sub = [group[i] for i in idx]
+                        sub_name = ", ".join(linear_layer(n) for n in sub)
+                        results = gptq_quantize_shared([ws[i] for i in idx], hess[group[0].name], sn.w_bits,
+                                                       sn.group_size, sn.symmetric, masks=[masks[i] for i in idx],
+                                                       act_order=self.act_order, damp=self.damp,
+                                                       block_size=self.block_size, name=sub_name)
+                        if results[0][1]["damp"] != self.damp:
+                            ctx.log.append(f"gptq: {sub_name}: Hessian not positive definite; damping raised to "
+                                           f"{results[0][1]['damp']:g}")
+                        for node, (qw, info) in zip(sub, results):
+                            if qw.k_pad != qw.in_features:
+                                padded.append(linear_layer(node))
+                            rewrite_linear(program, node, qw, sn, "gptq")
+                            block_loss += info["loss"]
+                            done += 1
                 hess.clear()
             total_loss += block_loss
             runner.set_postfix(loss=f"{block_loss:.4g}")
