@@ -244,3 +244,29 @@ def test_search_cli_bad_budget_is_one_line(tmp_path):
                         str(tmp_path / "r.yaml")], check=False, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "budget 1.5 is outside the levels' range (2..4" in r.stderr and not (tmp_path / "r.yaml").exists()
+
+
+def test_ray_workers_give_the_same_search_with_1_and_2_workers(evaluator):
+    """The issue's determinism test: the same seed gives the same assignment, fitness and history with
+    1 and 2 Ray workers (each scores in its own process on one torch thread), and agrees with the
+    in-process evaluator up to float summation order."""
+    ray = pytest.importorskip("ray")
+    from lowc.distributed import ray_evaluator
+
+    ev, space = evaluator
+    sched = Schedule.parse("2:32,1:64", 3)
+    ours = evopress(space, 2.6, ev, generations=2, schedule=sched, seed=5, progress=False)
+    started = not ray.is_initialized()
+    if started:  # one runtime for both pools (each pool would otherwise start and stop its own)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        runs = []
+        for workers in (1, 2):
+            with ray_evaluator(ev.spec, workers=workers) as pool:
+                runs.append(evopress(space, 2.6, pool, generations=2, schedule=sched, seed=5, progress=False))
+    finally:
+        if started:
+            ray.shutdown()
+    one, two = runs
+    assert (one.assignment, one.fitness, one.history) == (two.assignment, two.fitness, two.history)
+    assert one.fitness == pytest.approx(ours.fitness, rel=1e-4)
