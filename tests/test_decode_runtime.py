@@ -45,7 +45,10 @@ def _decode(dec, steps: int, tokens: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("which", ["fp32", "lut_w4"])
-def test_static_kv_equals_recompute(which, request):
+def test_static_kv_equals_recompute(which, request, monkeypatch):
+    # recompute feeds the LUT op B*L rows at once, which from 32-64 rows takes the bf16 GEMM path (a
+    # different rounding, ~1e-2 relative): keep both decoders on the LUT kernels to compare like with like
+    monkeypatch.setenv("LOWC_CPU_LUT_GEMM_MIN_M", "1000000")
     cm = request.getfixturevalue(which)
     dec = cm.decoder("auto")
     assert isinstance(dec, StaticCacheDecoder) and "preallocated KV cache" in dec.reason
