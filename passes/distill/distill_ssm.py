@@ -71,11 +71,7 @@ class DistillSSM(Pass):
             raise self.fail(f"kernel={self.kernel}: must be >= 0 (0 = no convolution)")
         if self.chunk < 1:
             raise self.fail(f"chunk={self.chunk}: must be positive")
-        for s in self.layers:
-            if not str(s).strip():
-                raise self.fail("layers: empty entry")
-            if str(s).strip().lstrip("-").isdigit() and int(s) < 0:
-                raise self.fail(f"layers={s}: block indices are >= 0")
+        rewrite.check_layers(self.layers, self.fail)
 
     # ---- run ------------------------------------------------------------------------------------------
     def run(self, program, ctx: PassContext) -> PassResult:

@@ -120,11 +120,7 @@ class Linearize(Pass):
             raise self.fail(f"lora_schedule={self.lora_schedule!r}: choose one of {', '.join(LORA_SCHEDULES)}")
         if self.lora_loss not in LORA_LOSSES:
             raise self.fail(f"lora_loss={self.lora_loss!r}: choose one of {', '.join(LORA_LOSSES)}")
-        for s in self.layers:
-            if not str(s).strip():
-                raise self.fail("layers: empty entry")
-            if str(s).strip().lstrip("-").isdigit() and int(s) < 0:
-                raise self.fail(f"layers={s}: block indices are >= 0")
+        rewrite.check_layers(self.layers, self.fail)
 
     # ---- run ------------------------------------------------------------------------------------------
     def run(self, program, ctx: PassContext) -> PassResult:

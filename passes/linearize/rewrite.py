@@ -205,6 +205,15 @@ def existing_layers(program) -> list[tuple[int | None, str]]:
     return [(nodemeta.get(n).block, nodemeta.get(n).layer) for n in program.graph.nodes if is_linear_attention(n)]
 
 
+def check_layers(layers, fail) -> None:
+    """Option check of a ``layers`` selection (block indices or globs): ``fail(msg)`` builds the error."""
+    for s in layers:
+        if not str(s).strip():
+            raise fail("layers: empty entry")
+        if str(s).strip().lstrip("-").isdigit() and int(s) < 0:
+            raise fail(f"layers={s}: block indices are >= 0")
+
+
 def select(atts: list, layers: tuple[str, ...], done: list[tuple[int | None, str]] = (), who: str = "linearize") -> list:
     """The attentions ``layers`` chooses: block indices (``"3"``) or layer patterns (names, dotted
     suffixes, globs); all of them when ``layers`` is empty. ``done``: layers already linearized
