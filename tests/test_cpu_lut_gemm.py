@@ -195,3 +195,15 @@ def test_sparse_gemm_path(bits, n, k, gs, sg, sym, sparsity):
                        runtime.run_sparse_gemm(xm, *rs[1:], threads=2))
     with pytest.raises(LowcError, match=r"cannot dequantize rows 60\.\.80 of N=\d+ into"):
         runtime.dequantize_sparse_rows(*args, bits, sq.group_size, k, n, sg, sq.n_keep, 60, 20, out)
+
+
+def test_tile_buffer_first_made_under_inference_mode_is_reused_outside():
+    """The per-thread tile buffer outlives calls: made under ``inference_mode`` it must still be writable
+    by a later call outside it (an inference tensor is not; CI hit this with tests in another order)."""
+    runtime._buffers.__dict__.pop("tiles", None)
+    with torch.inference_mode():
+        a = runtime._tile_buffer(64, torch.float32)
+    b = runtime._tile_buffer(32, torch.float32)
+    b.zero_()
+    assert not a.is_inference() and b.data_ptr() == a.data_ptr()
+

@@ -213,7 +213,10 @@ def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         have = _buffers.tiles = {}
     buf = have.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = have[dtype] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even when the first call runs under inference_mode: an inference tensor could not
+        # be written by a later call outside it
+        with torch.inference_mode(False):
+            buf = have[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
