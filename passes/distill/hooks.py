@@ -50,7 +50,7 @@ from lowc.ir import meta as nodemeta
 from lowc.ir.analysis import ancestors
 from lowc.passes.blockwise import BlockwiseRunner, _interfaces, build_segment, calibration_inputs, segments
 from lowc.passes.linearize.rewrite import Site
-from lowc.passes.linearize.train import softmax_weights
+from lowc.passes.linearize.train import softmax_weights, tap_sites
 
 
 @dataclass
@@ -108,23 +108,7 @@ def capture(teacher, calib, sites: Sequence[Site] = (), *, blocks: Sequence[int]
                 continue
             mine = by_block.get(block.index, []) if qkv else []
             caps = {s.layer: SiteCapture(s) for s in mine}
-            role: dict[str, list[tuple[str, str]]] = {}
-            for s in mine:
-                role.setdefault(s.sdpa, []).append((s.layer, "qy"))
-                role.setdefault(s.k_kv or s.k, []).append((s.layer, "k"))
-                role.setdefault(s.v_kv or s.v, []).append((s.layer, "v"))
-
-            def hook(name, x, y, _role=role, _caps=caps):
-                for layer, what in _role[name]:
-                    c = _caps[layer]
-                    if what == "qy":
-                        c.q.append(x.detach())
-                        c.y.append(y.detach())
-                    else:
-                        getattr(c, what).append(y.detach())
-
-            if role:
-                block.run(hook, nodes=list(role))
+            tap_sites(block, [(s, caps[s.layer]) for s in mine])
             yield BlockCapture(block.index, runner.samples, block.input_names, block.output_names,
                                block.float_inputs, block.float_outputs, caps)
     finally:

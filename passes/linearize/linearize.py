@@ -43,6 +43,7 @@ from lowc.passes.linearize.train import (
     LORA_SCHEDULES,
     SiteData,
     lora_finetune,
+    tap_sites,
     transfer,
 )
 
@@ -200,22 +201,7 @@ class Linearize(Pass):
                 if not mine:
                     continue
                 data = {s.sdpa: SiteData() for s in mine}
-                role: dict[str, list] = {}
-                for s in mine:
-                    role.setdefault(s.sdpa, []).append((s.sdpa, "qy"))
-                    role.setdefault(s.k_kv or s.k, []).append((s.sdpa, "k"))  # un-repeated GQA heads: less memory
-                    role.setdefault(s.v_kv or s.v, []).append((s.sdpa, "v"))
-
-                def hook(name, x, y, _role=role, _data=data):
-                    for sdpa, what in _role[name]:
-                        d = _data[sdpa]
-                        if what == "qy":
-                            d.q.append(x.detach())
-                            d.y.append(y.detach())
-                        else:
-                            getattr(d, what).append(y.detach())
-
-                block.run(hook, nodes=list(role))
+                tap_sites(block, [(s, data[s.sdpa]) for s in mine])
                 for s in mine:
                     trained, st = transfer(s, data[s.sdpa], self.method, self.eff_window, self.kv_head_maps,
                                            init[s.sdpa], epochs=self.epochs, lr=self.lr, device=ctx.device,

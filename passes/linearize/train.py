@@ -91,6 +91,29 @@ class SiteData:
         return len(self.y)
 
 
+def tap_sites(block, taps) -> None:
+    """Run ``block`` over its calibration samples, appending to each ``(site, record)`` of ``taps`` the
+    teacher tensors per sample: ``record.q`` (SDPA's query input), ``record.y`` (SDPA's output),
+    ``record.k``/``record.v`` (before repeat_kv when the graph has it: less memory for GQA). Records
+    are any objects with those four lists (:class:`SiteData`, the distillation hooks' captures)."""
+    role: dict[str, list] = {}
+    for site, rec in taps:
+        role.setdefault(site.sdpa, []).append((rec, "qy"))
+        role.setdefault(site.k_kv or site.k, []).append((rec, "k"))
+        role.setdefault(site.v_kv or site.v, []).append((rec, "v"))
+
+    def hook(name, x, y):
+        for rec, what in role[name]:
+            if what == "qy":
+                rec.q.append(x.detach())
+                rec.y.append(y.detach())
+            else:
+                getattr(rec, what).append(y.detach())
+
+    if role:
+        block.run(hook, nodes=list(role))
+
+
 def transfer(site: Site, data: SiteData, method: str, window: int, kv_head_maps: bool,
              params: dict[str, torch.Tensor], *, epochs: int, lr: float, device, seed: int,
              on_step: Callable[[float], None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
